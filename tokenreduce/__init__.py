@@ -1,0 +1,19 @@
+"""tokenreduce: a compiler that makes transformers cheaper by reducing their tokens.
+
+    reduced = tokenreduce.compile(model, example_inputs, method="tome", r=13)
+    reduced(x); print(reduced.report)
+
+or, without importing anything: `torch.compile(model, backend="tokenreduce", options={"method": "tome", "r": 13})`.
+"""
+
+from tokenreduce.compiler.api import ReducedModule, compile
+from tokenreduce.compiler.backend import register as _register_backend
+from tokenreduce.compiler.report import Report
+from tokenreduce.compiler.settings import Settings
+from tokenreduce.errors import TokenReduceError
+from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce.*)
+
+_register_backend()
+
+__all__ = ["ReducedModule", "Report", "Settings", "TokenReduceError", "compile"]
+__version__ = "0.1.0"

@@ -1,0 +1,410 @@
+"""Graph analysis: find the transformer blocks of an ATen graph and say what can be reduced.
+
+Input is the ATen training-IR graph from `capture.py` (torch.export, or a dynamo graph re-exported), with
+`meta["val"]` on every node. The analysis is declarative: attention is found from the spellings in
+`patterns.py`; a block is the attention plus its residual add (pre-LN: `x + attn(norm(x))`; post-LN:
+`norm(x + attn(x))`); the block input is the tensor the q projection reads; the token axis is the
+query-length axis of attention mapped back onto the block input. Module-stack metadata names blocks in
+reports; it is never used to decide structure.
+
+Protected tokens are found from how the token sequence is built: leading positions concatenated from
+parameters only (CLS, distillation, register tokens) before the first block. Text models built from an
+embedding lookup protect their first token ([CLS]/BOS) by default.
+
+Refuses (with a `TokenReduceError` naming what was looked for): graphs without any attention. Per block
+it records a skip reason instead of failing: cross-attention, causal attention, a token axis that is not
+axis 1 of a `[B, N, C]` hidden state, no residual add after attention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from tokenreduce.compiler import patterns as P
+from tokenreduce.errors import TokenReduceError
+
+
+@dataclass
+class Attention:
+    """One attention op with its operands located in the graph."""
+
+    kind: str  # "sdpa" or "explicit"
+    node: fx.Node  # the sdpa node, or the softmax node of explicit attention
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    scale: float
+    mask: fx.Node | None
+    is_causal: bool
+    output: fx.Node  # the attention result [B, H, N, d]
+    logits: fx.Node | None = None  # explicit: the softmax input (bias goes here)
+    mask_add: fx.Node | None = None  # explicit: the add that applies the mask
+    spelling: str = ""
+
+
+@dataclass
+class Block:
+    """A transformer block as the rewrite passes need it."""
+
+    index: int
+    name: str
+    attention: Attention
+    x_in: fx.Node | None = None  # block input hidden states [B, N, C]
+    residual_add: fx.Node | None = None  # h = x + attn(...)
+    reduce_at: fx.Node | None = None  # node whose output is reduced (h, or norm1(h) for post-LN)
+    layout: str = "?"  # "pre-ln" | "post-ln"
+    num_tokens: int = 0
+    skip_reason: str | None = None
+
+    @property
+    def reducible(self) -> bool:
+        return self.skip_reason is None
+
+
+@dataclass
+class ModelAnalysis:
+    blocks: list[Block]
+    num_protected: int
+    protected_reason: str
+    text_model: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def reducible_blocks(self) -> list[Block]:
+        return [b for b in self.blocks if b.reducible]
+
+
+def val(node: object) -> object:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def shape(node: object) -> tuple[int, ...] | None:
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _static(dim: object) -> int | None:
+    return dim if isinstance(dim, int) else None
+
+
+def module_path(node: fx.Node) -> list[str]:
+    """Module paths from the node's nn_module_stack, outermost first, with dynamo's prefix removed."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for entry in stack.values():
+        path = entry[0] if isinstance(entry, tuple) else str(entry)
+        for prefix in ("L['self'].", "L['self']", "L__self__."):
+            if path.startswith(prefix):
+                path = path[len(prefix):]
+        out.append(path)
+    return [p for p in out if p]
+
+
+def _const_scalar(a: object) -> float | None:
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return float(a)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- attention
+def find_attention(gm: fx.GraphModule) -> list[Attention]:
+    found: list[Attention] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in P.SDPA_SPELLINGS:
+            found.append(_match_sdpa(node, P.SDPA_SPELLINGS[node.target]))
+        elif node.target in P.SOFTMAX:
+            att = _match_explicit(node)
+            if att is not None:
+                found.append(att)
+    return found
+
+
+def _match_sdpa(node: fx.Node, sp: P.SdpaSpelling) -> Attention:
+    q, k, v = node.args[0], node.args[1], node.args[2]
+    mask = None
+    if sp.mask_pos is not None and len(node.args) > sp.mask_pos:
+        mask = node.args[sp.mask_pos]
+    if sp.mask_kw and sp.mask_kw in node.kwargs:
+        mask = node.kwargs[sp.mask_kw]
+    causal = bool(node.args[sp.causal_pos]) if sp.causal_pos is not None and len(node.args) > sp.causal_pos else False
+    causal = bool(node.kwargs.get("is_causal", causal))
+    scale = node.kwargs.get("scale")
+    if scale is None:
+        scale = 1.0 / math.sqrt(shape(q)[-1])  # type: ignore[index]
+    output = node
+    if sp.tuple_output:
+        outs = [u for u in node.users if u.target is P.GETITEM and u.args[1] == 0]
+        output = outs[0] if outs else node
+    return Attention("sdpa", node, q, k, v, float(scale), mask if isinstance(mask, fx.Node) else None,
+                     causal, output, spelling=sp.origin)
+
+
+def _reaches_matmul(node: object, depth: int = 6) -> fx.Node | None:
+    while isinstance(node, fx.Node) and depth > 0:
+        if node.target in P.MATMUL:
+            return node
+        if node.target in P.SCALE_MUL | P.SCALE_DIV | P.ADD:
+            node = node.args[0]
+            depth -= 1
+            continue
+        return None
+    return None
+
+
+def _match_explicit(softmax: fx.Node) -> Attention | None:
+    """matmul(q, k^T) -> (mul/div scale | add mask)* -> softmax(-1) -> dropout* -> matmul(., v)."""
+    dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim", -1)
+    sm_shape = shape(softmax)
+    if sm_shape is None or len(sm_shape) < 3 or dim not in (-1, len(sm_shape) - 1):
+        return None
+    scale, mask, mask_add = 1.0, None, None
+    node = softmax.args[0]
+    logits = node
+    for _ in range(8):
+        if not isinstance(node, fx.Node):
+            return None
+        if node.target in P.MATMUL:
+            break
+        if node.target in P.ADD:
+            a, b = node.args[0], node.args[1]
+            mask_add = node
+            if _reaches_matmul(a):
+                mask, node = b, a
+            elif _reaches_matmul(b):
+                mask, node = a, b
+            else:
+                return None
+            continue
+        if node.target in P.SCALE_MUL | P.SCALE_DIV:
+            c = _const_scalar(node.args[1])
+            if c is None:
+                return None
+            scale = scale * c if node.target in P.SCALE_MUL else scale / c
+            node = node.args[0]
+            continue
+        return None
+    else:
+        return None
+    qk = node
+    a_op, bt = qk.args[0], qk.args[1]
+    if not isinstance(bt, fx.Node) or bt.target not in P.TRANSPOSE:
+        return None
+    k = bt.args[0]
+    q = a_op
+    if isinstance(q, fx.Node) and q.target in P.SCALE_MUL | P.SCALE_DIV and _const_scalar(q.args[1]) is not None:
+        c = _const_scalar(q.args[1])
+        scale = scale * c if q.target in P.SCALE_MUL else scale / c  # type: ignore[operator]
+        q = q.args[0]
+    # follow softmax -> dropout* -> matmul(p, v)
+    p = softmax
+    for _ in range(3):
+        users = [u for u in p.users if u.op == "call_function"]
+        mm = [u for u in users if u.target in P.MATMUL and u.args[0] is p]
+        if mm:
+            out = mm[0]
+            return Attention("explicit", softmax, q, k, out.args[1], scale,
+                             mask if isinstance(mask, fx.Node) else None, False, out,
+                             logits=logits, mask_add=mask_add if isinstance(mask, fx.Node) else None,
+                             spelling="matmul-softmax-matmul (eager attention)")
+        drops = [u for u in users if u.target in P.DROPOUT]
+        if not drops:
+            return None
+        p = drops[0]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+def _ancestor_linear(node: object, limit: int = 12) -> fx.Node | None:
+    """First `linear` on the first-argument chain above `node` (q -> reshape/permute/unbind -> linear)."""
+    for _ in range(limit):
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return None
+        if node.target in P.LINEAR:
+            return node
+        node = node.args[0]
+    return None
+
+
+def _forward_to_add(start: fx.Node, limit: int = 12) -> fx.Node | None:
+    node = start
+    for _ in range(limit):
+        users = [u for u in node.users if u.op == "call_function"]
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if u.target in P.ADD and isinstance(u.args[0], fx.Node) and isinstance(u.args[1], fx.Node):
+            return u
+        if u.target not in P.ATTN_OUT_CHAIN:
+            return None
+        node = u
+    return None
+
+
+def _mlp_residual_add(point: fx.Node) -> fx.Node | None:
+    """The later add that uses `point` directly as its residual operand."""
+    adds = [u for u in point.users if u.target in P.ADD]
+    return adds[-1] if adds else None
+
+
+def _common_prefix(a: list[str], b: list[str]) -> str:
+    common = ""
+    for x in a:
+        if x in b:
+            common = x
+    return common
+
+
+def analyse_block(index: int, att: Attention) -> Block:
+    blk = Block(index=index, name=f"block{index}", attention=att)
+    qs, ks = shape(att.q), shape(att.k)
+    if qs is None or ks is None or len(qs) != 4:
+        blk.skip_reason = "attention operands are not [B, H, N, d] tensors"
+        return blk
+    n = qs[-2]
+    blk.num_tokens = _static(n) or 0
+    if _static(n) is None:
+        blk.skip_reason = "token count is symbolic; tokenreduce needs a static token count"
+        return blk
+    if ks[-2] != n:
+        blk.skip_reason = f"cross-attention ({n} queries over {ks[-2]} keys); only self-attention is reduced"
+        return blk
+    if att.is_causal:
+        blk.skip_reason = "causal attention (decoder); encoder methods (ToMe/EViT) need bidirectional attention"
+        return blk
+    lin = _ancestor_linear(att.q)
+    if lin is None:
+        blk.skip_reason = "no linear projection found above the attention query"
+        return blk
+    src = lin.args[0]
+    add = _forward_to_add(att.output)
+    if add is None or not isinstance(src, fx.Node):
+        blk.skip_reason = "no residual add (x + attention) after the attention output"
+        return blk
+    # pre-LN: the residual is the norm's input; post-LN: the residual is what the projection reads
+    # (in BERT that is the previous block's final norm, so "reads a norm" alone does not decide).
+    if src.target in P.LAYER_NORM and src.args[0] in add.args:
+        pre_ln, x_in = True, src.args[0]
+    elif src in add.args:
+        pre_ln, x_in = False, src
+    else:
+        blk.skip_reason = "the residual add after attention does not add the block input"
+        return blk
+    xs = shape(x_in)
+    if xs is None or len(xs) != 3 or xs[1] != n:
+        blk.skip_reason = f"block input has shape {xs}; expected [B, {n}, C] with tokens on axis 1"
+        return blk
+    blk.x_in, blk.residual_add = x_in, add
+    if pre_ln:
+        blk.layout, blk.reduce_at = "pre-ln", add
+    else:
+        norms = [u for u in add.users if u.target in P.LAYER_NORM]
+        if len(add.users) != 1 or not norms:
+            blk.skip_reason = "post-LN block without a norm after the attention residual"
+            return blk
+        blk.layout, blk.reduce_at = "post-ln", norms[0]
+    mlp_add = _mlp_residual_add(blk.reduce_at)
+    name = _common_prefix(module_path(att.node), module_path(mlp_add) if mlp_add is not None else module_path(add))
+    if name:
+        blk.name = name
+    return blk
+
+
+def _user_input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
+    dep: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            dep.add(node)
+        elif node.op in ("call_function", "call_method", "call_module"):
+            if node.target in P.SHAPE_ONLY:
+                continue  # reads only sizes (dynamic batch): not a dependence on input values
+            if any(isinstance(a, fx.Node) and a in dep for a in node.all_input_nodes):
+                dep.add(node)
+    return dep
+
+
+def _structural_prefix(node: object, dep: set[fx.Node], depth: int = 0) -> int:
+    """Number of leading token positions of `node` ([B, N, C]) that do not depend on the user input."""
+    if not isinstance(node, fx.Node) or depth > 40:
+        return 0
+    s = shape(node)
+    n = _static(s[1]) if s is not None and len(s) >= 2 else None
+    if node not in dep:
+        return n or 0
+    t = node.target
+    if t in P.CAT:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if dim not in (1, -2):
+            return 0
+        total = 0
+        for part in node.args[0]:
+            ps = shape(part)
+            plen = _static(ps[1]) if ps is not None else None
+            pre = _structural_prefix(part, dep, depth + 1)
+            total += pre
+            if plen is None or pre < plen:
+                break
+        return total
+    if t in P.SLICE and node.args[1] in (1, -2):
+        start = node.args[2] if len(node.args) > 2 else 0
+        start = start or 0
+        inner = _structural_prefix(node.args[0], dep, depth + 1)
+        length = n or 0
+        return max(0, min(inner - start, length))
+    if t in P.PER_TOKEN:
+        tensor_args = [a for a in node.args if isinstance(a, fx.Node) and a in dep]
+        if not tensor_args:
+            return n or 0
+        return min(_structural_prefix(a, dep, depth + 1) for a in tensor_args)
+    return 0
+
+
+def _is_text_model(x0: fx.Node) -> bool:
+    """True when the first block's tokens come from an embedding lookup of a user input (token ids)."""
+    seen, stack = set(), [x0]
+    while stack:
+        node = stack.pop()
+        if node in seen or not isinstance(node, fx.Node):
+            continue
+        seen.add(node)
+        if node.target in P.EMBEDDING and isinstance(node.args[1], fx.Node) and node.args[1].op == "placeholder":
+            return True
+        if len(seen) > 200:
+            break
+        stack.extend(node.all_input_nodes)
+    return False
+
+
+def analyse(gm: fx.GraphModule, protected_tokens: int | None = None) -> ModelAnalysis:
+    """Find blocks, their layout and token axis, and the protected tokens."""
+    attentions = find_attention(gm)
+    if not attentions:
+        raise TokenReduceError(
+            "no transformer blocks found: looked for attention as scaled_dot_product_attention "
+            f"({', '.join(s.origin for s in P.SDPA_SPELLINGS.values())}) and as matmul -> softmax -> matmul; "
+            "the model has neither"
+        )
+    blocks = [analyse_block(i, a) for i, a in enumerate(attentions)]
+    first = next((b for b in blocks if b.reducible), None)
+    text = False
+    if protected_tokens is not None:
+        num_protected, why = protected_tokens, "set by the user"
+    elif first is None:
+        num_protected, why = 0, "no reducible block"
+    else:
+        assert first.x_in is not None
+        dep = _user_input_dependent(gm)
+        num_protected = _structural_prefix(first.x_in, dep)
+        text = _is_text_model(first.x_in)
+        if num_protected:
+            why = f"{num_protected} leading token(s) built from parameters (CLS / distillation / registers)"
+        elif text:
+            num_protected, why = 1, "first token of a text model ([CLS]/BOS)"
+        else:
+            why = "no CLS/register tokens in front of the sequence"
+    return ModelAnalysis(blocks=blocks, num_protected=num_protected, protected_reason=why, text_model=text)

@@ -1,0 +1,1 @@
+"""Token-reduction ops: pure-torch references, torch.library custom ops, and (later) GPU kernels."""

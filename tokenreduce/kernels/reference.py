@@ -1,0 +1,151 @@
+"""Pure-torch reference implementations of the apply step, the score computations and the token-state
+bookkeeping.
+
+These are the CPU implementations of the custom ops in `ops.py` and the ground truth any GPU kernel is
+tested against. Export safety is a design rule here: weighted means are `sum(w * x) / sum(w)` built from
+scatter-*add* (never `scatter_reduce(mean)`, which the ONNX exporter silently turns into an overwrite),
+and every output shape is a function of input shapes and constant ints only.
+
+The token-state helpers (`key_validity`, `reduce_mask`, `size_bias`, `init_source`, `unmerge`) are plain
+functions the rewrite passes call from the graph; they trace to a handful of standard ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply_plan(
+    x: torch.Tensor,
+    slot: torch.Tensor,
+    weight: torch.Tensor | None,
+    size: torch.Tensor | None,
+    n_out: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move tokens through a plan.
+
+    Args:
+        x: `[B, N, C]` token features.
+        slot: `[B, N]` int64 output slot of every token; `n_out` means dropped.
+        weight: `[B, N]` averaging weights (None: use `size`).
+        size: `[B, N]` original tokens per token (None: ones).
+        n_out: number of output slots.
+
+    Returns:
+        `x' [B, n_out, C] = sum(w * x) / sum(w)` per slot (0 for a slot whose weights sum to 0) and
+        `size' [B, n_out] = sum(size)` per slot.
+    """
+    bsz, n, c = x.shape
+    if size is None:
+        size = torch.ones(bsz, n, dtype=x.dtype, device=x.device)
+    if weight is None:
+        weight = size
+    weight = weight.to(x.dtype)
+    acc = torch.zeros(bsz, n_out + 1, c, dtype=x.dtype, device=x.device)
+    acc = acc.scatter_add(1, slot[:, :, None].expand(bsz, n, c), x * weight[:, :, None])
+    wsum = torch.zeros(bsz, n_out + 1, dtype=x.dtype, device=x.device).scatter_add(1, slot, weight)
+    ssum = torch.zeros(bsz, n_out + 1, dtype=size.dtype, device=x.device).scatter_add(1, slot, size)
+    wsum = wsum[:, :n_out]
+    denom = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
+    return acc[:, :n_out] / denom[:, :, None], ssum[:, :n_out]
+
+
+def _as_additive(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if bias.dtype == torch.bool:
+        return torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill(~bias, torch.finfo(dtype).min)
+    return bias.to(dtype)
+
+
+def query_row_scores(
+    q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float, row: int
+) -> torch.Tensor:
+    """Head-averaged attention probabilities of one query row over all keys.
+
+    Args:
+        q: `[B, H, Nq, d]` queries, k: `[B, H, N, d]` keys (as fed to the block's attention).
+        bias: optional mask broadcastable to `[B, H, Nq, N]`: bool (True = attend) or additive float.
+        scale: the attention's logit scale.
+        row: the query row (0 for CLS, -1 for the last token).
+
+    Returns:
+        `[B, N]` = `softmax(q[:, :, row] @ k^T * scale + bias[row]).mean(heads)`, computed in float32.
+    """
+    qr = q[:, :, row : (row + 1) if row != -1 else None, :].float()
+    logits = (qr @ k.float().transpose(-1, -2)) * scale  # [B, H, 1, N]
+    if bias is not None:
+        if bias.shape[-2] != 1:
+            bias = bias[..., row : (row + 1) if row != -1 else None, :]
+        logits = logits + _as_additive(bias, torch.float32)
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0, :].to(q.dtype)
+
+
+def key_validity(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`[B, N]` bool: which keys some query may attend to under an attention mask `[.., Nq|1, N]`.
+
+    `like` is any `[B, N, ...]` tensor that gives the batch size when the mask broadcasts over batch.
+    """
+    if mask.dtype == torch.bool:
+        ok = mask
+    else:
+        ok = mask > torch.finfo(mask.dtype).min / 2
+    ok = ok.reshape(ok.shape[0], -1, ok.shape[-1]).any(dim=1)
+    return ok.expand(like.shape[0], ok.shape[-1])
+
+
+def gather_tokens(t: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Gather along token axis `dim` with a per-batch `[B, M]` index (t's batch dim may broadcast)."""
+    bsz, m = index.shape
+    shape = list(t.shape)
+    shape[0] = bsz
+    t = t.expand(shape)
+    view = [bsz] + [1] * (t.dim() - 1)
+    view[dim] = m
+    target = list(shape)
+    target[dim] = m
+    return t.gather(dim, index.reshape(view).expand(target))
+
+
+def reduce_mask(mask: torch.Tensor, rep: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Reduce an attention mask `[B|1, H|1, Nq|1, N]` along both token axes to the plan's slots.
+
+    `rep [B, N']` holds the original token each slot stands for; `num_tokens` is the original N, to tell
+    a token axis from a broadcast one.
+    """
+    if mask.shape[-1] == num_tokens:
+        mask = gather_tokens(mask, rep, dim=mask.dim() - 1)
+    if mask.dim() >= 2 and mask.shape[-2] == num_tokens:
+        mask = gather_tokens(mask, rep, dim=mask.dim() - 2)
+    return mask
+
+
+def size_bias(size: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias `log(size)` over keys, combined with an (already reduced) mask.
+
+    Returns `[B, 1, 1, N]` without a mask, or the mask's shape with masked entries at the dtype minimum.
+    """
+    log_size = size.to(dtype).log()[:, None, None, :]
+    if mask is None:
+        return log_size
+    if mask.dtype == torch.bool:
+        return torch.where(mask, log_size, torch.full_like(log_size, torch.finfo(dtype).min))
+    return mask.to(dtype) + log_size
+
+
+def init_source(x: torch.Tensor) -> torch.Tensor:
+    """`[B, N]` identity map original position -> slot for hidden states `x [B, N, C]`."""
+    return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], x.shape[1])
+
+
+def compose_index(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """`outer.gather(1, inner)`: follow two index maps (e.g. source through a plan's slots)."""
+    return outer.gather(1, inner)
+
+
+def ones_tokens(x: torch.Tensor) -> torch.Tensor:
+    """`[B, N]` ones in x's dtype: the token sizes before any reduction."""
+    return torch.ones(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+
+
+def unmerge(x: torch.Tensor, source: torch.Tensor, dim: int) -> torch.Tensor:
+    """Restore the original token count: original position i gets `x[:, source[:, i]]` along `dim`."""
+    return gather_tokens(x, source, dim=dim)

@@ -1,0 +1,1 @@
+"""Reduction policies: score -> plan. Pure tensor code; knows nothing of models or graphs."""

@@ -1,0 +1,114 @@
+"""ToMe bipartite soft matching as a plan.
+
+Source: Bolya, Fu, Dai, Zhang, Feichtenhofer, Hoffman, "Token Merging: Your ViT But Faster", ICLR 2023,
+and the arithmetic of its official timm patch (`bipartite_soft_matching`): alternate A/B split over all
+tokens, cosine similarity of head-averaged keys, each A token's best B match, the r best edges merged.
+Written from the paper and docs/methods.md; the token order of the output equals the official order so
+the same r on the same weights gives the same outputs.
+
+The plan is returned as `slot [B, N]` (the output slot of every input token, in `0 .. N - r - 1`) and
+`rep [B, N - r]` (one representative input token per slot: the B token of a merged slot), which is
+what `apply_plan` and the token-state bookkeeping (masks, positions) consume.
+
+Refuses: `r` larger than `(N - P) // 2` (the official code silently clamps; we raise).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenreduce.errors import TokenReduceError
+
+
+def max_r(num_tokens: int, num_protected: int) -> int:
+    """Largest merge count one ToMe step can take from `num_tokens` with `num_protected` kept."""
+    return max((num_tokens - num_protected) // 2, 0)
+
+
+def bipartite_plan(
+    metric: torch.Tensor, r: int, num_protected: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plan one ToMe merge step.
+
+    Args:
+        metric: `[B, N, d]` head-averaged keys, or `[B, H, N, d]` keys (averaged over heads here).
+        r: tokens to merge away (output has `N - r` tokens).
+        num_protected: leading tokens that are never merged (CLS, distillation, registers).
+        valid: optional `[B, N]` bool, False for padding. Merges never cross valid/padding.
+
+    Returns:
+        slot: `[B, N]` int64, output slot of each input token.
+        rep: `[B, N - r]` int64, representative input token of each output slot.
+    """
+    if metric.dim() == 4:
+        metric = metric.mean(dim=1)
+    bsz, n, _ = metric.shape
+    if r < 0 or r > max_r(n, num_protected):
+        raise TokenReduceError(
+            f"ToMe r={r} is too large for {n} tokens with {num_protected} protected; "
+            f"the largest valid r is {max_r(n, num_protected)}"
+        )
+    device = metric.device
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, 0::2, :], metric[:, 1::2, :]
+    n_a, n_b = a.shape[1], b.shape[1]
+    scores = a @ b.transpose(-1, -2)  # [B, nA, nB]
+    p_a, p_b = (num_protected + 1) // 2, num_protected // 2
+    neg_inf = -torch.inf
+    if p_a:
+        scores[:, :p_a, :] = neg_inf
+    if p_b:
+        scores[:, :, :p_b] = neg_inf
+    if valid is not None:
+        va, vb = valid[:, 0::2], valid[:, 1::2]
+        cross = va[:, :, None] != vb[:, None, :]
+        scores = scores.masked_fill(cross, neg_inf)
+
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)
+    unm_idx = edge_idx[:, r:]
+    src_idx = edge_idx[:, :r]
+    dst_idx = node_idx.gather(dim=-1, index=src_idx)
+    if num_protected > 0:
+        unm_idx = unm_idx.sort(dim=-1)[0]
+
+    n_unm = n_a - r
+    # Output slots: protected tokens keep their original index; then unmerged A; then B.
+    u = torch.arange(n_unm, device=device)
+    unm_slot = torch.where(u < p_a, 2 * u, num_protected + u - p_a)
+    j = torch.arange(n_b, device=device)
+    b_slot = torch.where(j < p_b, 2 * j + 1, num_protected + (n_unm - p_a) + j - p_b)
+    b_slot = b_slot.expand(bsz, n_b)
+
+    slot_a = torch.empty(bsz, n_a, dtype=torch.long, device=device)
+    slot_a.scatter_(1, unm_idx, unm_slot.expand(bsz, n_unm))
+    slot_a.scatter_(1, src_idx, b_slot.gather(1, dst_idx))
+    slot = torch.empty(bsz, n, dtype=torch.long, device=device)
+    slot[:, 0::2] = slot_a
+    slot[:, 1::2] = b_slot
+
+    rep = torch.empty(bsz, n - r, dtype=torch.long, device=device)
+    rep.scatter_(1, unm_slot.expand(bsz, n_unm), 2 * unm_idx)
+    rep.scatter_(1, b_slot, (2 * j + 1).expand(bsz, n_b))
+    return slot, rep
+
+
+def r_schedule(r: int | tuple[int, ...], num_blocks: int, schedule: str = "constant") -> list[int]:
+    """Per-block merge counts.
+
+    A list is padded with zeros (longer than the model is an error); an int is constant, or with
+    `schedule="decreasing"` ToMe's (r, -0.5) inflection schedule: r*1.5 merges in the first block falling
+    linearly to r*0.5 in the last (same total).
+    """
+    if isinstance(r, tuple | list):
+        if len(r) > num_blocks:
+            raise TokenReduceError(
+                f"r lists {len(r)} blocks but the model has {num_blocks}; give at most {num_blocks} values"
+            )
+        return list(r) + [0] * (num_blocks - len(r))
+    if schedule == "constant" or num_blocks == 1:
+        return [int(r)] * num_blocks
+    lo = int(r * 1.5)
+    hi = 2 * r - lo
+    step = (hi - lo) / (num_blocks - 1)
+    return [int(lo + step * i) for i in range(num_blocks)]

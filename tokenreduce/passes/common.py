@@ -1,0 +1,56 @@
+"""What every pass shares: the pass context, the result record, and node helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from tokenreduce.compiler.analysis import ModelAnalysis
+from tokenreduce.compiler.planner import BlockPlan
+from tokenreduce.compiler.settings import Settings
+
+
+@dataclass
+class PassResult:
+    name: str
+    changed: bool
+    rewrites: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TokenState:
+    """Graph nodes holding the token state after the latest reduction (see docs/design.md)."""
+
+    size: fx.Node | None = None  # [B, N] tokens represented by each slot
+    valid: fx.Node | None = None  # [B, N] bool key validity (None: no padding)
+    rep: fx.Node | None = None  # [B, N] original token each slot stands for
+    source: fx.Node | None = None  # [B, N0] original position -> slot (only when unmerging)
+    epoch: int = 0  # number of reductions so far
+    num_tokens: int = 0  # tokens after the latest reduction
+
+
+@dataclass
+class PassContext:
+    settings: Settings
+    analysis: ModelAnalysis
+    plans: list[BlockPlan]
+    original_tokens: int
+    state: TokenState = field(default_factory=TokenState)
+    inserted: set[fx.Node] = field(default_factory=set)
+
+
+def call(graph: fx.Graph, target: Any, args: tuple[Any, ...], like: fx.Node | None = None,
+         ctx: PassContext | None = None) -> fx.Node:
+    """Create a call_function node, copying module-stack / stack-trace metadata from `like`."""
+    node = graph.call_function(target, args)
+    if like is not None:
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+    node.meta["tokenreduce"] = True
+    if ctx is not None:
+        ctx.inserted.add(node)
+    return node
