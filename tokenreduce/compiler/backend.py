@@ -45,11 +45,11 @@ class _Specialised:
         self.last_report = None
 
     def _build(self, args: tuple[Any, ...]) -> Any:
-        captured, sources = from_dynamo(self.gm, args, dynamic=False)
+        captured, kinds = from_dynamo(self.gm, args, dynamic=False)
         red = reduce_graph(captured.gm, self.settings)
         report = make_report(red, self.settings)
         flat, spec = _flat(red.gm)
-        tensors = [a for a, s in zip(args, sources) if s is None]
+        tensors = [a for a, k in zip(args, kinds) if k is None]
         if self.settings.inner == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
@@ -58,7 +58,7 @@ class _Specialised:
             compiled = flat
 
         def run(*call_args: Any) -> Any:
-            ts = [a for a, s in zip(call_args, sources) if s is None]
+            ts = [a for a, k in zip(call_args, kinds) if k is None]
             out = compiled(*ts)
             return torch.utils._pytree.tree_unflatten(list(out), spec)
 
@@ -66,6 +66,9 @@ class _Specialised:
 
     def __call__(self, *args: Any) -> Any:
         key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        # parameters are held as constants of the specialised graph: the cache key includes their identity
+        # through the module-state inputs' data pointers, so reloaded weights rebuild.
+        key = key + tuple(a.data_ptr() for a in args if isinstance(a, torch.nn.Parameter))
         if key not in self.cache:
             self.cache[key], self.reports[key] = self._build(args)
         self.last_report = self.reports[key]

@@ -111,32 +111,45 @@ def _combine_spec(model: torch.nn.Module, dargs: Any, dkwargs: Any) -> Any:
     return spec
 
 
-class _SymIntFree(torch.nn.Module):
-    """Calls a Dynamo graph with its SymInt inputs recomputed from the tensor sizes they name."""
+def _is_module_state(ph: fx.Node, example: Any) -> bool:
+    """A Dynamo graph input that is a parameter or buffer of the traced module (not a user input)."""
+    if isinstance(example, torch.nn.Parameter):
+        return True
+    grapharg = ph.meta.get("grapharg")
+    name = grapharg.source.name() if grapharg is not None and hasattr(grapharg, "source") else ph.name
+    return "_parameters" in name or "_buffers" in name
 
-    def __init__(self, gm: fx.GraphModule, sources: list[tuple[int, int] | None], n_in: int) -> None:
+
+class _DynamoCall(torch.nn.Module):
+    """Calls a Dynamo graph with module state held as constants and SymInt inputs recomputed from the
+    tensor sizes they name, so the re-export sees only user tensors as inputs (as torch.export would)."""
+
+    def __init__(self, gm: fx.GraphModule, kinds: list[Any], consts: dict[int, torch.Tensor]) -> None:
         super().__init__()
         self.gm = gm
-        self.sources = sources
-        self.n_in = n_in
+        self.kinds = kinds
+        for i, t in consts.items():
+            self.register_buffer(f"state_{i}", t, persistent=False)
 
     def forward(self, *tensors: torch.Tensor) -> Any:
         it = iter(tensors)
         full: list[Any] = []
-        for src in self.sources:
-            full.append(next(it) if src is None else None)
-        for i, src in enumerate(self.sources):
-            if src is not None:
-                full[i] = full[src[0]].shape[src[1]]
+        for i, kind in enumerate(self.kinds):
+            full.append(next(it) if kind is None else getattr(self, f"state_{i}") if kind == "state" else None)
+        for i, kind in enumerate(self.kinds):
+            if isinstance(kind, tuple):
+                full[i] = full[kind[0]].shape[kind[1]]
         return self.gm(*full)
 
 
 def from_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any], dynamic: bool = True
-                ) -> tuple[Captured, list[tuple[int, int] | None]]:
-    """Re-export a Dynamo graph; returns the capture and, per original input, where a SymInt comes from."""
+                ) -> tuple[Captured, list[Any]]:
+    """Re-export a Dynamo graph. Returns the capture and, per graph input, its kind: None for a user
+    tensor, "state" for a parameter/buffer, or (input, dim) for a SymInt read from a tensor size."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    sources: list[tuple[int, int] | None] = []
-    for ph in placeholders:
+    kinds: list[Any] = []
+    consts: dict[int, torch.Tensor] = {}
+    for i, ph in enumerate(placeholders):
         ev = ph.meta.get("example_value")
         if isinstance(ev, torch.SymInt):
             hit = None
@@ -151,37 +164,35 @@ def from_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any], dynamic: bool
                     break
             if hit is None:
                 raise TokenReduceError(f"dynamic size {ev} of the captured graph is not a tensor dimension")
-            sources.append(hit)
+            kinds.append(hit)
+        elif isinstance(example_inputs[i], torch.Tensor) and _is_module_state(ph, example_inputs[i]):
+            kinds.append("state")
+            consts[i] = example_inputs[i].detach()
         else:
-            sources.append(None)
+            kinds.append(None)
     dyn_dims: dict[int, set[int]] = {}
-    for s in sources:
-        if s is not None:
-            dyn_dims.setdefault(s[0], set()).add(s[1])
+    for k in kinds:
+        if isinstance(k, tuple):
+            dyn_dims.setdefault(k[0], set()).add(k[1])
     tensors: list[torch.Tensor] = []
     specs: list[Any] = []
     batch_dim = Dim("batch", min=1, max=1 << 16)
-    for i, (ph, src) in enumerate(zip(placeholders, sources)):
-        if src is not None:
+    for i, (ph, kind) in enumerate(zip(placeholders, kinds)):
+        if kind is not None:
             continue
-        ev = ph.meta.get("example_value")
         real = example_inputs[i]
         if not isinstance(real, torch.Tensor):
-            # dynamo hands fake/real tensors; build a real one of the hinted shape for tracing
             raise TokenReduceError(f"unsupported graph input of type {type(real).__name__}")
-        if isinstance(real, torch._subclasses.FakeTensor) or any(isinstance(s, torch.SymInt) for s in real.shape):
-            hint = [s.node.hint if isinstance(s, torch.SymInt) else s for s in (ev.shape if ev is not None else real.shape)]
-            real = torch.randn(hint, dtype=real.dtype) if real.is_floating_point() else torch.zeros(hint, dtype=real.dtype)
         dims = dyn_dims.get(i, set()) if dynamic else set()
         if dims and real.shape[0] == 1:
             real = torch.cat([real, real])
         tensors.append(real)
         specs.append({d: batch_dim if d == 0 else Dim.AUTO for d in dims} or None)
-    wrapper = _SymIntFree(gm, sources, len(tensors))
+    wrapper = _DynamoCall(gm, kinds, consts)
     with torch.no_grad(), preserve_node_meta():
         try:
             ep = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=(tuple(specs),) if any(specs) else None,
                                      strict=False)
         except Exception as exc:
             raise TokenReduceError(f"could not re-export the Dynamo graph: {exc}".split("\n")[0]) from exc
-    return Captured(gm=ep.module(), args=tuple(tensors), dynamic_batch=any(specs)), sources
+    return Captured(gm=ep.module(), args=tuple(tensors), dynamic_batch=any(specs)), kinds

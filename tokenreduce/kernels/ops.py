@@ -23,7 +23,8 @@ NAMESPACE = "tokenreduce"
 @torch.library.custom_op(f"{NAMESPACE}::tome_plan", mutates_args=())
 def tome_plan(k: torch.Tensor, r: int, num_protected: int, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """ToMe bipartite matching on keys `k [B, H, N, d]` -> (slot [B, N], rep [B, N - r])."""
-    return tome.bipartite_plan(k, r, num_protected, valid)
+    slot, rep = tome.bipartite_plan(k, r, num_protected, valid)
+    return slot.contiguous(), rep.contiguous()
 
 
 @tome_plan.register_fake
@@ -37,7 +38,7 @@ def topk_plan(
     scores: torch.Tensor, keep: int, num_protected: int, fuse: bool, valid: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """EViT/FastV-style top-k plan on `scores [B, N]` -> (slot [B, N], weight [B, N], rep [B, N'])."""
-    return evit.topk_plan(scores, keep, num_protected, fuse, valid)
+    return tuple(t.contiguous() for t in evit.topk_plan(scores, keep, num_protected, fuse, valid))  # type: ignore[return-value]
 
 
 @topk_plan.register_fake
@@ -54,7 +55,7 @@ def _(scores, keep, num_protected, fuse, valid):
 @torch.library.custom_op(f"{NAMESPACE}::query_row_scores", mutates_args=())
 def query_row_scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float, row: int) -> torch.Tensor:
     """Head-averaged attention of one query row over the keys -> [B, N]."""
-    return reference.query_row_scores(q, k, bias, scale, row)
+    return reference.query_row_scores(q, k, bias, scale, row).contiguous()
 
 
 @query_row_scores.register_fake
@@ -67,7 +68,8 @@ def apply_plan(
     x: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor | None, size: torch.Tensor | None, n_out: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted merge/gather of tokens `x [B, N, C]` into `n_out` slots -> (x', size')."""
-    return reference.apply_plan(x, slot, weight, size, n_out)
+    x_out, size_out = reference.apply_plan(x, slot, weight, size, n_out)
+    return x_out.contiguous(), size_out.contiguous()
 
 
 @apply_plan.register_fake
