@@ -13,6 +13,7 @@ from tokenreduce.compiler.pipeline import make_report, reduce_graph
 from tokenreduce.compiler.report import Report, count_flops
 from tokenreduce.compiler.settings import Settings
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.targets import lower_eager, lower_inductor
 
 
 class ReducedModule(torch.nn.Module):
@@ -77,8 +78,5 @@ def compile(  # noqa: A001 - mirrors torch.compile
     if count_model_flops:
         report.flops_before = count_flops(model, args, kwargs)
         report.flops_after = count_flops(gm, args, kwargs)
-    if cfg.inner == "inductor":
-        runner = torch.compile(gm, backend="inductor", dynamic=captured.dynamic_batch or None)
-    else:
-        runner = gm
+    runner = lower_inductor(gm, captured.dynamic_batch) if cfg.inner == "inductor" else lower_eager(gm)
     return ReducedModule(gm, runner, report, cfg, args, kwargs)

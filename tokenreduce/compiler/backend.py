@@ -20,6 +20,7 @@ from torch import fx
 from tokenreduce.compiler.capture import from_dynamo
 from tokenreduce.compiler.pipeline import make_report, reduce_graph
 from tokenreduce.compiler.settings import Settings
+from tokenreduce.targets import lower_eager, lower_inductor_static
 
 
 def _flat(gm: fx.GraphModule) -> tuple[fx.GraphModule, Any]:
@@ -50,12 +51,7 @@ class _Specialised:
         report = make_report(red, self.settings)
         flat, spec = _flat(red.gm)
         tensors = [a for a, k in zip(args, kinds) if k is None]
-        if self.settings.inner == "inductor":
-            from torch._inductor.compile_fx import compile_fx
-
-            compiled = compile_fx(flat, tensors)
-        else:
-            compiled = flat
+        compiled = lower_inductor_static(flat, tensors) if self.settings.inner == "inductor" else lower_eager(flat)
 
         def run(*call_args: Any) -> Any:
             ts = [a for a, k in zip(call_args, kinds) if k is None]

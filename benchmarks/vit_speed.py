@@ -1,0 +1,332 @@
+"""Wall-clock speed of token reduction on a timm ViT: measured speedup vs the FLOPs it removes.
+
+For each batch size, target (`eager`, `inductor`) and setting (ToMe r=8/13/16, EViT keep 0.7 at blocks
+3, 6, 9) this script times the reduced model against the unreduced one and prints
+
+    setting | batch | target | latency unreduced | latency reduced | speedup | FLOPs ratio |
+    FLOPs speedup | efficiency
+
+where `speedup = unreduced / reduced` (medians), `FLOPs speedup = 1 / FLOPs ratio` (from the compile
+report, counted by `torch.utils.flop_counter`) and `efficiency = speedup / FLOPs speedup`. An efficiency
+of 1 means every removed FLOP turned into saved time; below 1 means overhead (the matching/planning
+ops, gathers, shapes the backend handles worse) eats part of the saving.
+
+Methodology
+-----------
+* Fair baseline. The unreduced model is run the same way as the reduced one: for `eager` it is the plain
+  `nn.Module`; for `inductor` it is `torch.compile(model)`. Both are compiled for a static batch by
+  default (the reduced model with `dynamic_batch=False`, the baseline after `torch._dynamo.reset()` for
+  each batch size); `--dynamic-batch` compiles both with a symbolic batch instead.
+* Warm-up. Both models run `--warmup` times before timing (compilation, autotuning, allocator and
+  oneDNN caches); the first inductor call, which compiles, is never timed.
+* Interleaving. The machine is shared and noisy: other jobs, frequency changes and thermal drift move
+  latencies by several percent over minutes. Timing all of A, then all of B would put that drift into
+  the A/B ratio. Alternating A, B, A, B, ... for `--repeats` rounds exposes both models to the same
+  conditions, so slow periods hit both equally.
+* Medians. Interference is one-sided (a preempted call is only ever slower) and bursty, so the mean is
+  pulled up by a few outliers; the median of each side is a robust estimate of the typical latency.
+  The report also keeps the interquartile range so the noise level is visible.
+* Threads are pinned with `torch.set_num_threads` (default: the CPU cores available to the process),
+  and everything runs under `torch.inference_mode()` (the reduced graphs are built under `no_grad`).
+
+Usage:
+    python benchmarks/vit_speed.py                       # full default configuration
+    python benchmarks/vit_speed.py --batch 1 --targets eager --repeats 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+import tokenreduce
+
+try:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    HAVE_RICH = True
+except ImportError:  # pragma: no cover - rich is a dependency, but keep the script usable without it
+    HAVE_RICH = False
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    options: dict[str, Any]
+    note: str = ""
+
+
+SETTINGS: dict[str, Setting] = {
+    "tome8": Setting("ToMe r=8", {"method": "tome", "r": 8}),
+    "tome13": Setting("ToMe r=13", {"method": "tome", "r": 13}),
+    "tome16": Setting("ToMe r=16 (clamp_r)", {"method": "tome", "r": 16, "clamp_r": True},
+                      note="clamp_r=True: the last block cannot merge 16 tokens"),
+    "evit": Setting("EViT keep 0.7 @ 3,6,9", {"method": "evit", "keep_ratio": 0.7, "layers": [3, 6, 9]}),
+}
+
+
+@dataclass
+class Row:
+    setting: str
+    batch: int
+    target: str
+    latency_unreduced_ms: float
+    latency_reduced_ms: float
+    speedup: float
+    flops_ratio: float
+    flops_speedup: float
+    efficiency: float
+    repeats: int
+    iqr_unreduced_ms: float
+    iqr_reduced_ms: float
+    flops_before: int
+    flops_after: int
+    note: str = ""
+    samples_unreduced_ms: list[float] = field(default_factory=list, repr=False)
+    samples_reduced_ms: list[float] = field(default_factory=list, repr=False)
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+def _time_call(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _iqr(samples: list[float]) -> float:
+    if len(samples) < 4:
+        return float("nan")
+    q = statistics.quantiles(samples, n=4)
+    return q[2] - q[0]
+
+
+def interleaved_medians(a: Callable[[], Any], b: Callable[[], Any], repeats: int, warmup: int
+                        ) -> tuple[list[float], list[float]]:
+    """Warm both up, then time A, B, A, B, ... for `repeats` rounds. Returns the two sample lists (ms)."""
+    for _ in range(warmup):
+        a()
+        b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        times_a.append(_time_call(a))
+        times_b.append(_time_call(b))
+    return times_a, times_b
+
+
+# ------------------------------------------------------------------------------------------- building
+
+
+def build_baseline(model: torch.nn.Module, target: str, dynamic_batch: bool) -> Callable[..., Any]:
+    if target == "eager":
+        return model
+    torch._dynamo.reset()  # a fresh static compile per batch size (no automatic-dynamic recompile)
+    return torch.compile(model, dynamic=True if dynamic_batch else None)
+
+
+def build_reduced(model: torch.nn.Module, x: torch.Tensor, target: str, setting: Setting,
+                  dynamic_batch: bool) -> tokenreduce.ReducedModule:
+    with torch.no_grad():
+        return tokenreduce.compile(model, (x,), inner=target, dynamic_batch=dynamic_batch, **setting.options)
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+COLUMNS = ["setting", "batch", "target", "latency unreduced (ms)", "latency reduced (ms)", "speedup",
+           "FLOPs ratio", "FLOPs speedup", "efficiency"]
+
+
+def _cells(row: Row) -> list[str]:
+    return [row.setting, str(row.batch), row.target,
+            f"{row.latency_unreduced_ms:.1f} ± {row.iqr_unreduced_ms / 2:.1f}",
+            f"{row.latency_reduced_ms:.1f} ± {row.iqr_reduced_ms / 2:.1f}",
+            f"{row.speedup:.2f}x", f"{row.flops_ratio:.3f}", f"{row.flops_speedup:.2f}x", f"{row.efficiency:.2f}"]
+
+
+def print_table(rows: list[Row], title: str, console: Any) -> None:
+    if HAVE_RICH:
+        table = Table(title=title, caption="latency: median ± half the interquartile range of the interleaved samples")
+        for c in COLUMNS:
+            table.add_column(c, justify="left" if c in ("setting", "target") else "right")
+        for row in rows:
+            cells = _cells(row)
+            if row.efficiency < 0.95:
+                cells[-1] = f"[red]{cells[-1]}[/red]"
+            table.add_row(*cells)
+        console.print(table)
+    else:
+        print(title)
+        print(markdown_table(rows))
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+@contextmanager
+def progress_bar(total: int) -> Iterator[Callable[..., None]]:
+    """Yields `step(description, advance)`; rich when available, else plain log lines."""
+    if HAVE_RICH:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      transient=False) as progress:
+            task = progress.add_task("benchmark", total=total)
+
+            def step(description: str, advance: int = 0) -> None:
+                progress.update(task, description=description, advance=advance)
+                if not progress.console.is_terminal:  # keep a readable trail in logs
+                    progress.console.log(description)
+
+            yield step
+    else:
+        done = [0]
+
+        def step(description: str, advance: int = 0) -> None:
+            done[0] += advance
+            print(f"[{done[0]}/{total}] {description}", flush=True)
+
+        yield step
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random init)")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--targets", default="eager,inductor", help="comma-separated: eager, inductor")
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {','.join(SETTINGS)}")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved A/B rounds per measurement (default: 30 at batch 1, 10 at larger batches)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls of each model before timing")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores available)")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="compile both models with a symbolic batch dimension (default: static per batch size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write rows and machine info to this JSON file")
+    args = p.parse_args(argv)
+    args.batch = [int(b) for b in args.batch.split(",") if b]
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    for t in args.targets:
+        if t not in ("eager", "inductor"):
+            p.error(f"unknown target {t!r}")
+    for s in args.settings:
+        if s not in SETTINGS:
+            p.error(f"unknown setting {s!r}; choose from {', '.join(SETTINGS)}")
+    return args
+
+
+def repeats_for(batch: int, override: int | None) -> int:
+    if override is not None:
+        return override
+    return 30 if batch == 1 else 10
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    import timm
+
+    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+    info = machine_info(threads)
+    console = Console() if HAVE_RICH else None
+    say = console.print if console else print
+    say(f"{args.model} (random init) | batches {args.batch} | targets {args.targets} | "
+        f"{info['cpu']}, {threads} threads | torch {info['torch']}")
+
+    model = timm.create_model(args.model, pretrained=False).eval()
+    settings = [SETTINGS[s] for s in args.settings]
+    rows: list[Row] = []
+    total = len(args.batch) * len(args.targets) * len(settings)
+    started = time.perf_counter()
+
+    with progress_bar(total) as step:
+        for batch in args.batch:
+            x = torch.randn(batch, 3, 224, 224)
+            repeats = repeats_for(batch, args.repeats)
+            for target in args.targets:
+                step(f"batch {batch} {target}: baseline")
+                baseline = build_baseline(model, target, args.dynamic_batch)
+                with torch.inference_mode():
+                    baseline(x)  # compile (inductor) outside the timed region
+                for setting in settings:
+                    step(f"batch {batch} {target}: {setting.name}: compiling")
+                    reduced = build_reduced(model, x, target, setting, args.dynamic_batch)
+                    step(f"batch {batch} {target}: {setting.name}: timing {repeats} rounds")
+                    with torch.inference_mode():
+                        reduced(x)
+                        t_a, t_b = interleaved_medians(lambda: baseline(x), lambda: reduced(x), repeats, args.warmup)
+                    rep = reduced.report
+                    lat_a, lat_b = statistics.median(t_a), statistics.median(t_b)
+                    speedup = lat_a / lat_b
+                    flops_speedup = 1.0 / rep.flops_ratio
+                    row = Row(setting=setting.name, batch=batch, target=target, latency_unreduced_ms=lat_a,
+                              latency_reduced_ms=lat_b, speedup=speedup, flops_ratio=rep.flops_ratio,
+                              flops_speedup=flops_speedup, efficiency=speedup / flops_speedup, repeats=repeats,
+                              iqr_unreduced_ms=_iqr(t_a), iqr_reduced_ms=_iqr(t_b), flops_before=rep.flops_before,
+                              flops_after=rep.flops_after, note=setting.note,
+                              samples_unreduced_ms=t_a, samples_reduced_ms=t_b)
+                    rows.append(row)
+                    step(f"batch {batch} {target}: {setting.name}: {lat_a:.1f} -> {lat_b:.1f} ms, "
+                         f"speedup {speedup:.2f}x, efficiency {row.efficiency:.2f}", advance=1)
+                    del reduced
+                    gc.collect()
+                del baseline
+                gc.collect()
+
+    elapsed = time.perf_counter() - started
+    title = f"{args.model} (random init), {threads} threads, torch {info['torch']}"
+    print_table(rows, title, console)
+    say("efficiency = speedup / FLOPs speedup; ToMe r=16 uses clamp_r=True (the last block merges fewer).")
+    say(f"total time {elapsed / 60:.1f} min")
+    if args.json:
+        out = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "args": vars(args),
+               "machine": info, "elapsed_s": elapsed, "rows": [asdict(r) for r in rows]}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+        say(f"wrote {args.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
