@@ -14,9 +14,10 @@ ops, gathers, shapes the backend handles worse) eats part of the saving.
 Methodology
 -----------
 * Fair baseline. The unreduced model is run the same way as the reduced one: for `eager` it is the plain
-  `nn.Module`; for `inductor` it is `torch.compile(model)`. Both are compiled for a static batch by
-  default (the reduced model with `dynamic_batch=False`, the baseline after `torch._dynamo.reset()` for
-  each batch size); `--dynamic-batch` compiles both with a symbolic batch instead.
+  `nn.Module` under inference mode; for `inductor` it is `torch.compile(model)`. By default both are
+  compiled with a symbolic batch dimension, as `tokenreduce.compile` does by default (`dynamic_batch=True`;
+  the baseline gets `torch.compile(model, dynamic=True)`); `--static-batch` compiles both for the exact
+  batch size instead (reduced: `dynamic_batch=False`; baseline: a fresh static `torch.compile(model)`).
 * Warm-up. Both models run `--warmup` times before timing (compilation, autotuning, allocator and
   oneDNN caches); the first inductor call, which compiles, is never timed.
 * Interleaving. The machine is shared and noisy: other jobs, frequency changes and thermal drift move
@@ -135,7 +136,7 @@ def interleaved_medians(a: Callable[[], Any], b: Callable[[], Any], repeats: int
 def build_baseline(model: torch.nn.Module, target: str, dynamic_batch: bool) -> Callable[..., Any]:
     if target == "eager":
         return model
-    torch._dynamo.reset()  # a fresh static compile per batch size (no automatic-dynamic recompile)
+    torch._dynamo.reset()  # a fresh compile per batch size (static: no automatic-dynamic recompile)
     return torch.compile(model, dynamic=True if dynamic_batch else None)
 
 
@@ -234,18 +235,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--targets", default="eager,inductor", help="comma-separated: eager, inductor")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {','.join(SETTINGS)}")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="interleaved A/B rounds per measurement (default: 30 at batch 1, 10 at larger batches)")
+    p.add_argument("--repeats", default=None,
+                   help="interleaved A/B rounds per measurement: one int, or one per batch size "
+                        "(default: 30 at batch 1, 10 at larger batches)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls of each model before timing")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores available)")
-    p.add_argument("--dynamic-batch", action="store_true",
-                   help="compile both models with a symbolic batch dimension (default: static per batch size)")
+    p.add_argument("--static-batch", action="store_true",
+                   help="compile both models for each exact batch size (default: symbolic batch dimension, "
+                        "tokenreduce's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write rows and machine info to this JSON file")
     args = p.parse_args(argv)
     args.batch = [int(b) for b in args.batch.split(",") if b]
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    args.dynamic_batch = not args.static_batch
+    if args.repeats is None:
+        args.repeats = [30 if b == 1 else 10 for b in args.batch]
+    else:
+        args.repeats = [int(r) for r in str(args.repeats).split(",") if r]
+        if len(args.repeats) == 1:
+            args.repeats *= len(args.batch)
+        if len(args.repeats) != len(args.batch) or min(args.repeats) < 1:
+            p.error("--repeats takes one positive int or one per batch size")
     for t in args.targets:
         if t not in ("eager", "inductor"):
             p.error(f"unknown target {t!r}")
@@ -255,10 +267,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def repeats_for(batch: int, override: int | None) -> int:
-    if override is not None:
-        return override
-    return 30 if batch == 1 else 10
+def write_json(path: str, args: argparse.Namespace, info: dict[str, Any], rows: list[Row], elapsed: float) -> None:
+    out = {"command": " ".join(["python"] + sys.argv), "args": vars(args), "machine": info,
+           "elapsed_s": elapsed, "rows": [asdict(r) for r in rows]}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -281,9 +294,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     started = time.perf_counter()
 
     with progress_bar(total) as step:
-        for batch in args.batch:
+        for batch, repeats in zip(args.batch, args.repeats):
             x = torch.randn(batch, 3, 224, 224)
-            repeats = repeats_for(batch, args.repeats)
             for target in args.targets:
                 step(f"batch {batch} {target}: baseline")
                 baseline = build_baseline(model, target, args.dynamic_batch)
@@ -307,6 +319,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                               flops_after=rep.flops_after, note=setting.note,
                               samples_unreduced_ms=t_a, samples_reduced_ms=t_b)
                     rows.append(row)
+                    if args.json:  # partial results survive an interrupted run
+                        write_json(args.json, args, info, rows, time.perf_counter() - started)
                     step(f"batch {batch} {target}: {setting.name}: {lat_a:.1f} -> {lat_b:.1f} ms, "
                          f"speedup {speedup:.2f}x, efficiency {row.efficiency:.2f}", advance=1)
                     del reduced
@@ -320,10 +334,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     say("efficiency = speedup / FLOPs speedup; ToMe r=16 uses clamp_r=True (the last block merges fewer).")
     say(f"total time {elapsed / 60:.1f} min")
     if args.json:
-        out = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "args": vars(args),
-               "machine": info, "elapsed_s": elapsed, "rows": [asdict(r) for r in rows]}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, args, info, rows, elapsed)
         say(f"wrote {args.json}")
     return rows
 

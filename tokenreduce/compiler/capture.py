@@ -177,7 +177,7 @@ def from_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any], dynamic: bool
     tensors: list[torch.Tensor] = []
     specs: list[Any] = []
     batch_dim = Dim("batch", min=1, max=1 << 16)
-    for i, (ph, kind) in enumerate(zip(placeholders, kinds)):
+    for i, kind in enumerate(kinds):
         if kind is not None:
             continue
         real = example_inputs[i]

@@ -96,16 +96,8 @@ def insert_reductions(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         att = block.attention
         h = block.reduce_at
         assert h is not None
-        anchor = h
-        nodes: list[fx.Node] = []
-
-        def add(target, args):  # noqa: ANN001, ANN202 - local builder keeps insertion order
-            nonlocal anchor
-            with graph.inserting_after(anchor):
-                node = call(graph, target, args, h, ctx)
-            anchor = node
-            nodes.append(node)
-            return node
+        builder = _Chain(graph, h, ctx)
+        add = builder.add
 
         if st.epoch == 0 and att.mask is not None:
             st.valid = add(ref.key_validity, (att.mask, h))
@@ -130,13 +122,31 @@ def insert_reductions(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if settings.unmerge:
             source = st.source if st.source is not None else add(ref.init_source, (h,))
             st.source = add(ref.compose_index, (slot, source))
-        h.replace_all_uses_with(x_new, delete_user_cb=lambda u: u not in nodes)
+        h.replace_all_uses_with(x_new, delete_user_cb=builder.is_outside)
         st.size = size_new
         st.epoch += 1
         st.num_tokens = bp.tokens_out
         result.rewrites += 1
         result.changed = True
     return result
+
+
+class _Chain:
+    """Appends nodes one after another right after `anchor`, remembering what it created."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node, ctx: PassContext) -> None:
+        self.graph, self.anchor, self.like, self.ctx = graph, anchor, anchor, ctx
+        self.nodes: set[fx.Node] = set()
+
+    def add(self, target: object, args: tuple) -> fx.Node:
+        with self.graph.inserting_after(self.anchor):
+            node = call(self.graph, target, args, self.like, self.ctx)
+        self.anchor = node
+        self.nodes.add(node)
+        return node
+
+    def is_outside(self, user: fx.Node) -> bool:
+        return user not in self.nodes
 
 
 def _current_mask_arg(block: Block) -> fx.Node | None:
