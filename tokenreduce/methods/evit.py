@@ -53,12 +53,15 @@ def topk_plan(
 
     n_out = num_protected + keep + (1 if fuse else 0)
     pruned_slot = num_protected + keep  # the fused slot, or the dump slot when not fusing
-    cand_slot = torch.full((bsz, cand), pruned_slot, dtype=torch.long, device=device)
-    cand_slot.scatter_(1, idx, (num_protected + torch.arange(keep, device=device)).expand(bsz, keep))
+    # slot of each candidate = its position in the top-k list (one-hot compare, no scatter: exports to
+    # Equal/ReduceMax/ReduceSum only)
+    hit = idx[:, :, None] == torch.arange(cand, device=device)[None, None, :]  # [B, keep, cand]
+    kept = hit.any(dim=1)
+    pos = (hit.long() * torch.arange(keep, device=device)[None, :, None]).sum(dim=1)
+    cand_slot = torch.where(kept, num_protected + pos, torch.full_like(pos, pruned_slot))
     prot_slot = torch.arange(num_protected, device=device).expand(bsz, num_protected)
     slot = torch.cat([prot_slot, cand_slot], dim=1)
 
-    kept = cand_slot < pruned_slot
     weight = torch.cat(
         [torch.ones_like(scores[:, :num_protected]), torch.where(kept, torch.ones_like(cand_scores), cand_scores)],
         dim=1,

@@ -56,40 +56,45 @@ def bipartite_plan(
     p_a, p_b = (num_protected + 1) // 2, num_protected // 2
     neg_inf = -torch.inf
     if p_a:
-        scores[:, :p_a, :] = neg_inf
+        scores = scores.masked_fill((torch.arange(n_a, device=device) < p_a)[None, :, None], neg_inf)
     if p_b:
-        scores[:, :, :p_b] = neg_inf
+        scores = scores.masked_fill((torch.arange(n_b, device=device) < p_b)[None, None, :], neg_inf)
     if valid is not None:
         va, vb = valid[:, 0::2], valid[:, 1::2]
         cross = va[:, :, None] != vb[:, None, :]
         scores = scores.masked_fill(cross, neg_inf)
 
     node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)
-    unm_idx = edge_idx[:, r:]
-    src_idx = edge_idx[:, :r]
-    dst_idx = node_idx.gather(dim=-1, index=src_idx)
-    if num_protected > 0:
-        unm_idx = unm_idx.sort(dim=-1)[0]
-
+    edge_idx = node_max.argsort(dim=-1, descending=True)  # A tokens, most similar first
     n_unm = n_a - r
-    # Output slots: protected tokens keep their original index; then unmerged A; then B.
-    u = torch.arange(n_unm, device=device)
-    unm_slot = torch.where(u < p_a, 2 * u, num_protected + u - p_a)
+    # Every output slot follows from each A token's rank (inverse permutation of edge_idx) without any
+    # scatter, so the plan exports to ONNX as TopK/Gather/Where/CumSum only.
+    rank = edge_idx.argsort(dim=-1)
+    merged = rank < r
+    if num_protected > 0:  # unmerged A tokens are sorted by index (official), so position = running count
+        pos = (~merged).long().cumsum(dim=-1) - 1
+        unm_idx = edge_idx[:, r:].sort(dim=-1)[0]
+    else:
+        pos = rank - r
+        unm_idx = edge_idx[:, r:]
     j = torch.arange(n_b, device=device)
-    b_slot = torch.where(j < p_b, 2 * j + 1, num_protected + (n_unm - p_a) + j - p_b)
-    b_slot = b_slot.expand(bsz, n_b)
+    b_slot = torch.where(j < p_b, 2 * j + 1, num_protected + (n_unm - p_a) + j - p_b).expand(bsz, n_b)
+    unm_slot = torch.where(pos < p_a, 2 * pos, num_protected + pos - p_a)
+    slot_a = torch.where(merged, b_slot.gather(1, node_idx), unm_slot)
+    # interleave A (even positions) and B (odd positions) back into token order
+    slot = torch.stack([slot_a[:, :n_b], b_slot], dim=-1).reshape(bsz, 2 * n_b)
+    if n_a > n_b:
+        slot = torch.cat([slot, slot_a[:, n_b:]], dim=1)
 
-    slot_a = torch.empty(bsz, n_a, dtype=torch.long, device=device)
-    slot_a.scatter_(1, unm_idx, unm_slot.expand(bsz, n_unm))
-    slot_a.scatter_(1, src_idx, b_slot.gather(1, dst_idx))
-    slot = torch.empty(bsz, n, dtype=torch.long, device=device)
-    slot[:, 0::2] = slot_a
-    slot[:, 1::2] = b_slot
-
-    rep = torch.empty(bsz, n - r, dtype=torch.long, device=device)
-    rep.scatter_(1, unm_slot.expand(bsz, n_unm), 2 * unm_idx)
-    rep.scatter_(1, b_slot, (2 * j + 1).expand(bsz, n_b))
+    # representative input token per slot: protected tokens keep their index, then unmerged A, then B
+    rep = torch.cat(
+        [
+            torch.arange(num_protected, device=device).expand(bsz, num_protected),
+            2 * unm_idx[:, p_a:],
+            (2 * j[p_b:] + 1).expand(bsz, n_b - p_b),
+        ],
+        dim=1,
+    )
     return slot, rep
 
 
