@@ -97,14 +97,14 @@ def tome_match(metric: Tensor, r: int, num_protected: int,
                          f"the largest valid r is (N - P) // 2 = {(N - P) // 2}")
     metric = metric / metric.norm(dim=-1, keepdim=True)                    # step 1
     scores = metric[:, 0::2] @ metric[:, 1::2].transpose(-2, -1)          # step 2: A @ B^T
-    for i in range(P):                                                     # step 3: protected
+    if valid is not None:                                                  # step 3: padding
+        va, vb = valid[:, 0::2, None], valid[:, None, 1::2]
+        scores = scores.masked_fill(~va & vb, -2.0).masked_fill(va & ~vb, -3.0)
+    for i in range(P):                                                     # step 4: protected
         if i % 2 == 0:
             scores[:, i // 2, :] = NEG_INF
         else:
             scores[:, :, i // 2] = NEG_INF
-    if valid is not None:                                                  # step 4: padding
-        cross = valid[:, 0::2, None] != valid[:, None, 1::2]
-        scores = scores.masked_fill(cross, NEG_INF)
     node_max, node_idx = scores.max(dim=-1)                                # step 5
     edge_idx = node_max.argsort(dim=-1, descending=True)
     src_idx, unm_idx = edge_idx[:, :r], edge_idx[:, r:]
@@ -138,11 +138,17 @@ def tome_merge(x: Tensor, size: Tensor, r: int, metric: Tensor, num_protected: i
     assign = torch.full((B, N), -1, dtype=torch.long, device=x.device)
     assign.scatter_(1, order, torch.arange(n_out, device=x.device).expand(B, n_out))
     assign.scatter_(1, 2 * src_idx, assign.gather(1, 2 * dst_idx + 1))
-    # Step 7: size-weighted average, x' = sum(size * x) / sum(size), size' = sum(size).
-    new_size = size.new_zeros(B, n_out).scatter_add_(1, assign, size)
+    # Step 7: size-weighted average, x' = sum(w * x) / sum(w), size' = sum(size) over w > 0, where
+    # w = size, and 0 for a source merged across padding (step 3).
+    w = size.clone()
+    if valid is not None:
+        crossed = valid.gather(1, 2 * src_idx) != valid.gather(1, 2 * dst_idx + 1)
+        w.scatter_(1, 2 * src_idx, w.gather(1, 2 * src_idx).masked_fill(crossed, 0.0))
+    new_size = size.new_zeros(B, n_out).scatter_add_(1, assign, size * (w > 0))
+    wsum = size.new_zeros(B, n_out).scatter_add_(1, assign, w)
     weighted = x.new_zeros(B, n_out, x.shape[-1]).scatter_add_(
-        1, assign[..., None].expand_as(x), x * size[..., None])
-    new_x = weighted / new_size[..., None]
+        1, assign[..., None].expand_as(x), x * w[..., None])
+    new_x = weighted / wsum[..., None]
     new_valid = valid.gather(1, order) if valid is not None else None
     return new_x, new_size, new_valid, _update_source(source, assign)
 

@@ -21,16 +21,18 @@ NAMESPACE = "tokenreduce"
 
 
 @torch.library.custom_op(f"{NAMESPACE}::tome_plan", mutates_args=())
-def tome_plan(k: torch.Tensor, r: int, num_protected: int, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """ToMe bipartite matching on keys `k [B, H, N, d]` -> (slot [B, N], rep [B, N - r])."""
-    slot, rep = tome.bipartite_plan(k, r, num_protected, valid)
-    return slot.contiguous(), rep.contiguous()
+def tome_plan(
+    k: torch.Tensor, r: int, num_protected: int, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe bipartite matching on keys `k [B, H, N, d]` -> (slot [B, N], rep [B, N - r], keep [B, N])."""
+    return tuple(t.contiguous() for t in tome.bipartite_plan(k, r, num_protected, valid))  # type: ignore[return-value]
 
 
 @tome_plan.register_fake
 def _(k, r, num_protected, valid):
     bsz, n = k.shape[0], k.shape[-2]
-    return k.new_empty((bsz, n), dtype=torch.long), k.new_empty((bsz, n - r), dtype=torch.long)
+    return (k.new_empty((bsz, n), dtype=torch.long), k.new_empty((bsz, n - r), dtype=torch.long),
+            k.new_empty((bsz, n)))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::topk_plan", mutates_args=())

@@ -33,7 +33,7 @@ def apply_plan(
 
     Returns:
         `x' [B, n_out, C] = sum(w * x) / sum(w)` per slot (0 for a slot whose weights sum to 0) and
-        `size' [B, n_out] = sum(size)` per slot.
+        `size' [B, n_out] = sum(size)` per slot over the sources with `w > 0`.
     """
     bsz, n, c = x.shape
     if size is None:
@@ -44,7 +44,8 @@ def apply_plan(
     acc = torch.zeros(bsz, n_out + 1, c, dtype=x.dtype, device=x.device)
     acc = acc.scatter_add(1, slot[:, :, None].expand(bsz, n, c), x * weight[:, :, None])
     wsum = torch.zeros(bsz, n_out + 1, dtype=x.dtype, device=x.device).scatter_add(1, slot, weight)
-    ssum = torch.zeros(bsz, n_out + 1, dtype=size.dtype, device=x.device).scatter_add(1, slot, size)
+    counted = torch.where(weight > 0, size, torch.zeros_like(size))  # a zero-weight source is dropped
+    ssum = torch.zeros(bsz, n_out + 1, dtype=size.dtype, device=x.device).scatter_add(1, slot, counted)
     wsum = wsum[:, :n_out]
     denom = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
     return acc[:, :n_out] / denom[:, :, None], ssum[:, :n_out]
@@ -139,6 +140,11 @@ def init_source(x: torch.Tensor) -> torch.Tensor:
 def compose_index(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """`outer.gather(1, inner)`: follow two index maps (e.g. source through a plan's slots)."""
     return outer.gather(1, inner)
+
+
+def merge_weight(size: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    """Averaging weights of a ToMe step: token sizes (ones before the first merge) times the plan's keep."""
+    return keep if size is None else size * keep
 
 
 def ones_tokens(x: torch.Tensor) -> torch.Tensor:

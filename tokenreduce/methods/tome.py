@@ -27,7 +27,7 @@ def max_r(num_tokens: int, num_protected: int) -> int:
 
 def bipartite_plan(
     metric: torch.Tensor, r: int, num_protected: int, valid: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plan one ToMe merge step.
 
     Args:
@@ -39,6 +39,7 @@ def bipartite_plan(
     Returns:
         slot: `[B, N]` int64, output slot of each input token.
         rep: `[B, N - r]` int64, representative input token of each output slot.
+        keep: `[B, N]` merge-weight multiplier (metric dtype): 1, or 0 for a source merged across padding.
     """
     if metric.dim() == 4:
         metric = metric.mean(dim=1)
@@ -55,14 +56,15 @@ def bipartite_plan(
     scores = a @ b.transpose(-1, -2)  # [B, nA, nB]
     p_a, p_b = (num_protected + 1) // 2, num_protected // 2
     neg_inf = -torch.inf
+    if valid is not None:  # cross-padding edges rank below every cosine: padding->real, then real->padding
+        va, vb = valid[:, 0::2], valid[:, 1::2]
+        pad_to_real = ~va[:, :, None] & vb[:, None, :]
+        real_to_pad = va[:, :, None] & ~vb[:, None, :]
+        scores = scores.masked_fill(pad_to_real, -2.0).masked_fill(real_to_pad, -3.0)
     if p_a:
         scores = scores.masked_fill((torch.arange(n_a, device=device) < p_a)[None, :, None], neg_inf)
     if p_b:
         scores = scores.masked_fill((torch.arange(n_b, device=device) < p_b)[None, None, :], neg_inf)
-    if valid is not None:
-        va, vb = valid[:, 0::2], valid[:, 1::2]
-        cross = va[:, :, None] != vb[:, None, :]
-        scores = scores.masked_fill(cross, neg_inf)
 
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)  # A tokens, most similar first
@@ -82,9 +84,13 @@ def bipartite_plan(
     unm_slot = torch.where(pos < p_a, 2 * pos, num_protected + pos - p_a)
     slot_a = torch.where(merged, b_slot.gather(1, node_idx), unm_slot)
     # interleave A (even positions) and B (odd positions) back into token order
-    slot = torch.stack([slot_a[:, :n_b], b_slot], dim=-1).reshape(bsz, 2 * n_b)
-    if n_a > n_b:
-        slot = torch.cat([slot, slot_a[:, n_b:]], dim=1)
+    slot = _interleave(slot_a, b_slot)
+    # merge weight multiplier: 0 for a source merged across padding (only when r leaves no other choice)
+    keep_a = torch.ones_like(node_max)
+    if valid is not None:
+        cross = merged & (va != vb.gather(1, node_idx))
+        keep_a = keep_a.masked_fill(cross, 0.0)
+    keep = _interleave(keep_a, torch.ones_like(keep_a[:, :n_b]))
 
     # representative input token per slot: protected tokens keep their index, then unmerged A, then B
     rep = torch.cat(
@@ -95,7 +101,13 @@ def bipartite_plan(
         ],
         dim=1,
     )
-    return slot, rep
+    return slot, rep, keep
+
+
+def _interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Tokens back in sequence order from the A (even positions) and B (odd positions) halves."""
+    out = torch.stack([a[:, : b.shape[1]], b], dim=-1).reshape(a.shape[0], 2 * b.shape[1])
+    return torch.cat([out, a[:, b.shape[1]:]], dim=1) if a.shape[1] > b.shape[1] else out
 
 
 def r_schedule(r: int | tuple[int, ...], num_blocks: int, schedule: str = "constant") -> list[int]:

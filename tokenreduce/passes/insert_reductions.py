@@ -105,7 +105,9 @@ def insert_reductions(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             plan = add(tr.tome_plan.default, (att.k, bp.r, num_p, st.valid))
             slot = add(operator.getitem, (plan, 0))
             rep = add(operator.getitem, (plan, 1))
-            weight = None
+            weight = None  # sizes; with padding, sizes times the plan's keep (cross-padding sources drop)
+            if st.valid is not None:
+                weight = add(ref.merge_weight, (st.size, add(operator.getitem, (plan, 2))))
         else:
             bias = _current_mask_arg(block)
             scores = add(tr.query_row_scores.default, (att.q, att.k, bias, att.scale, 0))
