@@ -106,6 +106,8 @@ def tome_match(metric: Tensor, r: int, num_protected: int,
         else:
             scores[:, :, i // 2] = NEG_INF
     node_max, node_idx = scores.max(dim=-1)                                # step 5
+    row = torch.arange(node_max.shape[-1], dtype=node_max.dtype)
+    node_max = torch.where(node_max < -1.5, node_max - 1e-6 * row, node_max)  # sentinel ties by index
     edge_idx = node_max.argsort(dim=-1, descending=True)
     src_idx, unm_idx = edge_idx[:, :r], edge_idx[:, r:]
     dst_idx = node_idx.gather(-1, src_idx)

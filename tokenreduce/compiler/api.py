@@ -21,8 +21,9 @@ class ReducedModule(torch.nn.Module):
     `.graph_module` is the rewritten (uncompiled) graph, the input of every target (eager, inductor, ONNX)."""
 
     def __init__(self, graph_module: fx.GraphModule, runner: Any, report: Report, settings: Settings,
-                 example_args: tuple[Any, ...], example_kwargs: dict[str, Any]) -> None:
+                 example_args: tuple[Any, ...], example_kwargs: dict[str, Any], dynamic_batch: bool = False) -> None:
         super().__init__()
+        self.dynamic_batch = dynamic_batch
         self.graph_module = graph_module
         self._runner = runner
         self.report = report
@@ -79,4 +80,4 @@ def compile(  # noqa: A001 - mirrors torch.compile
         report.flops_before = count_flops(model, args, kwargs)
         report.flops_after = count_flops(gm, args, kwargs)
     runner = lower_inductor(gm, captured.dynamic_batch) if cfg.inner == "inductor" else lower_eager(gm)
-    return ReducedModule(gm, runner, report, cfg, args, kwargs)
+    return ReducedModule(gm, runner, report, cfg, args, kwargs, captured.dynamic_batch)

@@ -67,15 +67,20 @@ def bipartite_plan(
         scores = scores.masked_fill((torch.arange(n_b, device=device) < p_b)[None, None, :], neg_inf)
 
     node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)  # A tokens, most similar first
+    # Ties exist only among cross-padding sentinels; break them by index (lower first) so every runtime
+    # (torch, ONNX TopK) orders them the same. Cosines are in [-1, 1], so real edges are untouched.
+    a_idx = torch.arange(n_a, device=device, dtype=node_max.dtype)
+    node_max = torch.where(node_max < -1.5, node_max - 1e-6 * a_idx, node_max)
+    # Sorts are top-k with a constant k (exports as TopK with a constant k; no data-dependent shapes).
+    edge_idx = node_max.topk(n_a, dim=-1, largest=True, sorted=True).indices  # most similar first
     n_unm = n_a - r
     # Every output slot follows from each A token's rank (inverse permutation of edge_idx) without any
     # scatter, so the plan exports to ONNX as TopK/Gather/Where/CumSum only.
-    rank = edge_idx.argsort(dim=-1)
+    rank = edge_idx.topk(n_a, dim=-1, largest=False, sorted=True).indices
     merged = rank < r
     if num_protected > 0:  # unmerged A tokens are sorted by index (official), so position = running count
         pos = (~merged).long().cumsum(dim=-1) - 1
-        unm_idx = edge_idx[:, r:].sort(dim=-1)[0]
+        unm_idx = edge_idx[:, r:].topk(n_unm, dim=-1, largest=False, sorted=True).values
     else:
         pos = rank - r
         unm_idx = edge_idx[:, r:]
