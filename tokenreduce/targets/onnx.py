@@ -72,6 +72,11 @@ def check_static(model: Any, probe_batch: int = 3) -> list[str]:
         if dims and dims[0].dim_param:
             dims[0].dim_value = probe_batch
     try:
+        # with the batch pinned, shape arithmetic the model does on its inputs (e.g. Range over the batch
+        # in HF mask code) folds to constants; then plain ONNX shape inference must find every dim.
+        import onnxscript.optimizer
+
+        probe = onnxscript.optimizer.optimize(probe)
         inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=True, data_prop=True)
     except Exception as exc:  # noqa: BLE001
         return [f"ONNX shape inference failed: {str(exc).splitlines()[0]}"]
