@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -173,16 +174,20 @@ COLUMNS = ["setting", "batch", "target", "latency unreduced (ms)", "latency redu
            "FLOPs ratio", "FLOPs speedup", "efficiency"]
 
 
+def _latency(median: float, iqr: float) -> str:
+    return f"{median:.1f}" if iqr != iqr else f"{median:.1f} ± {iqr / 2:.1f}"  # no spread with < 4 samples
+
+
 def _cells(row: Row) -> list[str]:
     return [row.setting, str(row.batch), row.target,
-            f"{row.latency_unreduced_ms:.1f} ± {row.iqr_unreduced_ms / 2:.1f}",
-            f"{row.latency_reduced_ms:.1f} ± {row.iqr_reduced_ms / 2:.1f}",
+            _latency(row.latency_unreduced_ms, row.iqr_unreduced_ms),
+            _latency(row.latency_reduced_ms, row.iqr_reduced_ms),
             f"{row.speedup:.2f}x", f"{row.flops_ratio:.3f}", f"{row.flops_speedup:.2f}x", f"{row.efficiency:.2f}"]
 
 
 def print_table(rows: list[Row], title: str, console: Any) -> None:
     if HAVE_RICH:
-        table = Table(title=title, caption="latency: median ± half the interquartile range of the interleaved samples")
+        table = Table(title=title, caption="latency: median ± half the interquartile range of the interleaved samples (no ± below 4 samples)")
         for c in COLUMNS:
             table.add_column(c, justify="left" if c in ("setting", "target") else "right")
         for row in rows:
@@ -307,7 +312,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     step(f"batch {batch} {target}: {setting.name}: timing {repeats} rounds")
                     with torch.inference_mode():
                         reduced(x)
-                        t_a, t_b = interleaved_medians(lambda: baseline(x), lambda: reduced(x), repeats, args.warmup)
+                        t_a, t_b = interleaved_medians(partial(baseline, x), partial(reduced, x), repeats,
+                                                       args.warmup)
                     rep = reduced.report
                     lat_a, lat_b = statistics.median(t_a), statistics.median(t_b)
                     speedup = lat_a / lat_b
