@@ -36,7 +36,7 @@ def _apply_loop(x, slot, weight, size, n_out):
             wsum = sum(float(weight[b, i]) for i in members)
             if members and wsum > 0:
                 out[b, s] = sum(weight[b, i] * x[b, i] for i in members) / wsum
-            out_size[b, s] = sum(float(size[b, i]) for i in members)
+            out_size[b, s] = sum(float(size[b, i]) for i in members if float(weight[b, i]) > 0)
     return out, out_size
 
 
@@ -66,7 +66,7 @@ def test_apply_plan_empty_weight_slot_is_zero():
     assert torch.equal(out[0, 1], torch.zeros(3))
     torch.testing.assert_close(out[0, 0], x[0, 0])
     torch.testing.assert_close(out[0, 2], x[0, 3])
-    assert size.tolist() == [[1.0, 2.0, 1.0]]
+    assert size.tolist() == [[1.0, 0.0, 1.0]]  # zero-weight sources are not counted (docs step 7)
 
 
 def test_apply_plan_identity_plan_returns_input():
@@ -80,7 +80,7 @@ def test_apply_plan_identity_plan_returns_input():
 
 # ------------------------------------------------------------------------------------------ tome_plan
 def _tome_loop(k, r, p, valid=None):
-    """ToMe matching from docs/methods.md written with Python loops: returns, per batch, the list of
+    """ToMe matching from docs/methods.md written with Python loops (ties: lowest index first): returns, per batch, the list of
     merged A tokens (original positions) and the B token (original position) each merges into."""
     metric = k.mean(dim=1)
     metric = metric / metric.norm(dim=-1, keepdim=True)
@@ -92,9 +92,9 @@ def _tome_loop(k, r, p, valid=None):
             cands = []
             for bb in range(1, n, 2):
                 s = float(metric[b, a] @ metric[b, bb])
-                if a < p or bb < p:
-                    s = -math.inf
                 if valid is not None and bool(valid[b, a]) != bool(valid[b, bb]):
+                    s = -2.0 if not bool(valid[b, a]) else -3.0  # below every cosine (docs step 3)
+                if a < p or bb < p:
                     s = -math.inf
                 cands.append((s, bb))
             # max with first index on ties, as torch.max
@@ -111,8 +111,9 @@ def test_tome_plan_matches_loop_and_invariants(n, p, r):
     g = _gen(n + p + r)
     bsz, heads, d = 3, 2, 8
     k = torch.randn(bsz, heads, n, d, generator=g)
-    slot, rep = tr.tome_plan(k, r, p, None)
-    assert slot.shape == (bsz, n) and rep.shape == (bsz, n - r)
+    slot, rep, keep = tr.tome_plan(k, r, p, None)
+    assert slot.shape == (bsz, n) and rep.shape == (bsz, n - r) and keep.shape == (bsz, n)
+    assert torch.equal(keep, torch.ones(bsz, n))  # no padding: every source keeps its weight
     assert slot.dtype == torch.long and rep.dtype == torch.long
     merges = _tome_loop(k, r, p)
     for b in range(bsz):
@@ -138,7 +139,7 @@ def test_tome_plan_order_matches_official_output_order():
         k = torch.randn(2, 3, n, 4, generator=g)
         x = torch.randn(2, n, 5, generator=g)
         size = torch.randint(1, 4, (2, n), generator=g).float()
-        slot, _ = tr.tome_plan(k, r, p, None)
+        slot = tr.tome_plan(k, r, p, None)[0]
         got_x, got_size = tr.apply_plan(x, slot, None, size, n - r)
         exp_x, exp_size, _, _ = tome_merge(x, size, r, k.mean(dim=1), p)
         torch.testing.assert_close(got_x, exp_x, atol=1e-6, rtol=1e-5)
@@ -152,7 +153,7 @@ def test_tome_plan_r0_merges_nothing():
     holds exactly one token, `rep` names it, and applying the plan loses nothing."""
     k = torch.randn(2, 2, 9, 4)
     x = torch.randn(2, 9, 3)
-    slot, rep = tr.tome_plan(k, 0, 1, None)
+    slot, rep, _ = tr.tome_plan(k, 0, 1, None)
     assert rep.shape == (2, 9)
     for b in range(2):
         assert sorted(slot[b].tolist()) == list(range(9))
@@ -169,14 +170,44 @@ def test_tome_plan_never_merges_across_padding():
     k = torch.randn(4, 2, n, 8, generator=g)
     lengths = [16, 11, 7, 4]
     valid = torch.stack([torch.arange(n) < m for m in lengths])
-    r = 7  # = (16 - 1) // 2: forces the most merges, so padding must pair with padding
-    slot, rep = tr.tome_plan(k, r, 1, valid)
+    r = 7  # = (16 - 1) // 2: the most merges; same-kind pairs suffice in every row, so none may cross
+    slot, rep, keep = tr.tome_plan(k, r, 1, valid)
+    assert torch.equal(keep, torch.ones(4, n))
     merges = _tome_loop(k, r, 1, valid)
     for b in range(4):
         rep_valid = valid[b][rep[b][slot[b]]]  # validity of the slot each token landed in
         assert torch.equal(rep_valid, valid[b]), f"row {b}: a merge crossed padding"
         merged = [i for i in range(n) if int(rep[b][slot[b, i]]) != i]
         assert sorted(merged) == sorted(merges[b])
+    # tokens + sizes through apply_plan equal the reference merge (which also tracks validity)
+    x = torch.randn(4, n, 5, generator=g)
+    size = torch.ones(4, n)
+    got_x, got_size = tr.apply_plan(x, slot, size * keep, size, n - r)
+    exp_x, exp_size, exp_valid, _ = tome_merge(x, size, r, k.mean(dim=1), 1, valid)
+    torch.testing.assert_close(got_x, exp_x, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_size, exp_size)
+    assert torch.equal(valid.gather(1, rep), exp_valid)
+
+
+def test_tome_plan_forced_cross_padding_merge_has_zero_weight():
+    """7 tokens, CLS + 5 real + 1 padding (an A token); r = 3 = (7 - 1) // 2 needs every A candidate,
+    so the padding token must merge into a real B token: with weight 0, not counted in the size."""
+    g = _gen(4)
+    k = torch.randn(2, 2, 7, 4, generator=g)
+    valid = torch.tensor([[True] * 6 + [False]] * 2)
+    slot, rep, keep = tr.tome_plan(k, 3, 1, valid)
+    assert keep[:, 6].tolist() == [0.0, 0.0]
+    assert torch.equal(keep[:, :6], torch.ones(2, 6))
+    assert bool(valid.gather(1, rep).all())  # every slot is represented by a real token
+    x = torch.randn(2, 7, 3, generator=g)
+    x[:, 6] = 1e6  # a padding value that must not leak into any real token
+    size = torch.ones(2, 7)
+    got_x, got_size = tr.apply_plan(x, slot, size * keep, size, 4)
+    assert float(got_x.abs().max()) < 1e3
+    assert got_size.sum(-1).tolist() == [6.0, 6.0]
+    exp_x, exp_size, _, _ = tome_merge(x, size, 3, k.mean(dim=1), 1, valid)
+    torch.testing.assert_close(got_x, exp_x)
+    torch.testing.assert_close(got_size, exp_size)
 
 
 def test_tome_plan_rejects_r_above_bound():

@@ -203,7 +203,7 @@ def _match_explicit(softmax: fx.Node) -> Attention | None:
         q = q.args[0]
     # follow softmax -> dropout* -> matmul(p, v)
     p = softmax
-    for _ in range(3):
+    for _ in range(4):
         users = [u for u in p.users if u.op == "call_function"]
         mm = [u for u in users if u.target in P.MATMUL and u.args[0] is p]
         if mm:

@@ -79,5 +79,5 @@ def compile(  # noqa: A001 - mirrors torch.compile
     if count_model_flops:
         report.flops_before = count_flops(model, args, kwargs)
         report.flops_after = count_flops(gm, args, kwargs)
-    runner = lower_inductor(gm, captured.dynamic_batch) if cfg.inner == "inductor" else lower_eager(gm)
+    runner = lower_inductor(gm, captured.dynamic_batch, list(args) + list(kwargs.values())) if cfg.inner == "inductor" else lower_eager(gm)
     return ReducedModule(gm, runner, report, cfg, args, kwargs, captured.dynamic_batch)

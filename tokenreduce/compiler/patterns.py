@@ -46,7 +46,10 @@ SCALE_MUL = {aten.mul.Tensor, aten.mul.Scalar}
 SCALE_DIV = {aten.div.Tensor, aten.div.Scalar}
 ADD = {aten.add.Tensor}
 TRANSPOSE = {aten.transpose.int, aten.t.default}
-DROPOUT = {aten.dropout.default, aten.native_dropout.default, aten.clone.default, aten.alias.default}
+# Between softmax and the value matmul: dropout, and dtype casts (HF eager attention computes softmax
+# in float32 and casts back: softmax -> to(dtype) -> dropout -> matmul).
+DROPOUT = {aten.dropout.default, aten.native_dropout.default, aten.clone.default, aten.alias.default,
+           aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default}
 
 LINEAR = {aten.linear.default}
 LAYER_NORM = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
