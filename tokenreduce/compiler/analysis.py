@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx
@@ -78,6 +79,11 @@ class ModelAnalysis:
         return [b for b in self.blocks if b.reducible]
 
 
+def args_of(node: fx.Node) -> tuple[Any, ...]:
+    """`node.args` typed for reading: graph arguments are heterogeneous (nodes, ints, lists, dtypes)."""
+    return tuple(node.args)
+
+
 def val(node: object) -> object:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
@@ -126,20 +132,20 @@ def find_attention(gm: fx.GraphModule) -> list[Attention]:
 
 
 def _match_sdpa(node: fx.Node, sp: P.SdpaSpelling) -> Attention:
-    q, k, v = node.args[0], node.args[1], node.args[2]
+    q, k, v = args_of(node)[0], args_of(node)[1], args_of(node)[2]
     mask = None
     if sp.mask_pos is not None and len(node.args) > sp.mask_pos:
-        mask = node.args[sp.mask_pos]
+        mask = args_of(node)[sp.mask_pos]
     if sp.mask_kw and sp.mask_kw in node.kwargs:
         mask = node.kwargs[sp.mask_kw]
-    causal = bool(node.args[sp.causal_pos]) if sp.causal_pos is not None and len(node.args) > sp.causal_pos else False
+    causal = bool(args_of(node)[sp.causal_pos]) if sp.causal_pos is not None and len(node.args) > sp.causal_pos else False
     causal = bool(node.kwargs.get("is_causal", causal))
-    scale = node.kwargs.get("scale")
+    scale: Any = node.kwargs.get("scale")
     if scale is None:
         scale = 1.0 / math.sqrt(shape(q)[-1])  # type: ignore[index]
     output = node
     if sp.tuple_output:
-        outs = [u for u in node.users if u.target is P.GETITEM and u.args[1] == 0]
+        outs = [u for u in node.users if u.target is P.GETITEM and args_of(u)[1] == 0]
         output = outs[0] if outs else node
     return Attention("sdpa", node, q, k, v, float(scale), mask if isinstance(mask, fx.Node) else None,
                      causal, output, spelling=sp.origin)
@@ -150,7 +156,7 @@ def _reaches_matmul(node: object, depth: int = 6) -> fx.Node | None:
         if node.target in P.MATMUL:
             return node
         if node.target in P.SCALE_MUL | P.SCALE_DIV | P.ADD:
-            node = node.args[0]
+            node = args_of(node)[0]
             depth -= 1
             continue
         return None
@@ -159,12 +165,12 @@ def _reaches_matmul(node: object, depth: int = 6) -> fx.Node | None:
 
 def _match_explicit(softmax: fx.Node) -> Attention | None:
     """matmul(q, k^T) -> (mul/div scale | add mask)* -> softmax(-1) -> dropout* -> matmul(., v)."""
-    dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim", -1)
+    dim = args_of(softmax)[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim", -1)
     sm_shape = shape(softmax)
     if sm_shape is None or len(sm_shape) < 3 or dim not in (-1, len(sm_shape) - 1):
         return None
     scale, mask, mask_add = 1.0, None, None
-    node = softmax.args[0]
+    node = args_of(softmax)[0]
     logits = node
     for _ in range(8):
         if not isinstance(node, fx.Node):
@@ -172,7 +178,7 @@ def _match_explicit(softmax: fx.Node) -> Attention | None:
         if node.target in P.MATMUL:
             break
         if node.target in P.ADD:
-            a, b = node.args[0], node.args[1]
+            a, b = args_of(node)[0], args_of(node)[1]
             mask_add = node
             if _reaches_matmul(a):
                 mask, node = b, a
@@ -182,33 +188,33 @@ def _match_explicit(softmax: fx.Node) -> Attention | None:
                 return None
             continue
         if node.target in P.SCALE_MUL | P.SCALE_DIV:
-            c = _const_scalar(node.args[1])
+            c = _const_scalar(args_of(node)[1])
             if c is None:
                 return None
             scale = scale * c if node.target in P.SCALE_MUL else scale / c
-            node = node.args[0]
+            node = args_of(node)[0]
             continue
         return None
     else:
         return None
     qk = node
-    a_op, bt = qk.args[0], qk.args[1]
+    a_op, bt = args_of(qk)[0], args_of(qk)[1]
     if not isinstance(bt, fx.Node) or bt.target not in P.TRANSPOSE:
         return None
-    k = bt.args[0]
+    k = args_of(bt)[0]
     q = a_op
-    if isinstance(q, fx.Node) and q.target in P.SCALE_MUL | P.SCALE_DIV and _const_scalar(q.args[1]) is not None:
-        c = _const_scalar(q.args[1])
+    if isinstance(q, fx.Node) and q.target in P.SCALE_MUL | P.SCALE_DIV and _const_scalar(args_of(q)[1]) is not None:
+        c = _const_scalar(args_of(q)[1])
         scale = scale * c if q.target in P.SCALE_MUL else scale / c  # type: ignore[operator]
-        q = q.args[0]
+        q = args_of(q)[0]
     # follow softmax -> dropout* -> matmul(p, v)
     p = softmax
     for _ in range(4):
         users = [u for u in p.users if u.op == "call_function"]
-        mm = [u for u in users if u.target in P.MATMUL and u.args[0] is p]
+        mm = [u for u in users if u.target in P.MATMUL and args_of(u)[0] is p]
         if mm:
             out = mm[0]
-            return Attention("explicit", softmax, q, k, out.args[1], scale,
+            return Attention("explicit", softmax, q, k, args_of(out)[1], scale,
                              mask if isinstance(mask, fx.Node) else None, False, out,
                              logits=logits, mask_add=mask_add if isinstance(mask, fx.Node) else None,
                              spelling="matmul-softmax-matmul (eager attention)")
@@ -227,7 +233,7 @@ def _ancestor_linear(node: object, limit: int = 12) -> fx.Node | None:
             return None
         if node.target in P.LINEAR:
             return node
-        node = node.args[0]
+        node = args_of(node)[0]
     return None
 
 
@@ -238,7 +244,7 @@ def _forward_to_add(start: fx.Node, limit: int = 12) -> fx.Node | None:
         if len(users) != 1:
             return None
         u = users[0]
-        if u.target in P.ADD and isinstance(u.args[0], fx.Node) and isinstance(u.args[1], fx.Node):
+        if u.target in P.ADD and isinstance(args_of(u)[0], fx.Node) and isinstance(args_of(u)[1], fx.Node):
             return u
         if u.target not in P.ATTN_OUT_CHAIN:
             return None
@@ -281,15 +287,15 @@ def analyse_block(index: int, att: Attention) -> Block:
     if lin is None:
         blk.skip_reason = "no linear projection found above the attention query"
         return blk
-    src = lin.args[0]
+    src = args_of(lin)[0]
     add = _forward_to_add(att.output)
     if add is None or not isinstance(src, fx.Node):
         blk.skip_reason = "no residual add (x + attention) after the attention output"
         return blk
     # pre-LN: the residual is the norm's input; post-LN: the residual is what the projection reads
     # (in BERT that is the previous block's final norm, so "reads a norm" alone does not decide).
-    if src.target in P.LAYER_NORM and src.args[0] in add.args:
-        pre_ln, x_in = True, src.args[0]
+    if src.target in P.LAYER_NORM and args_of(src)[0] in add.args:
+        pre_ln, x_in = True, args_of(src)[0]
     elif src in add.args:
         pre_ln, x_in = False, src
     else:
@@ -338,11 +344,11 @@ def _structural_prefix(node: object, dep: set[fx.Node], depth: int = 0) -> int:
         return n or 0
     t = node.target
     if t in P.CAT:
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        dim = args_of(node)[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         if dim not in (1, -2):
             return 0
         total = 0
-        for part in node.args[0]:
+        for part in args_of(node)[0]:
             ps = shape(part)
             plen = _static(ps[1]) if ps is not None else None
             pre = _structural_prefix(part, dep, depth + 1)
@@ -350,10 +356,10 @@ def _structural_prefix(node: object, dep: set[fx.Node], depth: int = 0) -> int:
             if plen is None or pre < plen:
                 break
         return total
-    if t in P.SLICE and node.args[1] in (1, -2):
-        start = node.args[2] if len(node.args) > 2 else 0
+    if t in P.SLICE and args_of(node)[1] in (1, -2):
+        start = args_of(node)[2] if len(node.args) > 2 else 0
         start = start or 0
-        inner = _structural_prefix(node.args[0], dep, depth + 1)
+        inner = _structural_prefix(args_of(node)[0], dep, depth + 1)
         length = n or 0
         return max(0, min(inner - start, length))
     if t in P.PER_TOKEN:
@@ -372,7 +378,7 @@ def _is_text_model(x0: fx.Node) -> bool:
         if node in seen or not isinstance(node, fx.Node):
             continue
         seen.add(node)
-        if node.target in P.EMBEDDING and isinstance(node.args[1], fx.Node) and node.args[1].op == "placeholder":
+        if node.target in P.EMBEDDING and isinstance(args_of(node)[1], fx.Node) and args_of(node)[1].op == "placeholder":
             return True
         if len(seen) > 200:
             break

@@ -25,7 +25,7 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
-from tokenreduce.compiler.analysis import module_path
+from tokenreduce.compiler.analysis import args_of, module_path
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.passes.common import PassContext, PassResult
 
@@ -75,7 +75,7 @@ def _fix_view(node: fx.Node, old_in: torch.Size, new_in: torch.Size, old_out: to
     changed = {d for d in range(len(old_in)) if not _same(old_in[d], new_in[d])}
     if not changed:
         return False
-    shape_arg = list(node.args[1])
+    shape_arg = list(args_of(node)[1])
     groups = _groups([_hint(s) for s in old_in], [_hint(s) for s in old_out])
     token_out: dict[int, Any] = {}
     for gi, go in groups:
@@ -104,7 +104,7 @@ def _fix_view(node: fx.Node, old_in: torch.Size, new_in: torch.Size, old_out: to
             new_arg[d] = token_out[d]
     if sum(1 for v in new_arg if isinstance(v, int) and v == -1) > 1:
         raise TokenReduceError(f"{node.name}: cannot express the reduced shape of this reshape")
-    node.args = (node.args[0], new_arg, *node.args[2:])
+    node.args = (args_of(node)[0], new_arg, *args_of(node)[2:])
     return True
 
 
@@ -112,16 +112,16 @@ def _fix_expand(node: fx.Node, old_in: torch.Size, new_in: torch.Size, old_out: 
     changed = [d for d in range(len(old_in)) if not _same(old_in[d], new_in[d])]
     if not changed:
         return False
-    sizes = list(node.args[1])
+    sizes = list(args_of(node)[1])
     off = len(sizes) - len(old_in)
     for d in changed:
         sizes[d + off] = -1
-    node.args = (node.args[0], sizes, *node.args[2:])
+    node.args = (args_of(node)[0], sizes, *args_of(node)[2:])
     return True
 
 
 def _fix_slice(node: fx.Node, old_in: torch.Size, new_in: torch.Size) -> bool:
-    args = list(node.args) + [None] * (5 - len(node.args))
+    args = list(args_of(node)) + [None] * (5 - len(node.args))
     dim = args[1] if args[1] is not None else 0
     dim = dim % len(old_in)
     if _same(old_in[dim], new_in[dim]):
@@ -164,7 +164,7 @@ def fix_token_shapes(gm: fx.GraphModule, ctx: PassContext | None = None) -> Pass
             if "tokenreduce_orig_val" not in node.meta and old is not None:
                 node.meta["tokenreduce_orig_val"] = old
             orig = node.meta.get("tokenreduce_orig_val")
-            first = node.args[0] if node.args else None
+            first = args_of(node)[0] if node.args else None
             if isinstance(first, fx.Node) and isinstance(orig, torch.Tensor):
                 old_in = first.meta.get("tokenreduce_orig_val", first.meta.get("val"))
                 new_in = env.get(first)

@@ -25,7 +25,7 @@ import operator
 import torch
 from torch import fx
 
-from tokenreduce.compiler.analysis import Block, _reaches_matmul
+from tokenreduce.compiler.analysis import Block, _reaches_matmul, args_of
 from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce)
 from tokenreduce.kernels import reference as ref
 from tokenreduce.passes.common import PassContext, PassResult, call
@@ -37,7 +37,7 @@ def _set_attention_mask(block: Block, new_mask: fx.Node | None, graph: fx.Graph,
     att = block.attention
     if att.kind == "sdpa":
         node = att.node
-        args, kwargs = list(node.args), dict(node.kwargs)
+        args, kwargs = list(args_of(node)), dict(node.kwargs)
         if att.mask is not None and att.mask in args[3:4]:
             args[3] = new_mask
         else:
@@ -49,7 +49,7 @@ def _set_attention_mask(block: Block, new_mask: fx.Node | None, graph: fx.Graph,
         return
     if new_mask is not None:
         softmax = att.node
-        logits = softmax.args[0]
+        logits = args_of(softmax)[0]
         with graph.inserting_before(softmax):
             biased = call(graph, torch.ops.aten.add.Tensor, (logits, new_mask), softmax, ctx)
         softmax.replace_input_with(logits, biased)  # type: ignore[arg-type]
@@ -156,13 +156,13 @@ def _current_mask_arg(block: Block) -> fx.Node | None:
     att = block.attention
     if att.kind == "sdpa":
         node = att.node
-        m = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        m = args_of(node)[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
         return m if isinstance(m, fx.Node) else None
     if att.mask_add is not None:
-        a, b = att.mask_add.args[0], att.mask_add.args[1]
+        a, b = args_of(att.mask_add)[0], args_of(att.mask_add)[1]
         return b if _reaches_matmul(a) is not None else a  # type: ignore[return-value]
-    sm_in = att.node.args[0]
+    sm_in = args_of(att.node)[0]
     if isinstance(sm_in, fx.Node) and sm_in.meta.get("tokenreduce") and sm_in.target is torch.ops.aten.add.Tensor:
-        return sm_in.args[1]  # type: ignore[return-value]
+        return args_of(sm_in)[1]  # type: ignore[return-value]
     return None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import fx
 
+from tokenreduce.compiler.analysis import args_of
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.kernels import reference as ref
 from tokenreduce.passes.common import PassContext, PassResult, call
@@ -23,9 +24,7 @@ def unmerge_outputs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     out_node = next(n for n in graph.nodes if n.op == "output")
     source = ctx.state.source
 
-    def restore(node: object) -> object:
-        if not isinstance(node, fx.Node):
-            return node
+    def restore(node: fx.Node) -> fx.Node:
         orig, new = node.meta.get("tokenreduce_orig_val"), node.meta.get("val")
         if orig is None or new is None or not hasattr(new, "shape"):
             return node
@@ -44,6 +43,6 @@ def unmerge_outputs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result.rewrites += 1
         return node
 
-    out_node.args = (fx.node.map_arg(out_node.args[0], restore),)
+    out_node.args = (fx.node.map_arg(args_of(out_node)[0], restore),)
     result.changed = result.rewrites > 0
     return result

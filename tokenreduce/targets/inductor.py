@@ -14,10 +14,9 @@ ops taking ~30% of a reduced ViT-B call). On CUDA the named ops stay, for the GP
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
-
-import copy
 
 import torch
 from torch import fx

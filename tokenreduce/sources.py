@@ -1,0 +1,461 @@
+"""Model sources for the command line: turn a MODEL string into a model plus example inputs.
+
+The compiler needs an `nn.Module` and the inputs it is called with; a command line only has a string.
+This module owns that translation, so every subcommand (convert, inspect, bench) accepts the same sources:
+
+- `timm:NAME`: `timm.create_model(NAME, pretrained=False, **model_args)`, random init unless a local
+  checkpoint is given (nothing is downloaded); inputs `[B, C, S, S]` at the model's configured size.
+- `hf:PATH`: a local Hugging Face folder (offline: `HF_HUB_OFFLINE=1`), loaded with `AutoModel`; inputs
+  from the config: `pixel_values [B, C, S, S]` for vision configs, `input_ids`/`attention_mask [B, L]`
+  for text configs.
+- `FILE.pt2`: a program saved with `torch.export.save`; inputs from its placeholders' shapes.
+- `module:function`: a Python function returning `(model, example_inputs)` (a tuple or a dict).
+
+Every failure (unknown name, missing file, import error, wrong return value) is a `TokenReduceError`
+with a one-line message saying what was expected.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import inspect
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from tokenreduce.errors import TokenReduceError
+
+SOURCE_FORMS = "timm:NAME, hf:PATH, FILE.pt2 or module:function"
+_FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json")
+DEFAULT_SEQ_LEN = 128
+
+InputsFn = Callable[[int], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+@dataclass
+class ModelSource:
+    """A loaded model with example inputs, and a way to make inputs at another batch size."""
+
+    spec: str
+    kind: str  # "timm" | "hf" | "pt2" | "function"
+    model: torch.nn.Module
+    example_args: tuple[Any, ...]
+    example_kwargs: dict[str, Any]
+    description: str
+    notes: list[str] = field(default_factory=list)
+    make_inputs: InputsFn | None = None
+
+    @property
+    def batch(self) -> int:
+        return batch_of(self.example_args, self.example_kwargs) or 1
+
+    def inputs(self, batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Example inputs at `batch` rows: generated fresh where the source knows how, else the example
+        inputs tiled (or cut) along the batch dimension."""
+        if self.make_inputs is not None:
+            return self.make_inputs(batch)
+        return rebatch(self.example_args, self.example_kwargs, batch)
+
+    def input_shapes(self) -> dict[str, list[int]]:
+        """Human/JSON summary of the example inputs: name (or position) -> shape."""
+        out: dict[str, list[int]] = {}
+        for i, a in enumerate(self.example_args):
+            if isinstance(a, torch.Tensor):
+                out[f"arg{i}"] = list(a.shape)
+        for k, v in self.example_kwargs.items():
+            if isinstance(v, torch.Tensor):
+                out[k] = list(v.shape)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def parse_model_args(items: Sequence[str] | None) -> dict[str, Any]:
+    """`["img_size=64", "global_pool=avg"]` -> `{"img_size": 64, "global_pool": "avg"}` (Python literals
+    where they parse, strings otherwise)."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise TokenReduceError(f"--model-arg expects KEY=VALUE (e.g. img_size=64), got {item!r}")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
+def batch_of(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None:
+    for leaf in pytree.tree_leaves((args, dict(kwargs))):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return None
+
+
+def rebatch(args: tuple[Any, ...], kwargs: Mapping[str, Any], batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Tile (or cut) every tensor whose leading dimension is the example batch to `batch` rows."""
+    old = batch_of(args, kwargs)
+    if old is None or old == batch:
+        return tuple(args), dict(kwargs)
+
+    def fit(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == old:
+            reps = math.ceil(batch / old)
+            return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch].contiguous()
+        return t
+
+    new_args, new_kwargs = pytree.tree_map(fit, (tuple(args), dict(kwargs)))
+    return tuple(new_args), dict(new_kwargs)
+
+
+def _split(example_inputs: Any, where: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TokenReduceError(
+        f"{where} returned example inputs of type {type(example_inputs).__name__}; expected a tuple of "
+        "positional inputs or a dict of keyword inputs"
+    )
+
+
+def _seeded(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- timm
+def _timm_image_size(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model was built for: the patch embedding's size (follows `img_size=`), else the
+    pretrained config's input size."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    c, h, w = tuple(cfg.get("input_size", (3, 224, 224)))
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        h, w = int(size[0]), int(size[1])
+    proj = getattr(pe, "proj", None)
+    if isinstance(proj, torch.nn.Conv2d):
+        c = proj.in_channels
+    return int(c), int(h), int(w)
+
+
+def _unknown_timm(name: str) -> TokenReduceError:
+    import timm
+
+    names = timm.list_models()
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else " (see timm.list_models())"
+    return TokenReduceError(f"unknown timm model {name!r}{hint}")
+
+
+def load_timm(name: str, *, checkpoint: str | None, model_args: dict[str, Any], batch: int,
+              image_size: int | None, seed: int) -> ModelSource:
+    try:
+        import timm
+    except ImportError as exc:
+        raise TokenReduceError("timm: sources need the `timm` package (pip install timm)") from exc
+    if not name:
+        raise TokenReduceError("timm: needs a model name, e.g. timm:vit_base_patch16_224")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise TokenReduceError(f"checkpoint not found: {checkpoint}")
+    kwargs = dict(model_args)
+    if image_size is not None and "img_size" not in kwargs:
+        kwargs["img_size"] = image_size
+    _seeded(seed)
+    try:
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError as exc:
+            if "img_size" not in str(exc) or "img_size" in model_args:
+                raise
+            kwargs.pop("img_size")  # a model without an img_size argument: --image-size sets the input only
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as exc:
+        if str(exc).startswith("Unknown model"):
+            raise _unknown_timm(name) from exc
+        raise TokenReduceError(f"timm could not create {name!r}: {exc}".split("\n")[0]) from exc
+    except TypeError as exc:
+        raise TokenReduceError(f"timm could not create {name!r} with {model_args}: {exc}".split("\n")[0]) from exc
+    weights = "random init"
+    if checkpoint is not None:
+        from timm.models import load_checkpoint
+
+        try:
+            load_checkpoint(model, checkpoint, strict=True)
+        except Exception as exc:  # noqa: BLE001 - any loading failure is the user's file not matching
+            raise TokenReduceError(f"could not load checkpoint {checkpoint} into {name}: {exc}".split("\n")[0]) from exc
+        weights = f"weights from {checkpoint}"
+    model.eval()
+    c, h, w = _timm_image_size(model)
+    if image_size is not None:
+        h = w = image_size
+
+    def make(b: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        g = torch.Generator().manual_seed(seed + 1)
+        return (torch.randn(b, c, h, w, generator=g),), {}
+
+    args, kw = make(batch)
+    return ModelSource(f"timm:{name}", "timm", model, args, kw, f"timm:{name} ({weights})", make_inputs=make)
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+def load_hf(path_str: str, *, batch: int, image_size: int | None, seq_len: int | None, seed: int) -> ModelSource:
+    if not path_str:
+        raise TokenReduceError("hf: needs a local folder, e.g. hf:./all-MiniLM-L6-v2")
+    path = Path(path_str).expanduser()
+    if not path.exists():
+        raise TokenReduceError(f"no such directory: {path_str} (hf: takes a local Hugging Face model folder)")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise TokenReduceError(f"{path_str} is not a Hugging Face model folder (no config.json in it)")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for the network, even for auxiliary files
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        from transformers import AutoConfig, AutoModel
+    except ImportError as exc:
+        raise TokenReduceError("hf: sources need the `transformers` package (pip install transformers)") from exc
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise TokenReduceError(f"could not read {path / 'config.json'}: {exc}".split("\n")[0]) from exc
+    if hasattr(config, "vision_config") and hasattr(config, "text_config"):
+        raise TokenReduceError(
+            f"{path_str} is a {type(config).__name__} (vision + text towers); tokenreduce reduces one encoder "
+            "at a time: pass a module:function source that returns the tower you want"
+        )
+    _seeded(seed)
+    has_weights = any((path / f).is_file() for f in _HF_WEIGHT_FILES)
+    try:
+        if has_weights:
+            model = AutoModel.from_pretrained(str(path), local_files_only=True)
+            weights = f"weights from {path_str}"
+        else:
+            model = AutoModel.from_config(config)
+            weights = "random init: no weights in the folder"
+    except Exception as exc:  # noqa: BLE001
+        raise TokenReduceError(f"transformers could not load {path_str}: {exc}".split("\n")[0]) from exc
+    model.eval()
+    kind_name = type(model).__name__
+
+    if getattr(config, "image_size", None) is not None:
+        size = image_size or config.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        channels = int(getattr(config, "num_channels", 3))
+
+        def make(b: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            g = torch.Generator().manual_seed(seed + 1)
+            return (), {"pixel_values": torch.randn(b, channels, size, size, generator=g)}
+    elif getattr(config, "vocab_size", None):
+        length = seq_len or DEFAULT_SEQ_LEN
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit and length > limit:
+            raise TokenReduceError(f"--seq-len {length} is longer than the model's max_position_embeddings {limit}")
+        vocab = int(config.vocab_size)
+
+        def make(b: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            g = torch.Generator().manual_seed(seed + 1)
+            ids = torch.randint(min(5, vocab - 1), vocab, (b, length), generator=g)
+            return (), {"input_ids": ids, "attention_mask": torch.ones(b, length, dtype=torch.long)}
+    else:
+        raise TokenReduceError(
+            f"cannot build example inputs for {type(config).__name__}: the config has neither image_size "
+            "(vision) nor vocab_size (text); use a module:function source"
+        )
+    args, kw = make(batch)
+    return ModelSource(f"hf:{path_str}", "hf", model, args, kw, f"hf:{path_str} ({kind_name}, {weights})",
+                       make_inputs=make)
+
+
+# ---------------------------------------------------------------------------------------------- .pt2
+class ExportedProgramModule(torch.nn.Module):
+    """`ExportedProgram.module()` as a regular module: it refuses `.train()`/`.eval()` (which the capture
+    calls), and keeps the program's forward signature so a re-export can name the inputs."""
+
+    def __init__(self, program_module: torch.nn.Module) -> None:
+        super().__init__()
+        self.program = program_module
+
+    def train(self, mode: bool = True) -> ExportedProgramModule:
+        self.training = mode  # the program is frozen in the mode it was exported in
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.program(*args, **kwargs)
+
+
+def _with_signature(program_module: torch.nn.Module) -> ExportedProgramModule:
+    sig = inspect.signature(program_module.forward)
+    cls = type("ExportedProgram", (ExportedProgramModule,), {})
+
+    def forward(self: ExportedProgramModule, *args: Any, **kwargs: Any) -> Any:
+        return self.program(*args, **kwargs)
+
+    forward.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *sig.parameters.values()])
+    cls.forward = forward  # type: ignore[method-assign]
+    return cls(program_module)
+
+
+def _concrete(dim: Any, axis: int, ranges: Mapping[Any, Any], batch: int, seq_len: int | None) -> int:
+    if isinstance(dim, int):
+        return dim
+    want = batch if axis == 0 else (seq_len or DEFAULT_SEQ_LEN)
+    expr = getattr(getattr(dim, "node", None), "expr", None)
+    vr = ranges.get(expr) if expr is not None else None
+    if vr is not None:
+        lo, hi = int(vr.lower), vr.upper
+        want = max(want, lo)
+        if hi is not None and not math.isinf(float(hi)):
+            want = min(want, int(hi))
+    return want
+
+
+def load_pt2(path_str: str, *, batch: int, seq_len: int | None, seed: int) -> ModelSource:
+    path = Path(path_str)
+    if not path.is_file():
+        raise TokenReduceError(f"no such file: {path_str}")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise TokenReduceError(f"could not load {path_str} as a torch.export program: {exc}".split("\n")[0]) from exc
+    user_inputs = set(program.graph_signature.user_inputs)
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    g = _seeded(seed)
+    flat: list[Any] = []
+    for node in placeholders:
+        v = node.meta.get("val")
+        if not isinstance(v, torch.Tensor):
+            raise TokenReduceError(f"{path_str}: input {node.name} is not a tensor ({type(v).__name__})")
+        shape = [_concrete(d, i, program.range_constraints, batch, seq_len) for i, d in enumerate(v.shape)]
+        if v.dtype.is_floating_point:
+            flat.append(torch.randn(shape, generator=g, dtype=v.dtype))
+        elif v.dtype == torch.bool or "mask" in node.name:
+            flat.append(torch.ones(shape, dtype=v.dtype))
+        else:
+            flat.append(torch.zeros(shape, dtype=v.dtype))  # ids: 0 is a valid index in every table
+    try:
+        args, kwargs = pytree.tree_unflatten(flat, program.call_spec.in_spec)
+    except Exception as exc:  # noqa: BLE001
+        raise TokenReduceError(f"{path_str}: cannot rebuild the program's inputs: {exc}".split("\n")[0]) from exc
+    model = _with_signature(program.module())
+    return ModelSource(str(path), "pt2", model, tuple(args), dict(kwargs), f"{path_str} (torch.export program)")
+
+
+# ---------------------------------------------------------------------------------------------- module:function
+def load_function(spec: str, *, model_args: dict[str, Any], batch: int | None, image_size: int | None,
+                  seq_len: int | None, seed: int) -> ModelSource:
+    module_name, _, func_name = spec.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the working directory import
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TokenReduceError(f"cannot import module {module_name!r} (from MODEL {spec!r}): {exc}") from exc
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise TokenReduceError(f"module {module_name!r} has no function {func_name!r}")
+    params = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    call_kwargs = dict(model_args)
+    native_batch = False
+    for name, value in (("batch", batch), ("image_size", image_size), ("seq_len", seq_len)):
+        if value is not None and (name in params or takes_any):
+            call_kwargs[name] = value
+            native_batch |= name == "batch"
+    unknown = [k for k in call_kwargs if k not in params and not takes_any]
+    if unknown:
+        raise TokenReduceError(f"{spec} does not take argument(s) {', '.join(unknown)}; it takes "
+                               f"({', '.join(params) or 'nothing'})")
+    _seeded(seed)
+    try:
+        result = fn(**call_kwargs)
+    except TokenReduceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's function failed; say so in one line
+        raise TokenReduceError(f"{spec} raised {type(exc).__name__}: {exc}".split("\n")[0]) from exc
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
+        raise TokenReduceError(f"{spec} must return (model, example_inputs), got {type(result).__name__}")
+    model, example_inputs = result
+    args, kwargs = _split(example_inputs, spec)
+    model.eval()
+    # other batch sizes (bench) tile these inputs: calling the function again would rebuild the model
+    src = ModelSource(spec, "function", model, args, kwargs, f"{spec} ({type(model).__name__})")
+    if batch is not None and not native_batch:
+        src.example_args, src.example_kwargs = rebatch(args, kwargs, batch)
+    return src
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+def describe_unknown(spec: str) -> TokenReduceError:
+    hint = ""
+    if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
+        hint = f"; for a Hugging Face folder use hf:{spec}"
+    elif spec.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        hint = "; a weights file needs an architecture: timm:NAME --checkpoint FILE"
+    elif re.fullmatch(r"[a-z0-9_]+(\.[\w]+)?", spec):
+        hint = f"; for a timm model use timm:{spec}"
+    return TokenReduceError(f"unknown model source {spec!r}: use {SOURCE_FORMS}{hint}")
+
+
+def load_model(
+    spec: str,
+    *,
+    batch: int | None = None,
+    image_size: int | None = None,
+    seq_len: int | None = None,
+    checkpoint: str | None = None,
+    model_args: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> ModelSource:
+    """Load MODEL (`timm:NAME`, `hf:PATH`, `FILE.pt2`, `module:function`) with example inputs."""
+    model_args = dict(model_args or {})
+    if batch is not None and batch < 1:
+        raise TokenReduceError(f"--batch must be >= 1, got {batch}")
+    kind = source_kind(spec)
+    if checkpoint is not None and kind != "timm":
+        raise TokenReduceError("--checkpoint applies to timm: models (hf: folders carry their own weights)")
+    if model_args and kind in ("hf", "pt2"):
+        raise TokenReduceError(f"--model-arg applies to timm: and module:function sources, not {kind}")
+    if kind == "timm":
+        return load_timm(spec[len("timm:"):], checkpoint=checkpoint, model_args=model_args, batch=batch or 1,
+                         image_size=image_size, seed=seed)
+    if kind == "hf":
+        return load_hf(spec[len("hf:"):], batch=batch or 1, image_size=image_size, seq_len=seq_len, seed=seed)
+    if kind == "pt2":
+        return load_pt2(spec, batch=batch or 1, seq_len=seq_len, seed=seed)
+    if kind == "function":
+        return load_function(spec, model_args=model_args, batch=batch, image_size=image_size, seq_len=seq_len,
+                             seed=seed)
+    if kind == "onnx":
+        raise TokenReduceError(f"{spec} is an ONNX file; this command needs a PyTorch model "
+                               f"({SOURCE_FORMS}); `tokenreduce inspect {spec}` checks ONNX files")
+    raise describe_unknown(spec)
+
+
+def source_kind(spec: str) -> str:
+    """"timm", "hf", "pt2", "onnx", "function" or "unknown" (from the string alone)."""
+    if spec.startswith("timm:"):
+        return "timm"
+    if spec.startswith("hf:"):
+        return "hf"
+    if spec.endswith(".pt2"):
+        return "pt2"
+    if spec.endswith(".onnx"):
+        return "onnx"
+    if _FUNCTION_SPEC.match(spec):
+        return "function"
+    return "unknown"
