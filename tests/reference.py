@@ -184,7 +184,8 @@ def evit_select(x: Tensor, size: Tensor, cls_attn: Tensor, keep_ratio: float, nu
         return x, size, valid, source                        # rho = 1: removes nothing
     scores = cls_attn[:, P:]                                  # step 2: candidates i >= P
     if valid is not None:
-        scores = scores.masked_fill(~valid[:, P:], NEG_INF)   # padding never outranks real tokens
+        pad_rank = -1.0 - 1e-6 * torch.arange(scores.shape[1], dtype=scores.dtype)  # below any probability,
+        scores = torch.where(valid[:, P:], scores, pad_rank)  # ordered by index: never outranks a real token
     keep = scores.topk(k, dim=-1, sorted=True).indices + P    # step 3: descending order
     order = torch.cat([torch.arange(P, device=x.device).expand(B, P), keep], dim=1)
     kept = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, order, True)

@@ -151,9 +151,39 @@ def _check_target(target: str) -> None:
         raise TokenReduceError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
 
 
-def _ort_call(module: ReducedModule, args: tuple[Any, ...], kwargs: Mapping[str, Any], threads: int | None,
-              atol: float) -> Call:
-    """Export `module` to verified ONNX in a scratch directory and bind an onnxruntime session to the inputs."""
+@dataclass
+class Runner:
+    """A model prepared on a target (compiled, or exported into an onnxruntime session). `bind` fixes
+    the inputs of the timed call; a runner prepared with a dynamic batch serves every batch size."""
+
+    target: str
+    batch: int | None
+    dynamic_batch: bool
+    _bind: Callable[[tuple[Any, ...], dict[str, Any]], Call] = field(repr=False)
+
+    def serves(self, batch: int) -> bool:
+        return self.dynamic_batch or batch == self.batch
+
+    def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Call:
+        return self._bind(tuple(args), dict(kwargs))
+
+
+def _batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None:
+    for leaf in pytree.tree_leaves((tuple(args), dict(kwargs))):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return None
+
+
+def _module_runner(fn: Callable[..., Any], target: str, batch: int | None, dynamic: bool) -> Runner:
+    def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        return lambda: fn(*args, **kwargs)
+
+    return Runner(target, batch, dynamic, bind)
+
+
+def _ort_runner(module: ReducedModule, threads: int | None, atol: float) -> Runner:
+    """Export `module` to verified ONNX in a scratch directory and open an onnxruntime CPU session on it."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -167,40 +197,46 @@ def _ort_call(module: ReducedModule, args: tuple[Any, ...], kwargs: Mapping[str,
         opts.intra_op_num_threads = threads or default_threads()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    tensors = [t for t in pytree.tree_leaves((tuple(args), dict(kwargs))) if isinstance(t, torch.Tensor)]
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), tensors)}
-    return lambda: sess.run(None, feeds)
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])  # weights now in memory
+    names = [i.name for i in sess.get_inputs()]
+    # the file, not the module, says whether the batch stayed symbolic through the export
+    dynamic = all(isinstance(i.shape[0], str) or i.shape[0] is None for i in sess.get_inputs() if i.shape)
+
+    def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
+        return lambda: sess.run(None, feeds)
+
+    return Runner("onnxruntime", _batch(module.example_args, module.example_kwargs), dynamic, bind)
 
 
-def baseline_call(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], target: str, *,
-                  dynamic_batch: bool = True, threads: int | None = None, atol: float = 1e-4) -> Call:
-    """The unreduced model on `target`, bound to the inputs."""
+def prepare_baseline(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], target: str, *,
+                     dynamic_batch: bool = True, threads: int | None = None, atol: float = 1e-4) -> Runner:
+    """The unreduced model on `target`, prepared with these example inputs."""
     _check_target(target)
-    kwargs = dict(kwargs)
+    batch = _batch(args, kwargs)
     if target == "eager":
-        return lambda: model(*args, **kwargs)
+        return _module_runner(model, target, batch, True)
     if target == "inductor":
         torch._dynamo.reset()  # a fresh compile (static batch: no automatic-dynamic recompile from earlier runs)
-        compiled = torch.compile(model, dynamic=True if dynamic_batch else None)
-        return lambda: compiled(*args, **kwargs)
+        return _module_runner(torch.compile(model, dynamic=True if dynamic_batch else None), target, batch,
+                              dynamic_batch)
     with torch.no_grad():
-        plain = tr_compile(model, args, kwargs, method="none", inner="eager", count_model_flops=False,
+        plain = tr_compile(model, args, dict(kwargs), method="none", inner="eager", count_model_flops=False,
                            dynamic_batch=dynamic_batch)
-    return _ort_call(plain, args, kwargs, threads, atol)
+    return _ort_runner(plain, threads, atol)
 
 
-def reduced_call(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], target: str,
-                 options: Mapping[str, Any], *, dynamic_batch: bool = True, threads: int | None = None,
-                 atol: float = 1e-4) -> tuple[Call, Report]:
-    """The reduced model on `target`, bound to the inputs, and its compile report (with FLOPs)."""
+def prepare_reduced(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], target: str,
+                    options: Mapping[str, Any], *, dynamic_batch: bool = True, threads: int | None = None,
+                    atol: float = 1e-4) -> tuple[Runner, Report]:
+    """The reduced model on `target` (`options`: tokenreduce settings) and its compile report with FLOPs."""
     _check_target(target)
-    kwargs = dict(kwargs)
     settings = dict(options)
     settings["inner"] = target if target in ("eager", "inductor") else "eager"
     settings["dynamic_batch"] = dynamic_batch
     with torch.no_grad():
-        red = tr_compile(model, args, kwargs, **settings)
+        red = tr_compile(model, args, dict(kwargs), **settings)
     if target == "onnxruntime":
-        return _ort_call(red, args, kwargs, threads, atol), red.report
-    return lambda: red(*args, **kwargs), red.report
+        return _ort_runner(red, threads, atol), red.report
+    return _module_runner(red, target, _batch(args, kwargs), red.dynamic_batch), red.report

@@ -224,10 +224,14 @@ def load_hf(path_str: str, *, batch: int, image_size: int | None, seq_len: int |
         raise TokenReduceError(f"{path_str} is not a Hugging Face model folder (no config.json in it)")
     os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for the network, even for auxiliary files
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the CLI draws its own progress
     try:
         from transformers import AutoConfig, AutoModel
     except ImportError as exc:
         raise TokenReduceError("hf: sources need the `transformers` package (pip install transformers)") from exc
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # noqa: BLE001
@@ -400,14 +404,22 @@ def load_function(spec: str, *, model_args: dict[str, Any], batch: int | None, i
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
+def _is_timm_model(name: str) -> bool:
+    try:
+        import timm
+    except ImportError:
+        return False
+    return bool(timm.is_model(name.split(".")[0]))
+
+
 def describe_unknown(spec: str) -> TokenReduceError:
     hint = ""
     if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
         hint = f"; for a Hugging Face folder use hf:{spec}"
     elif spec.endswith((".pt", ".pth", ".bin", ".safetensors")):
         hint = "; a weights file needs an architecture: timm:NAME --checkpoint FILE"
-    elif re.fullmatch(r"[a-z0-9_]+(\.[\w]+)?", spec):
-        hint = f"; for a timm model use timm:{spec}"
+    elif re.fullmatch(r"[a-z0-9_]+(\.[\w]+)?", spec) and _is_timm_model(spec):
+        hint = f"; for the timm model use timm:{spec}"
     return TokenReduceError(f"unknown model source {spec!r}: use {SOURCE_FORMS}{hint}")
 
 

@@ -48,7 +48,10 @@ def topk_plan(
     cand_scores = scores[:, num_protected:]
     ranked = cand_scores
     if valid is not None:
-        ranked = cand_scores.masked_fill(~valid[:, num_protected:], -torch.inf)
+        # padding ranks below every probability, ordered by index (lower first) so torch.topk and ONNX
+        # TopK (which breaks ties by index) keep the same padding tokens in the same order
+        sentinel = -1.0 - 1e-6 * torch.arange(cand, device=device, dtype=cand_scores.dtype)
+        ranked = torch.where(valid[:, num_protected:], cand_scores, sentinel)
     _, idx = ranked.topk(keep, dim=-1, largest=True, sorted=True)  # [B, keep]
 
     n_out = num_protected + keep + (1 if fuse else 0)

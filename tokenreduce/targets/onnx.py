@@ -121,7 +121,7 @@ def export_onnx(
 
     path = Path(path)
     args, kwargs = reduced.example_args, reduced.example_kwargs
-    gm = copy.deepcopy(reduced.graph_module)
+    gm = copy.deepcopy(reduced.graph_module).eval()
     inline_reference_ops(gm)
     dynamic = reduced.dynamic_batch if dynamic_batch is None else dynamic_batch
     dynamic_shapes = None
