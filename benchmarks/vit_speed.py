@@ -1,7 +1,7 @@
 """Wall-clock speed of token reduction on a timm ViT: measured speedup vs the FLOPs it removes.
 
-For each batch size, target (`eager`, `inductor`) and setting (ToMe r=8/13/16, EViT keep 0.7 at blocks
-3, 6, 9) this script times the reduced model against the unreduced one and prints
+For each batch size, target (`eager`, `inductor`, `onnxruntime`) and setting (ToMe r=8/13/16, EViT keep
+0.7 at blocks 3, 6, 9) this script times the reduced model against the unreduced one and prints
 
     setting | batch | target | latency unreduced | latency reduced | speedup | FLOPs ratio |
     FLOPs speedup | efficiency
@@ -11,15 +11,22 @@ report, counted by `torch.utils.flop_counter`) and `efficiency = speedup / FLOPs
 of 1 means every removed FLOP turned into saved time; below 1 means overhead (the matching/planning
 ops, gathers, shapes the backend handles worse) eats part of the saving.
 
+The measurement itself (preparing both models on a target, interleaved timing, medians, the row's
+ratios) lives in `tokenreduce/bench.py` and is shared with `tokenreduce bench`; this script only picks
+the model, the settings and the output format.
+
 Methodology
 -----------
 * Fair baseline. The unreduced model is run the same way as the reduced one: for `eager` it is the plain
-  `nn.Module` under inference mode; for `inductor` it is `torch.compile(model)`. By default both are
-  compiled with a symbolic batch dimension, as `tokenreduce.compile` does by default (`dynamic_batch=True`;
-  the baseline gets `torch.compile(model, dynamic=True)`); `--static-batch` compiles both for the exact
-  batch size instead (reduced: `dynamic_batch=False`; baseline: a fresh static `torch.compile(model)`).
-* Warm-up. Both models run `--warmup` times before timing (compilation, autotuning, allocator and
-  oneDNN caches); the first inductor call, which compiles, is never timed.
+  `nn.Module` under inference mode; for `inductor` it is `torch.compile(model)`; for `onnxruntime` both
+  models are exported with the same ONNX exporter (`tokenreduce.targets.onnx.export_onnx`, the baseline
+  with `method="none"`), verified, and run in onnxruntime CPU sessions with the same thread count. By
+  default both are compiled with a symbolic batch dimension, as `tokenreduce.compile` does by default
+  (`dynamic_batch=True`; the inductor baseline gets `torch.compile(model, dynamic=True)`);
+  `--static-batch` compiles both for the exact batch size instead (reduced: `dynamic_batch=False`;
+  baseline: a fresh static `torch.compile(model)`, a static-batch ONNX export).
+* Warm-up. The first call of each model (compilation, session set-up) is never timed; then both run
+  `--warmup` more untimed rounds (autotuning, allocator and oneDNN caches).
 * Interleaving. The machine is shared and noisy: other jobs, frequency changes and thermal drift move
   latencies by several percent over minutes. Timing all of A, then all of B would put that drift into
   the A/B ratio. Alternating A, B, A, B, ... for `--repeats` rounds exposes both models to the same
@@ -27,12 +34,14 @@ Methodology
 * Medians. Interference is one-sided (a preempted call is only ever slower) and bursty, so the mean is
   pulled up by a few outliers; the median of each side is a robust estimate of the typical latency.
   The report also keeps the interquartile range so the noise level is visible.
-* Threads are pinned with `torch.set_num_threads` (default: the CPU cores available to the process),
-  and everything runs under `torch.inference_mode()` (the reduced graphs are built under `no_grad`).
+* Threads are pinned with `torch.set_num_threads` (default: the CPU cores available to the process; the
+  same count for onnxruntime's intra-op pool), and everything runs under `torch.inference_mode()` (the
+  reduced graphs are built under `no_grad`).
 
 Usage:
     python benchmarks/vit_speed.py                       # full default configuration
     python benchmarks/vit_speed.py --batch 1 --targets eager --repeats 5 --json out.json
+    python benchmarks/vit_speed.py --targets onnxruntime --settings tome13,evit
 """
 
 from __future__ import annotations
@@ -42,18 +51,26 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-import tokenreduce
+from tokenreduce.bench import (
+    TARGETS,
+    BenchRow,
+    default_threads,
+    interleaved,
+    make_row,
+    prepare_baseline,
+    prepare_reduced,
+)
+
+Row = BenchRow  # one table row; the field names are those of the JSON files quoted in docs/benchmarks.md
 
 try:
     from rich.console import Console
@@ -79,72 +96,6 @@ SETTINGS: dict[str, Setting] = {
                       note="clamp_r=True: the last block cannot merge 16 tokens"),
     "evit": Setting("EViT keep 0.7 @ 3,6,9", {"method": "evit", "keep_ratio": 0.7, "layers": [3, 6, 9]}),
 }
-
-
-@dataclass
-class Row:
-    setting: str
-    batch: int
-    target: str
-    latency_unreduced_ms: float
-    latency_reduced_ms: float
-    speedup: float
-    flops_ratio: float
-    flops_speedup: float
-    efficiency: float
-    repeats: int
-    iqr_unreduced_ms: float
-    iqr_reduced_ms: float
-    flops_before: int
-    flops_after: int
-    note: str = ""
-    samples_unreduced_ms: list[float] = field(default_factory=list, repr=False)
-    samples_reduced_ms: list[float] = field(default_factory=list, repr=False)
-
-
-# --------------------------------------------------------------------------------------------- timing
-
-
-def _time_call(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
-def _iqr(samples: list[float]) -> float:
-    if len(samples) < 4:
-        return float("nan")
-    q = statistics.quantiles(samples, n=4)
-    return q[2] - q[0]
-
-
-def interleaved_medians(a: Callable[[], Any], b: Callable[[], Any], repeats: int, warmup: int
-                        ) -> tuple[list[float], list[float]]:
-    """Warm both up, then time A, B, A, B, ... for `repeats` rounds. Returns the two sample lists (ms)."""
-    for _ in range(warmup):
-        a()
-        b()
-    times_a, times_b = [], []
-    for _ in range(repeats):
-        times_a.append(_time_call(a))
-        times_b.append(_time_call(b))
-    return times_a, times_b
-
-
-# ------------------------------------------------------------------------------------------- building
-
-
-def build_baseline(model: torch.nn.Module, target: str, dynamic_batch: bool) -> Callable[..., Any]:
-    if target == "eager":
-        return model
-    torch._dynamo.reset()  # a fresh compile per batch size (static: no automatic-dynamic recompile)
-    return torch.compile(model, dynamic=True if dynamic_batch else None)
-
-
-def build_reduced(model: torch.nn.Module, x: torch.Tensor, target: str, setting: Setting,
-                  dynamic_batch: bool) -> tokenreduce.ReducedModule:
-    with torch.no_grad():
-        return tokenreduce.compile(model, (x,), inner=target, dynamic_batch=dynamic_batch, **setting.options)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -238,13 +189,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random init)")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    p.add_argument("--targets", default="eager,inductor", help="comma-separated: eager, inductor")
+    p.add_argument("--targets", default="eager,inductor", help=f"comma-separated subset of {','.join(TARGETS)}")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {','.join(SETTINGS)}")
     p.add_argument("--repeats", default=None,
                    help="interleaved A/B rounds per measurement: one int, or one per batch size "
                         "(default: 30 at batch 1, 10 at larger batches)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls of each model before timing")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch and onnxruntime threads (default: cores available)")
     p.add_argument("--static-batch", action="store_true",
                    help="compile both models for each exact batch size (default: symbolic batch dimension, "
                         "tokenreduce's default)")
@@ -264,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if len(args.repeats) != len(args.batch) or min(args.repeats) < 1:
             p.error("--repeats takes one positive int or one per batch size")
     for t in args.targets:
-        if t not in ("eager", "inductor"):
+        if t not in TARGETS:
             p.error(f"unknown target {t!r}")
     for s in args.settings:
         if s not in SETTINGS:
@@ -283,7 +235,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     import timm
 
-    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     info = machine_info(threads)
@@ -300,35 +252,26 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     with progress_bar(total) as step:
         for batch, repeats in zip(args.batch, args.repeats):
-            x = torch.randn(batch, 3, 224, 224)
+            x_args: tuple[Any, ...] = (torch.randn(batch, 3, 224, 224),)
+            x_kwargs: dict[str, Any] = {}
             for target in args.targets:
                 step(f"batch {batch} {target}: baseline")
-                baseline = build_baseline(model, target, args.dynamic_batch)
-                with torch.inference_mode():
-                    baseline(x)  # compile (inductor) outside the timed region
+                baseline = prepare_baseline(model, x_args, x_kwargs, target, dynamic_batch=args.dynamic_batch,
+                                            threads=threads)
                 for setting in settings:
                     step(f"batch {batch} {target}: {setting.name}: compiling")
-                    reduced = build_reduced(model, x, target, setting, args.dynamic_batch)
+                    reduced, report = prepare_reduced(model, x_args, x_kwargs, target, setting.options,
+                                                      dynamic_batch=args.dynamic_batch, threads=threads)
                     step(f"batch {batch} {target}: {setting.name}: timing {repeats} rounds")
-                    with torch.inference_mode():
-                        reduced(x)
-                        t_a, t_b = interleaved_medians(partial(baseline, x), partial(reduced, x), repeats,
-                                                       args.warmup)
-                    rep = reduced.report
-                    lat_a, lat_b = statistics.median(t_a), statistics.median(t_b)
-                    speedup = lat_a / lat_b
-                    flops_speedup = 1.0 / rep.flops_ratio
-                    row = Row(setting=setting.name, batch=batch, target=target, latency_unreduced_ms=lat_a,
-                              latency_reduced_ms=lat_b, speedup=speedup, flops_ratio=rep.flops_ratio,
-                              flops_speedup=flops_speedup, efficiency=speedup / flops_speedup, repeats=repeats,
-                              iqr_unreduced_ms=_iqr(t_a), iqr_reduced_ms=_iqr(t_b), flops_before=rep.flops_before,
-                              flops_after=rep.flops_after, note=setting.note,
-                              samples_unreduced_ms=t_a, samples_reduced_ms=t_b)
+                    timing = interleaved(baseline.bind(x_args, x_kwargs), reduced.bind(x_args, x_kwargs), repeats,
+                                         args.warmup)
+                    row = make_row(setting.name, batch, target, timing, report, note=setting.note)
                     rows.append(row)
                     if args.json:  # partial results survive an interrupted run
                         write_json(args.json, args, info, rows, time.perf_counter() - started)
-                    step(f"batch {batch} {target}: {setting.name}: {lat_a:.1f} -> {lat_b:.1f} ms, "
-                         f"speedup {speedup:.2f}x, efficiency {row.efficiency:.2f}", advance=1)
+                    step(f"batch {batch} {target}: {setting.name}: {row.latency_unreduced_ms:.1f} -> "
+                         f"{row.latency_reduced_ms:.1f} ms, speedup {row.speedup:.2f}x, efficiency "
+                         f"{row.efficiency:.2f}", advance=1)
                     del reduced
                     gc.collect()
                 del baseline

@@ -28,9 +28,12 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from tokenreduce.errors import TokenReduceError
+
+if TYPE_CHECKING:
+    from tokenreduce.sources import ModelSource
 
 PROG = "tokenreduce"
 DEFAULT_KEEP_RATIO = 0.7  # EViT paper's setting
@@ -322,7 +325,7 @@ def _add_model(p: argparse.ArgumentParser, *, batch_list: bool, onnx_ok: bool = 
                         "e.g. --model-arg img_size=64")
     if batch_list:
         g.add_argument("--batch", type=_positive_int_list, default=[1, 8], metavar="B[,B...]",
-                       help="batch sizes to measure (default: 1,8)")
+                       help="batch sizes to measure (default: 1,8; a module:function's inputs are tiled to size)")
     else:
         g.add_argument("--batch", type=_positive_int, default=None, metavar="B",
                        help="batch size of the example inputs (default: 1 for inspect, 2 for convert, or what "
@@ -334,9 +337,14 @@ def _add_model(p: argparse.ArgumentParser, *, batch_list: bool, onnx_ok: bool = 
     g.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default: 0)")
 
 
-def _add_settings(p: argparse.ArgumentParser, *, inspect: bool = False) -> None:
+def _add_settings(p: argparse.ArgumentParser, *, inspect: bool = False, bench: bool = False) -> None:
     g = p.add_argument_group("reduction settings (tokenreduce.Settings)")
-    if inspect:
+    if bench:
+        g.add_argument("--method", choices=("tome", "evit"), default="tome",
+                       help="tome (merge) or evit (keep top-k by CLS attention) (default: tome)")
+        g.add_argument("--r", type=_r_value, default=None, metavar="R[,R...]",
+                       help="ToMe merges per block: one int or a per-block list; required for --method tome")
+    elif inspect:
         g.add_argument("--method", choices=("tome", "evit"), default=None,
                        help="show only this method (default: both)")
         g.add_argument("--r", type=_r_value, default=None, metavar="R[,R...]",
@@ -395,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true", help="tensorrt: build an fp16 engine")
     g.add_argument("--profile-batch", type=_profile, default=(1, 8, 32), metavar="MIN,OPT,MAX",
                    help="tensorrt: batch sizes of the optimisation profile (default: 1,8,32)")
-    g.add_argument("--workspace-gb", type=float, default=4.0, metavar="GB", help="tensorrt: builder workspace (default: 4)")
+    g.add_argument("--workspace-gb", type=float, default=4.0, metavar="GB",
+                   help="tensorrt: builder workspace (default: 4)")
     _add_common(p)
     p.set_defaults(handler=cmd_convert)
 
@@ -415,14 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Measure the latency of the reduced model against the unreduced model on\n"
                                    "the same target and compare it with the FLOPs saved.")
     _add_model(p, batch_list=True)
-    _add_settings(p)
+    _add_settings(p, bench=True)
     g = p.add_argument_group("measurement")
     g.add_argument("--target", type=_targets, default=["eager"], metavar="T[,T...]",
                    help="eager, inductor, onnxruntime, or a comma list (default: eager)")
-    g.add_argument("--repeats", type=_positive_int, default=10, help="timed A/B rounds per row (default: 10)")
-    g.add_argument("--warmup", type=_non_negative_int, default=2,
+    g.add_argument("--repeats", type=_positive_int, default=10, metavar="N", help="timed A/B rounds per row (default: 10)")
+    g.add_argument("--warmup", type=_non_negative_int, default=2, metavar="N",
                    help="untimed A/B rounds after the first call (default: 2)")
-    g.add_argument("--threads", type=_positive_int, default=None,
+    g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="torch / onnxruntime threads (default: the cores available)")
     g.add_argument("--atol", type=_non_negative_float, default=1e-4,
                    help="onnxruntime target: verification tolerance of the exports (default: 1e-4)")
@@ -489,7 +498,7 @@ def _setting_name(opts: dict[str, Any]) -> str:
     return name
 
 
-def _load(args: argparse.Namespace, batch: int | None, default_batch: int = 1) -> Any:
+def _load(args: argparse.Namespace, batch: int | None, default_batch: int = 1) -> ModelSource:
     """Load MODEL; without --batch, generated inputs (timm/hf/.pt2) get `default_batch` rows and a
     module:function keeps the batch it returns."""
     from tokenreduce.sources import load_model, parse_model_args, source_kind
@@ -756,6 +765,11 @@ def _inspect_model(args: argparse.Namespace, ui: UI) -> int:
             captured = export_graph(src.model, src.example_args, src.example_kwargs,
                                     dynamic_batch=not args.static_batch)
             analysis = analyse(captured.gm, args.protected_tokens)
+        if args.layers is not None:  # asked for explicitly: out of range is an error for every method
+            from tokenreduce.compiler.planner import plan
+            from tokenreduce.compiler.settings import Settings
+
+            plan(Settings(method="none", layers=tuple(args.layers)), analysis)
         largest_r = _largest_constant_r(analysis, args.layers)
         with steps.stage("counting FLOPs of the unreduced model"):
             flops_before = count_flops(captured.gm, captured.args, captured.kwargs)
@@ -835,13 +849,14 @@ def _print_inspect(ui: UI, payload: dict[str, Any]) -> None:
              + ("; text model" if payload["text_model"] else ""))
     methods = payload["methods"]
     table = Table(title=f"{len(payload['blocks'])} transformer blocks", title_justify="left")
-    for col, just in (("#", "right"), ("block", "left"), ("layout", "left"), ("tokens", "right"),
+    for col, just in (("#", "right"), ("block", "left"), ("layout", "left"), ("tokens (unreduced)", "right"),
                       ("attention", "left"), ("status", "left")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for m in methods.values():
         table.add_column(m["setting"] if m["applicable"] else f"{m['setting']} (n/a)", justify="right")
     for b in payload["blocks"]:
-        status = Text("reducible", style="green") if b["reducible"] else Text(f"skip: {b['skip_reason']}", style="yellow")
+        status = (Text("reducible", style="green") if b["reducible"]
+                  else Text(f"skip: {b['skip_reason']}", style="yellow"))
         cells: list[Any] = [str(b["index"]), b["name"], b["layout"], str(b["tokens"]), b["attention"], status]
         for m in methods.values():
             cells.append(_plan_cell(m, b["index"]))
@@ -974,8 +989,6 @@ def cmd_bench(args: argparse.Namespace, ui: UI) -> int:
 
     from tokenreduce.bench import default_threads, interleaved, make_row, prepare_baseline, prepare_reduced
 
-    if args.method == "none":
-        raise TokenReduceError("bench compares a reduced model with the unreduced one; choose --method tome or evit")
     _require_reduction(args)
     opts = _settings(args)
     dynamic = opts.pop("dynamic_batch")
@@ -991,18 +1004,18 @@ def cmd_bench(args: argparse.Namespace, ui: UI) -> int:
             base = red = None
             report = None
             for batch in args.batch:
-                inputs = src.inputs(batch)
+                x_args, x_kwargs = src.inputs(batch)
                 # a runner prepared with a dynamic batch serves every batch size (one compile / export)
                 if base is None or not base.serves(batch):
                     with steps.stage(f"{target}: preparing the unreduced model (batch {batch})"):
-                        base = prepare_baseline(src.model, *inputs, target, dynamic_batch=dynamic, threads=threads,
-                                                atol=args.atol)
+                        base = prepare_baseline(src.model, x_args, x_kwargs, target, dynamic_batch=dynamic,
+                                                threads=threads, atol=args.atol)
                 if red is None or not red.serves(batch):
                     with steps.stage(f"{target}: preparing {name} (batch {batch})"):
-                        red, report = prepare_reduced(src.model, *inputs, target, opts, dynamic_batch=dynamic,
-                                                      threads=threads, atol=args.atol)
+                        red, report = prepare_reduced(src.model, x_args, x_kwargs, target, opts,
+                                                      dynamic_batch=dynamic, threads=threads, atol=args.atol)
                 steps.describe(f"{target}, batch {batch}: timing {args.repeats} interleaved rounds")
-                timing = interleaved(base.bind(*inputs), red.bind(*inputs), args.repeats, args.warmup,
+                timing = interleaved(base.bind(x_args, x_kwargs), red.bind(x_args, x_kwargs), args.repeats, args.warmup,
                                      on_round=steps.advance)
                 assert report is not None
                 rows.append(make_row(name, batch, target, timing, report))
@@ -1017,7 +1030,7 @@ def cmd_bench(args: argparse.Namespace, ui: UI) -> int:
     return EXIT_OK
 
 
-def _print_bench(ui: UI, src: Any, name: str, rows: list[Any], threads: int, args: argparse.Namespace) -> None:
+def _print_bench(ui: UI, src: ModelSource, name: str, rows: list[Any], threads: int, args: argparse.Namespace) -> None:
     import torch
     from rich.table import Table
     from rich.text import Text
@@ -1097,7 +1110,8 @@ def _error_message(exc: Exception, debug: bool) -> str:
     if isinstance(exc, OSError) and exc.filename:
         return _one_line(f"{exc.strerror or exc}: {exc.filename}")
     first = (str(exc).strip().splitlines() or [""])[0]  # anything else is a bug: say what, not where
-    return _one_line(f"unexpected {type(exc).__name__}: {first}" + ("" if debug else " (rerun with --debug for the traceback)"))
+    hint = "" if debug else " (rerun with --debug for the traceback)"
+    return _one_line(f"unexpected {type(exc).__name__}: {first}{hint}")
 
 
 if __name__ == "__main__":

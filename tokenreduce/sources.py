@@ -133,6 +133,12 @@ def _split(example_inputs: Any, where: str) -> tuple[tuple[Any, ...], dict[str, 
     )
 
 
+def _brief(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to `limit` characters (state-dict errors run to pages)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _seeded(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
@@ -188,9 +194,9 @@ def load_timm(name: str, *, checkpoint: str | None, model_args: dict[str, Any], 
     except RuntimeError as exc:
         if str(exc).startswith("Unknown model"):
             raise _unknown_timm(name) from exc
-        raise TokenReduceError(f"timm could not create {name!r}: {exc}".split("\n")[0]) from exc
+        raise TokenReduceError(f"timm could not create {name!r}: {_brief(exc)}") from exc
     except TypeError as exc:
-        raise TokenReduceError(f"timm could not create {name!r} with {model_args}: {exc}".split("\n")[0]) from exc
+        raise TokenReduceError(f"timm could not create {name!r} with {model_args}: {_brief(exc)}") from exc
     weights = "random init"
     if checkpoint is not None:
         from timm.models import load_checkpoint
@@ -198,7 +204,7 @@ def load_timm(name: str, *, checkpoint: str | None, model_args: dict[str, Any], 
         try:
             load_checkpoint(model, checkpoint, strict=True)
         except Exception as exc:  # noqa: BLE001 - any loading failure is the user's file not matching
-            raise TokenReduceError(f"could not load checkpoint {checkpoint} into {name}: {exc}".split("\n")[0]) from exc
+            raise TokenReduceError(f"could not load checkpoint {checkpoint} into {name}: {_brief(exc)}") from exc
         weights = f"weights from {checkpoint}"
     model.eval()
     c, h, w = _timm_image_size(model)
@@ -235,7 +241,7 @@ def load_hf(path_str: str, *, batch: int, image_size: int | None, seq_len: int |
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise TokenReduceError(f"could not read {path / 'config.json'}: {exc}".split("\n")[0]) from exc
+        raise TokenReduceError(f"could not read {path / 'config.json'}: {_brief(exc)}") from exc
     if hasattr(config, "vision_config") and hasattr(config, "text_config"):
         raise TokenReduceError(
             f"{path_str} is a {type(config).__name__} (vision + text towers); tokenreduce reduces one encoder "
@@ -251,7 +257,7 @@ def load_hf(path_str: str, *, batch: int, image_size: int | None, seq_len: int |
             model = AutoModel.from_config(config)
             weights = "random init: no weights in the folder"
     except Exception as exc:  # noqa: BLE001
-        raise TokenReduceError(f"transformers could not load {path_str}: {exc}".split("\n")[0]) from exc
+        raise TokenReduceError(f"transformers could not load {path_str}: {_brief(exc)}") from exc
     model.eval()
     kind_name = type(model).__name__
 
@@ -310,7 +316,7 @@ def _with_signature(program_module: torch.nn.Module) -> ExportedProgramModule:
 
     forward.__signature__ = sig.replace(  # type: ignore[attr-defined]
         parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *sig.parameters.values()])
-    cls.forward = forward  # type: ignore[method-assign]
+    setattr(cls, "forward", forward)  # noqa: B010 - a per-program subclass carrying the signature
     return cls(program_module)
 
 
@@ -335,7 +341,7 @@ def load_pt2(path_str: str, *, batch: int, seq_len: int | None, seed: int) -> Mo
     try:
         program = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001
-        raise TokenReduceError(f"could not load {path_str} as a torch.export program: {exc}".split("\n")[0]) from exc
+        raise TokenReduceError(f"could not load {path_str} as a torch.export program: {_brief(exc)}") from exc
     user_inputs = set(program.graph_signature.user_inputs)
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
     g = _seeded(seed)
@@ -354,7 +360,7 @@ def load_pt2(path_str: str, *, batch: int, seq_len: int | None, seed: int) -> Mo
     try:
         args, kwargs = pytree.tree_unflatten(flat, program.call_spec.in_spec)
     except Exception as exc:  # noqa: BLE001
-        raise TokenReduceError(f"{path_str}: cannot rebuild the program's inputs: {exc}".split("\n")[0]) from exc
+        raise TokenReduceError(f"{path_str}: cannot rebuild the program's inputs: {_brief(exc)}") from exc
     model = _with_signature(program.module())
     return ModelSource(str(path), "pt2", model, tuple(args), dict(kwargs), f"{path_str} (torch.export program)")
 
@@ -390,7 +396,7 @@ def load_function(spec: str, *, model_args: dict[str, Any], batch: int | None, i
     except TokenReduceError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's function failed; say so in one line
-        raise TokenReduceError(f"{spec} raised {type(exc).__name__}: {exc}".split("\n")[0]) from exc
+        raise TokenReduceError(f"{spec} raised {type(exc).__name__}: {_brief(exc)}") from exc
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
         raise TokenReduceError(f"{spec} must return (model, example_inputs), got {type(result).__name__}")
     model, example_inputs = result

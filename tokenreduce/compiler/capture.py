@@ -34,14 +34,14 @@ class Captured:
     dynamic_batch: bool = False
 
 
-def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+def batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
     for leaf in pytree.tree_leaves((args, kwargs)):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return int(leaf.shape[0])
     return None
 
 
-def _repeat_batch(tree: Any, batch: int) -> Any:
+def repeat_batch(tree: Any, batch: int) -> Any:
     def rep(t: Any) -> Any:
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch:
             return torch.cat([t, t], dim=0)
@@ -70,11 +70,11 @@ def export_graph(
         raise TokenReduceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves((args, kwargs))):
         raise TokenReduceError("example inputs contain no tensor; pass the inputs the model is called with")
-    batch = _batch_of(args, kwargs)
+    batch = batch_of(args, kwargs)
     trace_args, trace_kwargs = args, kwargs
     dynamic = dynamic_batch and batch is not None
     if dynamic and batch == 1:
-        trace_args, trace_kwargs = _repeat_batch(args, 1), _repeat_batch(kwargs, 1)
+        trace_args, trace_kwargs = repeat_batch(args, 1), repeat_batch(kwargs, 1)
         batch = 2
     was_training = model.training
     model.eval()

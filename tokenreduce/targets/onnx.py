@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from tokenreduce.compiler.capture import batch_of, repeat_batch
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.passes.inline_reference_ops import inline_reference_ops
 
@@ -125,13 +126,17 @@ def export_onnx(
     inline_reference_ops(gm)
     dynamic = reduced.dynamic_batch if dynamic_batch is None else dynamic_batch
     dynamic_shapes = None
+    trace_args, trace_kwargs = args, kwargs
     if dynamic:
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         leaves = pytree.tree_map(lambda t: {0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None,
                                  (args, kwargs))
         dynamic_shapes = _by_name(gm, leaves)
+        if batch_of(args, kwargs) == 1:  # export specialises size-1 dims: trace at batch 2
+            trace_args, trace_kwargs = repeat_batch(args, 1), repeat_batch(kwargs, 1)
     try:
-        program = torch.onnx.export(gm, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic_shapes,
+        program = torch.onnx.export(gm, trace_args, kwargs=trace_kwargs or None, dynamo=True,
+                                    dynamic_shapes=dynamic_shapes,
                                     optimize=True, opset_version=opset, verbose=False)
     except Exception as exc:  # noqa: BLE001
         raise TokenReduceError(f"ONNX export failed: {str(exc).splitlines()[0]}") from exc
@@ -153,6 +158,9 @@ def export_onnx(
                                    + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
         if verify:
             result.max_abs_diff = verify_onnx(tmp, reduced, args, kwargs, atol=atol)
+            if trace_args is not args or trace_kwargs is not kwargs:  # also at the traced batch
+                result.max_abs_diff = max(result.max_abs_diff,
+                                          verify_onnx(tmp, reduced, trace_args, trace_kwargs, atol=atol))
             result.verified = True
         for f in tmpdir.iterdir():
             os.replace(f, path.parent / f.name)
