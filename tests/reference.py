@@ -23,8 +23,8 @@ Token state carried through the blocks: ``size [B, N]`` (original tokens per slo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,7 @@ NEG_INF = float("-inf")
 # ----------------------------------------------------------------------------------------------------
 # Primitives
 # ----------------------------------------------------------------------------------------------------
-def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Optional[Tensor]) -> Tensor:
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None) -> Tensor:
     """Plain attention, q/k/v [B, H, N, d] -> [B, N, H*d] (same math as SDPA with a float mask)."""
     logits = (q @ k.transpose(-2, -1)) * scale
     if bias is not None:
@@ -46,7 +46,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Optional[Tensor
     return out.transpose(1, 2).reshape(B, N, H * d)
 
 
-def _attn_bias(size: Tensor, valid: Optional[Tensor], prop_attn: bool) -> Optional[Tensor]:
+def _attn_bias(size: Tensor, valid: Tensor | None, prop_attn: bool) -> Tensor | None:
     """Additive key bias ``where(valid, log(size) [if prop_attn else 0], -inf)`` as [B, 1, 1, N]."""
     if not prop_attn and valid is None:
         return None
@@ -56,7 +56,7 @@ def _attn_bias(size: Tensor, valid: Optional[Tensor], prop_attn: bool) -> Option
     return bias[:, None, None, :]
 
 
-def cls_row_attention(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor] = None) -> Tensor:
+def cls_row_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
     """q, k [B, H, N, d] -> head-averaged attention probabilities of the CLS row (token 0), [B, N]."""
     logits = (q[:, :, 0:1] @ k.transpose(-2, -1)) * scale  # [B, H, 1, N]
     if bias is not None:
@@ -69,7 +69,7 @@ def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def _update_source(source: Optional[Tensor], assign: Tensor) -> Optional[Tensor]:
+def _update_source(source: Tensor | None, assign: Tensor) -> Tensor | None:
     """Compose the original->slot map with this step's old-slot->new-slot map (``-1`` = dropped)."""
     if source is None:
         return None
@@ -88,7 +88,7 @@ def unmerge_tokens(x: Tensor, source: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def tome_match(metric: Tensor, r: int, num_protected: int,
-               valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+               valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """metric [B,N,d] (already head-averaged keys, NOT yet normalised). Returns (src_idx, dst_idx,
     unm_idx) per docs/methods.md steps 1-5 (indices into the A / B halves)."""
     N, P = metric.shape[1], num_protected
@@ -118,8 +118,8 @@ def tome_match(metric: Tensor, r: int, num_protected: int,
 
 @torch.no_grad()
 def tome_merge(x: Tensor, size: Tensor, r: int, metric: Tensor, num_protected: int,
-               valid: Optional[Tensor] = None, source: Optional[Tensor] = None
-               ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+               valid: Tensor | None = None, source: Tensor | None = None
+               ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Returns x' [B,N-r,C], size' [B,N-r], valid' (or None), source' (or None). Ordering per step 6;
     size-weighted average per step 7. ``source`` [B,N0] maps each original position to its current
     slot; the updated map is returned."""
@@ -158,7 +158,7 @@ def tome_merge(x: Tensor, size: Tensor, r: int, metric: Tensor, num_protected: i
 # ----------------------------------------------------------------------------------------------------
 # EViT (docs/methods.md, "EViT", steps 1-5)
 # ----------------------------------------------------------------------------------------------------
-def _check_keep_ratio(keep_ratio: Optional[float]) -> float:
+def _check_keep_ratio(keep_ratio: float | None) -> float:
     if keep_ratio is None or not (0.0 < keep_ratio <= 1.0):
         raise ValueError(f"EViT keep_ratio must be in (0, 1], got {keep_ratio}")
     return float(keep_ratio)
@@ -166,8 +166,8 @@ def _check_keep_ratio(keep_ratio: Optional[float]) -> float:
 
 @torch.no_grad()
 def evit_select(x: Tensor, size: Tensor, cls_attn: Tensor, keep_ratio: float, num_protected: int,
-                fuse: bool = True, valid: Optional[Tensor] = None, source: Optional[Tensor] = None
-                ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+                fuse: bool = True, valid: Tensor | None = None, source: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """cls_attn [B,N] (head-averaged CLS-row attention probabilities). Keeps the top
     ``ceil(keep_ratio * (N - P))`` candidates and (``fuse``) fuses the rest into one token.
     Returns (x', size', valid', source') like :func:`tome_merge`. ``keep_ratio`` keeping every
@@ -223,8 +223,8 @@ class _Options:
     num_protected: int
 
 
-def _make_options(depth: int, tome_r: Optional[Sequence[int]], evit_layers: Optional[Sequence[int]],
-                  keep_ratio: Optional[float], fuse: bool, prop_attn: Optional[bool],
+def _make_options(depth: int, tome_r: Sequence[int] | None, evit_layers: Sequence[int] | None,
+                  keep_ratio: float | None, fuse: bool, prop_attn: bool | None,
                   num_protected: int) -> _Options:
     r = [int(v) for v in (tome_r or [])]
     if len(r) > depth:
@@ -246,12 +246,12 @@ def _make_options(depth: int, tome_r: Optional[Sequence[int]], evit_layers: Opti
 
 # attn_half(layer, x, bias) -> (h, q, k, scale): h is the hidden state after the attention residual
 # (post-LN: after norm1), q/k [B,H,N,d] as fed to attention.  mlp_half(layer, h) -> block output.
-AttnHalf = Callable[[nn.Module, Tensor, Optional[Tensor]], tuple[Tensor, Tensor, Tensor, float]]
+AttnHalf = Callable[[nn.Module, Tensor, Tensor | None], tuple[Tensor, Tensor, Tensor, float]]
 MlpHalf = Callable[[nn.Module, Tensor], Tensor]
 
 
 def _run_blocks(x: Tensor, layers: Sequence[nn.Module], attn_half: AttnHalf, mlp_half: MlpHalf,
-                opt: _Options, valid: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                opt: _Options, valid: Tensor | None) -> tuple[Tensor, Tensor]:
     """Run all blocks, reducing between attention and MLP. Returns (x, source)."""
     B, N, _ = x.shape
     size = x.new_ones(B, N)
@@ -279,7 +279,7 @@ def _split_heads(t: Tensor, heads: int, head_dim: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 # timm VisionTransformer / DeiT (pre-LN)
 # ----------------------------------------------------------------------------------------------------
-def _timm_attn_half(blk: nn.Module, x: Tensor, bias: Optional[Tensor]
+def _timm_attn_half(blk: nn.Module, x: Tensor, bias: Tensor | None
                     ) -> tuple[Tensor, Tensor, Tensor, float]:
     attn = blk.attn
     B, N, C = x.shape
@@ -323,10 +323,10 @@ def _timm_head(model: nn.Module, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def timm_vit_forward(model: nn.Module, x: Tensor, *, tome_r: Optional[Sequence[int]] = None,
-                     evit_layers: Optional[Sequence[int]] = None, keep_ratio: Optional[float] = None,
-                     fuse: bool = True, prop_attn: Optional[bool] = None, unmerge: bool = False,
-                     num_protected: Optional[int] = None) -> Tensor:
+def timm_vit_forward(model: nn.Module, x: Tensor, *, tome_r: Sequence[int] | None = None,
+                     evit_layers: Sequence[int] | None = None, keep_ratio: float | None = None,
+                     fuse: bool = True, prop_attn: bool | None = None, unmerge: bool = False,
+                     num_protected: int | None = None) -> Tensor:
     """timm VisionTransformer (incl. distilled DeiT). Returns logits, or with ``unmerge=True`` the
     final normalised tokens ``model.norm(x)`` restored to the original token count."""
     model.eval()
@@ -343,7 +343,7 @@ def timm_vit_forward(model: nn.Module, x: Tensor, *, tome_r: Optional[Sequence[i
 # ----------------------------------------------------------------------------------------------------
 # transformers ViT (pre-LN)
 # ----------------------------------------------------------------------------------------------------
-def _hf_vit_attn_half(layer: nn.Module, x: Tensor, bias: Optional[Tensor]
+def _hf_vit_attn_half(layer: nn.Module, x: Tensor, bias: Tensor | None
                       ) -> tuple[Tensor, Tensor, Tensor, float]:
     attn = layer.attention                      # transformers 5.x: q_proj / k_proj / v_proj / o_proj
     heads, head_dim = attn.num_attention_heads, attn.head_dim
@@ -360,10 +360,10 @@ def _hf_vit_mlp_half(layer: nn.Module, h: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def hf_vit_forward(model: nn.Module, pixel_values: Tensor, *, tome_r: Optional[Sequence[int]] = None,
-                   evit_layers: Optional[Sequence[int]] = None, keep_ratio: Optional[float] = None,
-                   fuse: bool = True, prop_attn: Optional[bool] = None, unmerge: bool = False,
-                   num_protected: Optional[int] = None) -> Tensor:
+def hf_vit_forward(model: nn.Module, pixel_values: Tensor, *, tome_r: Sequence[int] | None = None,
+                   evit_layers: Sequence[int] | None = None, keep_ratio: float | None = None,
+                   fuse: bool = True, prop_attn: bool | None = None, unmerge: bool = False,
+                   num_protected: int | None = None) -> Tensor:
     """transformers ViTModel / ViTForImageClassification. Returns logits (classifier on token 0) or
     ``last_hidden_state`` for ViTModel; with ``unmerge=True`` the final layernormed tokens restored to
     the original count."""
@@ -383,7 +383,7 @@ def hf_vit_forward(model: nn.Module, pixel_values: Tensor, *, tome_r: Optional[S
 # ----------------------------------------------------------------------------------------------------
 # transformers BERT (post-LN, padded batches)
 # ----------------------------------------------------------------------------------------------------
-def _bert_attn_half(layer: nn.Module, x: Tensor, bias: Optional[Tensor]
+def _bert_attn_half(layer: nn.Module, x: Tensor, bias: Tensor | None
                     ) -> tuple[Tensor, Tensor, Tensor, float]:
     sa, so = layer.attention.self, layer.attention.output
     heads, head_dim = sa.num_attention_heads, sa.attention_head_size
@@ -402,10 +402,10 @@ def _bert_mlp_half(layer: nn.Module, h: Tensor) -> Tensor:
 
 @torch.no_grad()
 def hf_bert_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *,
-                    tome_r: Optional[Sequence[int]] = None,
-                    evit_layers: Optional[Sequence[int]] = None, keep_ratio: Optional[float] = None,
-                    fuse: bool = True, prop_attn: Optional[bool] = None, unmerge: bool = False,
-                    num_protected: Optional[int] = None) -> Tensor:
+                    tome_r: Sequence[int] | None = None,
+                    evit_layers: Sequence[int] | None = None, keep_ratio: float | None = None,
+                    fuse: bool = True, prop_attn: bool | None = None, unmerge: bool = False,
+                    num_protected: int | None = None) -> Tensor:
     """transformers BertModel. Padding comes from ``attention_mask`` (masked keys get -inf). Returns
     ``last_hidden_state`` (reduced), or restored to the original length with ``unmerge=True``."""
     model.eval()

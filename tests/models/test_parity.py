@@ -9,7 +9,6 @@ from a fresh interpreter that never imports tokenreduce.
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
