@@ -179,3 +179,4 @@ def output_tensor(out):
     if isinstance(out, (tuple, list)):
         return out[0]
     raise TypeError(type(out))
+

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from datadir import require_data_dir
 
 from tokenreduce.evaluate.data import (
     DataMissing,
@@ -25,13 +26,7 @@ STSB_TEST_SPEARMAN = 82.03
 
 
 def _data_dir() -> Path:
-    found = default_data_dir()
-    if found is None or not found.is_dir():
-        pytest.skip(
-            "evaluation data folder not found (set TOKENREDUCE_DATA or put it at "
-            "<repo>/../shared/data); skipping real-data checks"
-        )
-    return found
+    return require_data_dir("real-data checks")
 
 
 @pytest.fixture(scope="module")

@@ -48,8 +48,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from datadir import require_data_dir
 
-from tokenreduce.evaluate.data import DataMissing, default_data_dir, load_cifar10, load_stsb
+from tokenreduce.evaluate.data import DataMissing, load_cifar10, load_stsb
 
 STSB_LENGTH = 32  # padded/truncated token count (dev 95th percentile is 31)
 STSB_TOME_R = 3  # largest r within 1.5 Spearman points on dev at STSB_LENGTH
@@ -68,13 +69,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _data_dir() -> Path:
-    found = default_data_dir()
-    if found is None or not found.is_dir():
-        pytest.skip(
-            "evaluation data folder not found (set TOKENREDUCE_DATA or put it at "
-            "<repo>/../shared/data); skipping real-model quality checks"
-        )
-    return found
+    return require_data_dir("real-model quality checks")
 
 
 @pytest.fixture(scope="module")
