@@ -25,7 +25,6 @@ from tokenreduce.targets import lower_eager, lower_inductor_static
 
 def _flat(gm: fx.GraphModule) -> tuple[fx.GraphModule, Any]:
     """Plain positional-in, flat-list-out copy of an unlifted export module (for compile_fx)."""
-    out_spec = gm._out_spec if hasattr(gm, "_out_spec") else None
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and not node.users:
             gm.graph.erase_node(node)  # export's input-guard submodule
@@ -34,7 +33,7 @@ def _flat(gm: fx.GraphModule) -> tuple[fx.GraphModule, Any]:
     leaves, spec = torch.utils._pytree.tree_flatten(out.args[0])
     out.args = (tuple(leaves),)
     gm.recompile()
-    return gm, spec if out_spec is None else spec
+    return gm, spec
 
 
 class _Specialised:
