@@ -272,22 +272,16 @@ def scatter_mean_apply_plan(x, slot, weight, size, n_out):
 
     Exactly the reference in PyTorch (mean * count = sum), but the ONNX exporter turns the mean into an
     overwriting ScatterElements: every slot keeps one source instead of the average."""
+    _, size_out = reference.apply_plan(x, slot, weight, size, n_out)  # sizes as usual: only the merge differs
     bsz, n, c = x.shape
-    if size is None:
-        size = torch.ones(bsz, n, dtype=x.dtype, device=x.device)
-    if weight is None:
-        weight = size
-    weight = weight.to(x.dtype)
-    index = slot[:, :, None].expand(bsz, n, c)
+    w = weight if weight is not None else size if size is not None else torch.ones(bsz, n, dtype=x.dtype)
+    w = w.to(x.dtype)
     mean = torch.zeros(bsz, n_out + 1, c, dtype=x.dtype, device=x.device).scatter_reduce(
-        1, index, x * weight[:, :, None], reduce="mean", include_self=False)
-    count = torch.zeros(bsz, n_out + 1, dtype=x.dtype, device=x.device).scatter_add(1, slot, torch.ones_like(weight))
-    wsum = torch.zeros(bsz, n_out + 1, dtype=x.dtype, device=x.device).scatter_add(1, slot, weight)
-    counted = torch.where(weight > 0, size, torch.zeros_like(size))
-    ssum = torch.zeros(bsz, n_out + 1, dtype=size.dtype, device=x.device).scatter_add(1, slot, counted)
-    wsum = wsum[:, :n_out]
+        1, slot[:, :, None].expand(bsz, n, c), x * w[:, :, None], reduce="mean", include_self=False)
+    count = torch.zeros(bsz, n_out + 1, dtype=x.dtype, device=x.device).scatter_add(1, slot, torch.ones_like(w))
+    wsum = torch.zeros(bsz, n_out + 1, dtype=x.dtype, device=x.device).scatter_add(1, slot, w)[:, :n_out]
     denom = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
-    return mean[:, :n_out] * count[:, :n_out, None] / denom[:, :, None], ssum[:, :n_out]
+    return mean[:, :n_out] * count[:, :n_out, None] / denom[:, :, None], size_out
 
 
 @pytest.fixture(scope="module")
