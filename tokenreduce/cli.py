@@ -712,31 +712,11 @@ def cmd_inspect(args: argparse.Namespace, ui: UI) -> int:
     return _inspect_model(args, ui)
 
 
-def _largest_constant_r(analysis: Any, layers: Sequence[int] | None) -> int:
-    """Largest one-int r every requested reducible block can take (mirrors the planner's check)."""
-    from tokenreduce.methods import tome
-
-    blocks = analysis.blocks
-    n0 = next((b.num_tokens for b in blocks if b.reducible), 0)
-    active = [b.reducible and (layers is None or b.index in layers) for b in blocks]
-    best = 0
-    for r in range(1, max(n0, 1)):
-        n = n0
-        for ok in active:
-            if not ok:
-                continue
-            if r > tome.max_r(n, analysis.num_protected):
-                return best
-            n -= r
-        best = r
-    return best
-
-
 def _inspect_model(args: argparse.Namespace, ui: UI) -> int:
     from tokenreduce.compiler.analysis import analyse
     from tokenreduce.compiler.capture import export_graph
     from tokenreduce.compiler.report import count_flops
-    from tokenreduce.methods import evit
+    from tokenreduce.methods import evit, tome
 
     methods = [args.method] if args.method else ["tome", "evit"]
     with ui.steps(3 + len(methods), "loading model") as steps:
@@ -751,7 +731,9 @@ def _inspect_model(args: argparse.Namespace, ui: UI) -> int:
             from tokenreduce.compiler.settings import Settings
 
             plan(Settings(method="none", layers=tuple(args.layers)), analysis)
-        largest_r = _largest_constant_r(analysis, args.layers)
+        largest_r = tome.largest_constant_r(
+            next((b.num_tokens for b in analysis.blocks if b.reducible), 0), analysis.num_protected,
+            [b.reducible and (args.layers is None or b.index in args.layers) for b in analysis.blocks])
         with steps.stage("counting FLOPs of the unreduced model"):
             flops_before = count_flops(captured.gm, captured.args, captured.kwargs)
         results: dict[str, dict[str, Any]] = {}

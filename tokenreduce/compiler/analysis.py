@@ -19,7 +19,7 @@ axis 1 of a `[B, N, C]` hidden state, no residual add after attention.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,7 +42,6 @@ class Attention:
     mask: fx.Node | None
     is_causal: bool
     output: fx.Node  # the attention result [B, H, N, d]
-    logits: fx.Node | None = None  # explicit: the softmax input (bias goes here)
     mask_add: fx.Node | None = None  # explicit: the add that applies the mask
     spelling: str = ""
 
@@ -72,11 +71,6 @@ class ModelAnalysis:
     num_protected: int
     protected_reason: str
     text_model: bool
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def reducible_blocks(self) -> list[Block]:
-        return [b for b in self.blocks if b.reducible]
 
 
 def args_of(node: fx.Node) -> tuple[Any, ...]:
@@ -171,7 +165,6 @@ def _match_explicit(softmax: fx.Node) -> Attention | None:
         return None
     scale, mask, mask_add = 1.0, None, None
     node = args_of(softmax)[0]
-    logits = node
     for _ in range(8):
         if not isinstance(node, fx.Node):
             return None
@@ -216,7 +209,7 @@ def _match_explicit(softmax: fx.Node) -> Attention | None:
             out = mm[0]
             return Attention("explicit", softmax, q, k, args_of(out)[1], scale,
                              mask if isinstance(mask, fx.Node) else None, False, out,
-                             logits=logits, mask_add=mask_add if isinstance(mask, fx.Node) else None,
+                             mask_add=mask_add if isinstance(mask, fx.Node) else None,
                              spelling="matmul-softmax-matmul (eager attention)")
         drops = [u for u in users if u.target in P.DROPOUT]
         if not drops:

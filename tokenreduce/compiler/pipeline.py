@@ -27,7 +27,6 @@ PASSES: list[tuple[str, Callable[[fx.GraphModule, PassContext], PassResult]]] = 
     ("insert_reductions", insert_reductions),
     ("fix_token_shapes", fix_token_shapes),
     ("unmerge_outputs", unmerge_outputs),
-    ("refresh_shapes", fix_token_shapes),
 ]
 
 

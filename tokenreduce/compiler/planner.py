@@ -26,29 +26,11 @@ class BlockPlan:
     action: str  # "tome", "evit" or "none"
     r: int = 0  # ToMe merges
     keep: int = 0  # EViT kept candidates
-    requested: str = ""  # what the settings asked of this block
     reason: str = ""  # why nothing happened, or a note (clamped)
 
     @property
     def reduces(self) -> bool:
         return self.action != "none"
-
-
-def _largest_constant_r(n0: int, num_protected: int, num_blocks: int, reducible: list[bool]) -> int:
-    best = 0
-    for r in range(1, n0):
-        n, ok = n0, True
-        for red in reducible:
-            if not red:
-                continue
-            if r > tome.max_r(n, num_protected):
-                ok = False
-                break
-            n -= r
-        if not ok:
-            break
-        best = r
-    return best
 
 
 def plan(settings: Settings, analysis: ModelAnalysis, clamp_r: bool = False) -> list[BlockPlan]:
@@ -70,13 +52,15 @@ def plan(settings: Settings, analysis: ModelAnalysis, clamp_r: bool = False) -> 
         if settings.layers is not None:
             rs = [r if i in settings.layers else 0 for i, r in enumerate(rs)]
         for b, r in zip(blocks, rs):
-            bp = BlockPlan(b.index, b.name, n, n, "none", requested=f"r={r}" if r else "")
+            bp = BlockPlan(b.index, b.name, n, n, "none")
             if r and not b.reducible:
                 bp.reason = f"skipped: {b.skip_reason}"
             elif r:
                 limit = tome.max_r(n, p)
                 if r > limit and not clamp_r:
-                    best = _largest_constant_r(n0, p, nb, [blk.reducible for blk in blocks])
+                    active = [blk.reducible and (settings.layers is None or blk.index in settings.layers)
+                              for blk in blocks]
+                    best = tome.largest_constant_r(n0, p, active)
                     hint = f"; the largest constant r for this model is {best}" if isinstance(settings.r, int) else ""
                     raise TokenReduceError(
                         f"ToMe r={r} at block {b.index} ({b.name}) is too large: it has {n} tokens with {p} "
@@ -104,7 +88,6 @@ def plan(settings: Settings, analysis: ModelAnalysis, clamp_r: bool = False) -> 
         for b in blocks:
             bp = BlockPlan(b.index, b.name, n, n, "none")
             if b.index in layers:
-                bp.requested = f"keep_ratio={settings.keep_ratio}"
                 if not b.reducible:
                     bp.reason = f"skipped: {b.skip_reason}"
                 else:

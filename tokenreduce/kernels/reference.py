@@ -147,11 +147,6 @@ def merge_weight(size: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
     return keep if size is None else size * keep
 
 
-def ones_tokens(x: torch.Tensor) -> torch.Tensor:
-    """`[B, N]` ones in x's dtype: the token sizes before any reduction."""
-    return torch.ones(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
-
-
 def unmerge(x: torch.Tensor, source: torch.Tensor, dim: int) -> torch.Tensor:
     """Restore the original token count: original position i gets `x[:, source[:, i]]` along `dim`."""
     return gather_tokens(x, source, dim=dim)

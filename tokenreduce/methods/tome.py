@@ -25,6 +25,21 @@ def max_r(num_tokens: int, num_protected: int) -> int:
     return max((num_tokens - num_protected) // 2, 0)
 
 
+def largest_constant_r(num_tokens: int, num_protected: int, active: list[bool]) -> int:
+    """Largest one-int r that every active block (in order) can merge, starting from `num_tokens`."""
+    best = 0
+    for r in range(1, max(num_tokens, 1)):
+        n = num_tokens
+        for on in active:
+            if not on:
+                continue
+            if r > max_r(n, num_protected):
+                return best
+            n -= r
+        best = r
+    return best
+
+
 def bipartite_plan(
     metric: torch.Tensor, r: int, num_protected: int, valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

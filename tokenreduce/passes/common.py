@@ -29,7 +29,6 @@ class TokenState:
     rep: fx.Node | None = None  # [B, N] original token each slot stands for
     source: fx.Node | None = None  # [B, N0] original position -> slot (only when unmerging)
     epoch: int = 0  # number of reductions so far
-    num_tokens: int = 0  # tokens after the latest reduction
 
 
 @dataclass
@@ -39,11 +38,9 @@ class PassContext:
     plans: list[BlockPlan]
     original_tokens: int
     state: TokenState = field(default_factory=TokenState)
-    inserted: set[fx.Node] = field(default_factory=set)
 
 
-def call(graph: fx.Graph, target: Any, args: tuple[Any, ...], like: fx.Node | None = None,
-         ctx: PassContext | None = None) -> fx.Node:
+def call(graph: fx.Graph, target: Any, args: tuple[Any, ...], like: fx.Node | None = None) -> fx.Node:
     """Create a call_function node, copying module-stack / stack-trace metadata from `like`."""
     node = graph.call_function(target, args)
     if like is not None:
@@ -51,6 +48,4 @@ def call(graph: fx.Graph, target: Any, args: tuple[Any, ...], like: fx.Node | No
             if key in like.meta:
                 node.meta[key] = like.meta[key]
     node.meta["tokenreduce"] = True
-    if ctx is not None:
-        ctx.inserted.add(node)
     return node

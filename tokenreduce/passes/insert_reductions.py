@@ -51,7 +51,7 @@ def _set_attention_mask(block: Block, new_mask: fx.Node | None, graph: fx.Graph,
         softmax = att.node
         logits = args_of(softmax)[0]
         with graph.inserting_before(softmax):
-            biased = call(graph, torch.ops.aten.add.Tensor, (logits, new_mask), softmax, ctx)
+            biased = call(graph, torch.ops.aten.add.Tensor, (logits, new_mask), softmax)
         softmax.replace_input_with(logits, biased)  # type: ignore[arg-type]
 
 
@@ -68,9 +68,9 @@ def _attention_bias(block: Block, graph: fx.Graph, ctx: PassContext, cache: dict
     with graph.inserting_before(att.node if att.kind == "sdpa" else (att.mask_add or att.node)):
         mask = att.mask
         if mask is not None:
-            mask = call(graph, ref.reduce_mask, (mask, st.rep, ctx.original_tokens), att.node, ctx)
+            mask = call(graph, ref.reduce_mask, (mask, st.rep, ctx.original_tokens), att.node)
         if ctx.settings.use_prop_attn:
-            mask = call(graph, ref.size_bias, (st.size, mask, dtype), att.node, ctx)
+            mask = call(graph, ref.size_bias, (st.size, mask, dtype), att.node)
     cache[key] = mask
     return mask
 
@@ -81,7 +81,6 @@ def insert_reductions(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return result
     graph = gm.graph
     st = ctx.state
-    st.num_tokens = ctx.original_tokens
     cache: dict = {}
     settings = ctx.settings
     num_p = ctx.analysis.num_protected
@@ -96,7 +95,7 @@ def insert_reductions(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         att = block.attention
         h = block.reduce_at
         assert h is not None
-        builder = _Chain(graph, h, ctx)
+        builder = _Chain(graph, h)
         add = builder.add
 
         if st.epoch == 0 and att.mask is not None:
@@ -127,7 +126,6 @@ def insert_reductions(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         h.replace_all_uses_with(x_new, delete_user_cb=builder.is_outside)
         st.size = size_new
         st.epoch += 1
-        st.num_tokens = bp.tokens_out
         result.rewrites += 1
         result.changed = True
     return result
@@ -136,13 +134,13 @@ def insert_reductions(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 class _Chain:
     """Appends nodes one after another right after `anchor`, remembering what it created."""
 
-    def __init__(self, graph: fx.Graph, anchor: fx.Node, ctx: PassContext) -> None:
-        self.graph, self.anchor, self.like, self.ctx = graph, anchor, anchor, ctx
+    def __init__(self, graph: fx.Graph, anchor: fx.Node) -> None:
+        self.graph, self.anchor, self.like = graph, anchor, anchor
         self.nodes: set[fx.Node] = set()
 
     def add(self, target: object, args: tuple) -> fx.Node:
         with self.graph.inserting_after(self.anchor):
-            node = call(self.graph, target, args, self.like, self.ctx)
+            node = call(self.graph, target, args, self.like)
         self.anchor = node
         self.nodes.add(node)
         return node

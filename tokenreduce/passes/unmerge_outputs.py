@@ -13,7 +13,7 @@ from tokenreduce.compiler.analysis import args_of
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.kernels import reference as ref
 from tokenreduce.passes.common import PassContext, PassResult, call
-from tokenreduce.passes.fix_token_shapes import _same
+from tokenreduce.passes.fix_token_shapes import _same, fix_token_shapes
 
 
 def unmerge_outputs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -39,10 +39,12 @@ def unmerge_outputs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 )
         with graph.inserting_before(out_node):
             for d in changed:
-                node = call(graph, ref.unmerge, (node, source, d), node, ctx)
+                node = call(graph, ref.unmerge, (node, source, d), node)
         result.rewrites += 1
         return node
 
     out_node.args = (fx.node.map_arg(args_of(out_node)[0], restore),)
     result.changed = result.rewrites > 0
+    if result.changed:
+        fix_token_shapes(gm, ctx)  # give the unmerge nodes their shapes (nothing else changes)
     return result
