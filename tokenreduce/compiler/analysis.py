@@ -218,6 +218,47 @@ def _match_explicit(softmax: fx.Node) -> Attention | None:
     return None
 
 
+# ----------------------------------------------------------------------------------------------- causality
+_COMPARE = {torch.ops.aten.le.Tensor, torch.ops.aten.lt.Tensor, torch.ops.aten.ge.Tensor, torch.ops.aten.gt.Tensor}
+_TRIANGLE = {torch.ops.aten.tril.default, torch.ops.aten.triu.default}
+
+
+def ancestors(node: fx.Node, limit: int = 200) -> list[fx.Node]:
+    seen: dict[fx.Node, None] = {}
+    stack = [node]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen[n] = None
+        stack.extend(n.all_input_nodes)
+    return list(seen)
+
+
+def _index_only(node: fx.Node) -> bool:
+    """True when `node` is computed from `arange`s and constants only (a position range, not data)."""
+    anc = ancestors(node, 60)
+    return any(a.target is torch.ops.aten.arange.default or a.target is torch.ops.aten.arange.start for a in anc) and not any(
+        a.op == "placeholder" for a in anc)
+
+
+def mask_is_causal(mask: fx.Node | None) -> bool:
+    if mask is None:
+        return False
+    for a in ancestors(mask):
+        if a.target in _TRIANGLE:
+            return True
+        if a.target in _COMPARE:
+            x, y = args_of(a)[0], args_of(a)[1]
+            if isinstance(x, fx.Node) and isinstance(y, fx.Node) and _index_only(x) and _index_only(y):
+                return True
+    return False
+
+
+def is_causal(att: Attention) -> bool:
+    return att.is_causal or mask_is_causal(att.mask)
+
+
 # ----------------------------------------------------------------------------------------------- blocks
 def _ancestor_linear(node: object, limit: int = 12) -> fx.Node | None:
     """First `linear` on the first-argument chain above `node` (q -> reshape/permute/unbind -> linear)."""
@@ -251,6 +292,24 @@ def _mlp_residual_add(point: fx.Node) -> fx.Node | None:
     return adds[-1] if adds else None
 
 
+def _decomposed_norm_input(src: fx.Node, add: fx.Node, depth: int = 12) -> fx.Node | None:
+    """The residual operand of `add` when `src` is a norm of it written as elementwise ops (no layer_norm
+    node): an ancestor of `src` within `depth` steps whose shape equals `src`'s."""
+    residuals = [a for a in args_of(add)[:2] if isinstance(a, fx.Node)]
+    frontier, seen = [src], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for a in n.all_input_nodes:
+                if a in residuals and shape(a) == shape(src):
+                    return a
+                if a not in seen and a.op == "call_function" and a.target not in P.LINEAR:
+                    seen.add(a)
+                    nxt.append(a)
+        frontier = nxt
+    return None
+
+
 def _common_prefix(a: list[str], b: list[str]) -> str:
     common = ""
     for x in a:
@@ -273,7 +332,7 @@ def analyse_block(index: int, att: Attention) -> Block:
     if ks[-2] != n:
         blk.skip_reason = f"cross-attention ({n} queries over {ks[-2]} keys); only self-attention is reduced"
         return blk
-    if att.is_causal:
+    if att.is_causal or mask_is_causal(att.mask):
         blk.skip_reason = "causal attention (decoder); encoder methods (ToMe/EViT) need bidirectional attention"
         return blk
     lin = _ancestor_linear(att.q)
@@ -291,6 +350,8 @@ def analyse_block(index: int, att: Attention) -> Block:
         pre_ln, x_in = True, args_of(src)[0]
     elif src in add.args:
         pre_ln, x_in = False, src
+    elif (r := _decomposed_norm_input(src, add)) is not None:
+        pre_ln, x_in = True, r  # RMSNorm spelled out (Llama: x * rsqrt(mean(x^2) + eps) * w)
     else:
         blk.skip_reason = "the residual add after attention does not add the block input"
         return blk

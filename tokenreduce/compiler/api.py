@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from tokenreduce.compiler.capture import export_graph
-from tokenreduce.compiler.pipeline import make_report, reduce_graph
+from tokenreduce.compiler.pipeline import make_report, reduce_graph, require_encoder_method
 from tokenreduce.compiler.report import Report, count_flops
 from tokenreduce.compiler.settings import Settings
 from tokenreduce.errors import TokenReduceError
@@ -71,6 +71,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         A `ReducedModule`; `.report` holds per-block tokens in/out, actions or skip reasons, and FLOPs.
     """
     cfg = Settings.from_options(settings)
+    require_encoder_method(cfg)
     args, kwargs = _split_inputs(example_inputs, example_kwargs)
     captured = export_graph(model, args, kwargs, dynamic_batch=cfg.dynamic_batch)
     red = reduce_graph(captured.gm, cfg)

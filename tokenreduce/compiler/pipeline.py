@@ -15,9 +15,11 @@ from torch import fx
 from tokenreduce.compiler.analysis import ModelAnalysis, analyse
 from tokenreduce.compiler.planner import BlockPlan, plan
 from tokenreduce.compiler.report import BlockReport, Report
-from tokenreduce.compiler.settings import Settings
+from tokenreduce.compiler.settings import DECODER_METHODS, Settings
+from tokenreduce.errors import TokenReduceError
 from tokenreduce.passes.common import PassContext, PassResult
 from tokenreduce.passes.fix_token_shapes import fix_token_shapes
+from tokenreduce.passes.fuse_attention_scores import fuse_attention_scores
 from tokenreduce.passes.insert_reductions import insert_reductions
 from tokenreduce.passes.unmerge_outputs import unmerge_outputs
 
@@ -27,6 +29,7 @@ PASSES: list[tuple[str, Callable[[fx.GraphModule, PassContext], PassResult]]] = 
     ("insert_reductions", insert_reductions),
     ("fix_token_shapes", fix_token_shapes),
     ("unmerge_outputs", unmerge_outputs),
+    ("fuse_attention_scores", fuse_attention_scores),
 ]
 
 
@@ -38,7 +41,14 @@ class Reduced:
     results: list[PassResult]
 
 
+def require_encoder_method(settings: Settings) -> None:
+    if settings.method in DECODER_METHODS:
+        raise TokenReduceError(f"{settings.method} prunes the prefill of a decoder LLM/VLM; use "
+                               f"tokenreduce.reduce_decoder(model, method={settings.method!r}, ...) instead")
+
+
 def reduce_graph(gm: fx.GraphModule, settings: Settings) -> Reduced:
+    require_encoder_method(settings)
     analysis = analyse(gm, settings.protected_tokens)
     plans = plan(settings, analysis, clamp_r=settings.clamp_r)
     n0 = next((b.num_tokens for b in analysis.blocks if b.reducible), 0)

@@ -21,7 +21,9 @@ from typing import Any
 
 from tokenreduce.errors import TokenReduceError
 
-METHODS = ("none", "tome", "evit")
+ENCODER_METHODS = ("none", "tome", "evit")
+DECODER_METHODS = ("fastv", "pyramiddrop", "gemfilter")
+METHODS = ENCODER_METHODS + DECODER_METHODS
 INNER_COMPILERS = ("inductor", "eager")
 R_SCHEDULES = ("constant", "decreasing")
 
@@ -32,11 +34,14 @@ class Settings:
 
     Attributes:
         method: "tome" (merge, Bolya et al. 2023), "evit" (keep top-k by CLS attention and fuse the
-            rest, Liang et al. 2022) or "none" (capture and analyse only).
+            rest, Liang et al. 2022) or "none" (capture and analyse only); for decoder LLMs/VLMs
+            (`tokenreduce.reduce_decoder`): "fastv", "pyramiddrop" or "gemfilter".
         r: ToMe tokens merged per block: one int for every block, or a per-block list (padded with 0).
         r_schedule: "constant" or "decreasing" (ToMe's (r, -0.5) inflection schedule: more merging early,
             same total as constant r).
-        keep_ratio: EViT fraction of the non-protected tokens kept at each chosen layer, in (0, 1].
+        keep_ratio: EViT fraction of the non-protected tokens kept at each chosen layer, in (0, 1]. FastV /
+            PyramidDrop: fraction of the span tokens kept at each stage.
+        keep_tokens: GemFilter: span tokens kept (the paper's k).
         layers: block indices (0-based) where a reduction happens. EViT default: the paper's 4th, 7th and
             10th of 12 blocks, scaled to the model depth. ToMe default: every block.
         prop_attn: add log(size) to the attention logits after a merge. None means the method's
@@ -57,6 +62,7 @@ class Settings:
     r: int | tuple[int, ...] = 0
     r_schedule: str = "constant"
     keep_ratio: float = 1.0
+    keep_tokens: int | None = None
     layers: tuple[int, ...] | None = None
     prop_attn: bool | None = None
     protected_tokens: int | None = None
@@ -89,6 +95,8 @@ class Settings:
             if isinstance(self.layers, int):
                 object.__setattr__(self, "layers", (self.layers,))
             object.__setattr__(self, "layers", tuple(int(v) for v in self.layers))  # type: ignore[union-attr]
+        if self.keep_tokens is not None and (not isinstance(self.keep_tokens, int) or self.keep_tokens < 1):
+            raise TokenReduceError(f"keep_tokens must be a positive int, got {self.keep_tokens!r}")
         if self.protected_tokens is not None and self.protected_tokens < 0:
             raise TokenReduceError(f"protected_tokens must be >= 0, got {self.protected_tokens}")
         if self.inner not in INNER_COMPILERS:
@@ -125,6 +133,6 @@ class Settings:
 
 
 CACHE_FIELDS = (
-    "method", "r", "r_schedule", "keep_ratio", "layers", "prop_attn", "protected_tokens", "fuse", "unmerge",
+    "method", "r", "r_schedule", "keep_ratio", "keep_tokens", "layers", "prop_attn", "protected_tokens", "fuse", "unmerge",
     "clamp_r",
 )

@@ -1,0 +1,198 @@
+"""Prune prefill tokens of a decoder (FastV, PyramidDrop, GemFilter) and carry positions and masks along.
+
+Adds one graph input, `span [B, N]` bool (True = the token may be dropped: image tokens, or context the
+user marked), and for every stage of `methods/decoder.py`:
+
+    scores = tokenreduce.query_row_scores(q_L, k_L, mask_L, scale, -1)   # last query row, mean over heads
+    keep   = tokenreduce.keep_plan(scores, span_now, k, S)                # ascending indices, static length
+    x'     = gather(x_first_reduced_block, keep)
+
+Every block from the stage on then reads `x'`, and its per-token side inputs are gathered by the
+composition of all keeps so far (`kept [B, M]`, original positions):
+
+* the rotary `cos`/`sin` operands of q/k along axis -2: a kept token keeps its original position;
+* the attention mask along both token axes (so causality and padding follow the original positions).
+
+For GemFilter the ranking layer L comes *after* the first pruned block (block 0): the nodes computing
+layer L's q and k from the embeddings are cloned, so the filter pass runs on all tokens and the original
+blocks run on the kept ones. A stable topological sort puts the new nodes where they belong.
+
+The pass records `kept` per block in `ctx.kept[block]` (None before the first stage) for the KV-cache
+outputs. Shapes are left to `fix_token_shapes`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+
+from tokenreduce.compiler.decoder_analysis import DecoderAnalysis
+from tokenreduce.kernels import decoder_ops as _dops  # noqa: F401  (registers tokenreduce::keep_plan)
+from tokenreduce.kernels import ops as _ops  # noqa: F401
+from tokenreduce.kernels import reference as ref
+from tokenreduce.methods.decoder import Stage
+from tokenreduce.passes.common import PassResult, call
+
+tr = torch.ops.tokenreduce
+
+
+@dataclass
+class DecoderContext:
+    analysis: DecoderAnalysis
+    stages: list[Stage]
+    span_size: int  # droppable tokens per row (checked at run time by the caller)
+    kept: list[fx.Node | None] = field(default_factory=list)  # per decoder block: [B, M] original positions
+    span: fx.Node | None = None
+
+
+def stable_toposort(graph: fx.Graph) -> None:
+    """Reorder nodes so every node follows its inputs, keeping the current order wherever it is valid."""
+    nodes = list(graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    indeg = {n: len(set(n.all_input_nodes)) for n in nodes}
+    ready = [(pos[n], n.name, n) for n in nodes if indeg[n] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, _, n = heapq.heappop(ready)
+        order.append(n)
+        for u in n.users:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                heapq.heappush(ready, (pos[u], u.name, u))
+    if len(order) != len(nodes):
+        raise RuntimeError("graph has a cycle after the decoder rewrite")  # a bug in this pass
+    prev = graph._root  # noqa: SLF001 - fx keeps nodes in a linked list behind this sentinel
+    for n in order:
+        if n.prev is not prev:
+            prev.append(n)
+        prev = n
+
+
+def _clone_path(graph: fx.Graph, sources: list[fx.Node], targets: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Copy every node on a path from `sources` to `targets` (sources themselves are shared)."""
+    anc: set[fx.Node] = set()
+    stack = list(targets)
+    while stack:
+        n = stack.pop()
+        if n in anc:
+            continue
+        anc.add(n)
+        stack.extend(n.all_input_nodes)
+    desc: set[fx.Node] = set()
+    stack = list(sources)
+    while stack:
+        n = stack.pop()
+        if n in desc:
+            continue
+        desc.add(n)
+        stack.extend(n.users)
+    on_path = [n for n in graph.nodes if n in anc and n in desc and n not in sources]
+    env: dict[fx.Node, fx.Node] = {}
+    anchor = targets[-1]
+    for n in on_path:
+        with graph.inserting_after(anchor):
+            c = graph.node_copy(n, lambda a: env.get(a, a))
+        c.meta["tokenreduce"] = True
+        c.meta["tokenreduce_clone_of"] = n.name
+        env[n] = c
+        anchor = c
+    return env
+
+
+def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
+    result = PassResult("prune_decoder_tokens", changed=False)
+    blocks = ctx.analysis.blocks
+    ctx.kept = [None] * len(blocks)
+    if not ctx.stages:
+        return result
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        span = graph.placeholder("span")
+    x0 = blocks[0].block.x_in
+    assert x0 is not None
+    fake_mode = detect_fake_mode([p.meta.get("val") for p in placeholders])
+    assert fake_mode is not None, "captured graphs carry fake values (capture.py)"
+    x0_val = x0.meta["val"]
+    with fake_mode:
+        span.meta["val"] = torch.empty(x0_val.shape[:2], dtype=torch.bool, device=x0_val.device)
+    ctx.span = span
+    by_first = {s.first_reduced_block: s for s in ctx.stages}
+    droppable: fx.Node = span
+    num_droppable = ctx.span_size
+    kept: fx.Node | None = None
+    gathered: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
+
+    def gather(node: fx.Node, index: fx.Node, dim: int, like: fx.Node) -> fx.Node:
+        key = (node, index)
+        if key not in gathered:
+            with graph.inserting_after(node if node.op != "placeholder" else placeholders[-1]):
+                gathered[key] = call(graph, ref.gather_tokens, (node, index, dim), like)
+        return gathered[key]
+
+    for db in blocks:
+        stage = by_first.get(db.index)
+        if stage is not None:
+            scorer = blocks[stage.score_block].attention
+            q, k, mask = scorer.q, scorer.k, _mask_arg(scorer.node)
+            h = db.block.x_in
+            assert h is not None
+            clones: dict[fx.Node, fx.Node] = {}
+            if stage.score_block >= db.index:  # GemFilter: rank with a filter pass over all tokens
+                clones = _clone_path(graph, [h], [q, k])
+                q, k = clones.get(q, q), clones.get(k, k)
+            with graph.inserting_after(k):
+                scores = call(graph, tr.query_row_scores.default, (q, k, mask, scorer.scale, -1), scorer.node)
+            with graph.inserting_after(scores):
+                keep = call(graph, tr.keep_plan.default, (scores, droppable, stage.keep, num_droppable), scorer.node)
+            with graph.inserting_after(keep):
+                x_new = call(graph, ref.gather_tokens, (h, keep, 1), h)
+            skip = set(clones.values()) | {x_new}
+            h.replace_all_uses_with(x_new, delete_user_cb=_outside(skip))
+            with graph.inserting_after(x_new):
+                droppable = call(graph, ref.gather_tokens, (droppable, keep, 1), h)
+            with graph.inserting_after(droppable):
+                kept = call(graph, ref.compose_index, (kept, keep), h) if kept is not None else keep
+            num_droppable = stage.keep
+            result.rewrites += 1
+        ctx.kept[db.index] = kept
+        if kept is None:
+            continue
+        att = db.attention
+        for side in db.per_token:
+            g = gather(side, kept, side.meta["val"].dim() - 2, att.node)
+            for user in list(side.users):
+                if user is not g and user in db.qkv_path:
+                    user.replace_input_with(side, g)
+        if att.mask is not None:
+            key = (att.mask, kept)
+            if key not in gathered:
+                with graph.inserting_after(kept):
+                    gathered[key] = call(graph, ref.reduce_mask, (att.mask, kept, ctx.analysis.num_tokens), att.node)
+            _set_mask(att.node, att.mask, gathered[key])
+        result.rewrites += 1
+    stable_toposort(graph)
+    result.changed = True
+    return result
+
+
+def _outside(nodes: set[fx.Node]):  # type: ignore[no-untyped-def]
+    """A `replace_all_uses_with` filter: rewrite every user except `nodes`."""
+    return lambda user: user not in nodes
+
+
+def _mask_arg(sdpa: fx.Node) -> fx.Node | None:
+    if len(sdpa.args) > 3 and isinstance(sdpa.args[3], fx.Node):
+        return sdpa.args[3]
+    m = sdpa.kwargs.get("attn_mask")
+    return m if isinstance(m, fx.Node) else None
+
+
+def _set_mask(sdpa: fx.Node, old: fx.Node, new: fx.Node) -> None:
+    sdpa.replace_input_with(old, new)
+
