@@ -144,6 +144,8 @@ class ReducedDecoder:
         if attention_mask.shape != input_ids.shape:
             raise TokenReduceError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        if span is None and self.settings.method == "none":
+            return attention_mask, position_ids, torch.zeros_like(attention_mask, dtype=torch.bool), 0
         if span is None:
             image_id = self._image_token_id()
             if image_id is None:
@@ -168,7 +170,7 @@ class ReducedDecoder:
             raise TokenReduceError(
                 f"every row needs the same number of span tokens (the keep counts are static); got {counts}. "
                 "Pad or trim the contexts to equal length, or reduce rows one at a time")
-        if counts[0] == 0:
+        if counts[0] == 0 and self.settings.method != "none":
             raise TokenReduceError("the span is empty: nothing to prune")
         return attention_mask, position_ids, span_mask, int(counts[0])
 
@@ -186,9 +188,12 @@ class ReducedDecoder:
         gm = captured.gm
         analysis = analyse_decoder(gm)
         cfg = self.settings
-        layers = cfg.layers if cfg.layers is not None else methods.default_layers(cfg.method, len(analysis.blocks))
-        stages = methods.stages(cfg.method, len(analysis.blocks), span_size, tuple(layers), cfg.keep_ratio,
-                                cfg.keep_tokens)
+        if cfg.method == "none":
+            layers, stages = (), []
+        else:
+            layers = cfg.layers if cfg.layers is not None else methods.default_layers(cfg.method, len(analysis.blocks))
+            stages = methods.stages(cfg.method, len(analysis.blocks), span_size, tuple(layers), cfg.keep_ratio,
+                                    cfg.keep_tokens)
         ctx = DecoderContext(analysis=analysis, stages=stages, span_size=span_size)
         notes = []
         for name, fn in PASSES:
@@ -305,7 +310,8 @@ def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, layers: Any
 
     Args:
         model: a `LlamaForCausalLM`-style model (or `LlavaForConditionalGeneration`), unmodified.
-        method: "fastv", "pyramiddrop" or "gemfilter".
+        method: "fastv", "pyramiddrop" or "gemfilter"; "none" captures the same prefill graph without
+            pruning (the baseline benchmarks compare against).
         layers: FastV: `[K]` (prune after block K-1's attention ranks, default 2); PyramidDrop: the stage
             blocks (default 8/16/24 of 32, scaled); GemFilter: `[L]`, the filter layer (default 13/32 of
             the depth).
@@ -314,9 +320,9 @@ def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, layers: Any
         inner: "eager" (default: runs the rewritten graph as is) or "inductor".
         count_model_flops: count prefill FLOPs before/after for the report (runs the model twice).
     """
-    if method not in DECODER_METHODS:
+    if method not in DECODER_METHODS + ("none",):
         raise TokenReduceError(f"unknown decoder method {method!r}; choose one of {', '.join(DECODER_METHODS)} "
-                               "(encoder methods go through tokenreduce.compile)")
+                               "or none (encoder methods go through tokenreduce.compile)")
     if keep_ratio is None:
         keep_ratio = methods.PYRAMID_KEEP if method == "pyramiddrop" else methods.FASTV_KEEP
     settings = Settings(method=method, layers=layers, keep_ratio=keep_ratio, keep_tokens=keep_tokens, inner=inner)

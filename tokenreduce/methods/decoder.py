@@ -112,8 +112,10 @@ def keep_plan(scores: torch.Tensor, droppable: torch.Tensor, keep: int, num_drop
     """
     n = scores.shape[-1]
     n_out = n - num_droppable + keep
-    # Non-span tokens rank above everything; span tokens by score; a stable sort puts earlier tokens
-    # first among equal scores.
-    rank = torch.where(droppable, scores.float(), torch.full(scores.shape, float("inf"), device=scores.device))
-    order = torch.sort(rank, dim=-1, descending=True, stable=True).indices
-    return order[:, :n_out].sort(dim=-1).values
+    # Non-span tokens rank above everything; span tokens by score. Export-safe (ONNX TopK with a constant
+    # k, no stable sort): the rank key is float64 `score - position * 2^-60`, which puts earlier tokens
+    # first among equal scores and cannot reorder two fp32 scores that differ by more than ~1e-14.
+    pos = torch.arange(n, device=scores.device, dtype=torch.float64)
+    key = torch.where(droppable, scores.to(torch.float64) - pos * 2.0**-60, torch.full_like(pos, float("inf")))
+    idx = key.topk(n_out, dim=-1).indices
+    return idx.topk(n_out, dim=-1, largest=False).values  # ascending: original order
