@@ -207,8 +207,8 @@ class ReducedDecoder:
         names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
         report = DecoderReport(
             method=cfg.method,
-            settings={"layers": list(layers), "keep_ratio": cfg.keep_ratio, "keep_tokens": cfg.keep_tokens,
-                      "inner": cfg.inner},
+            settings={"layers": list(layers), **({"keep_tokens": stages[0].keep} if cfg.method == "gemfilter"
+                                                  else {"keep_ratio": cfg.keep_ratio} if stages else {})},
             num_tokens=analysis.num_tokens, span_tokens=span_size, stages=stages,
             tokens_per_block=_tokens_per_block(analysis, stages, span_size), skipped=analysis.skipped, passes=notes)
         runner: Any = gm
@@ -236,6 +236,14 @@ class ReducedDecoder:
             raise TokenReduceError(f"the captured prefill expects inputs {missing} that were not given")
         return [by_name[n] for n in c.names]
 
+    def compiled_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     span: torch.Tensor | tuple[int, int] | None = None, **extra: torch.Tensor
+                     ) -> tuple[_Compiled, list[torch.Tensor]]:
+        """The rewritten prefill graph for these inputs and its flat positional inputs (ONNX export)."""
+        mask, pos, span_mask, span_size = self.prepare(input_ids, attention_mask, span)
+        c = self._compile(input_ids, mask, pos, span_mask, span_size, extra)
+        return c, self._flat(c, input_ids, mask, pos, span_mask, extra)
+
     # --------------------------------------------------------------------------------------------- run
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -243,9 +251,8 @@ class ReducedDecoder:
         """Run the pruned prefill: last-position logits and a cache holding only the kept tokens."""
         from tokenreduce.runtime.kv_cache import ReducedCache
 
-        mask, pos, span_mask, span_size = self.prepare(input_ids, attention_mask, span)
-        c = self._compile(input_ids, mask, pos, span_mask, span_size, extra)
-        logits, ks, vs, kept = c.runner(*self._flat(c, input_ids, mask, pos, span_mask, extra))
+        c, flat = self.compiled_for(input_ids, attention_mask, span, **extra)
+        logits, ks, vs, kept = c.runner(*flat)
         bsz, n = input_ids.shape
         full = torch.arange(n, device=input_ids.device).expand(bsz, n)
         positions = [p if p is not None else full for p in kept]
@@ -316,7 +323,8 @@ def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, layers: Any
             blocks (default 8/16/24 of 32, scaled); GemFilter: `[L]`, the filter layer (default 13/32 of
             the depth).
         keep_ratio: FastV / PyramidDrop: fraction of the span kept at each stage (default 0.5).
-        keep_tokens: GemFilter: span tokens kept (default 1024, at most the span).
+        keep_tokens: GemFilter: span tokens kept (default: the paper's 1024, or a quarter of the span when
+            that is smaller).
         inner: "eager" (default: runs the rewritten graph as is) or "inductor".
         count_model_flops: count prefill FLOPs before/after for the report (runs the model twice).
     """

@@ -79,7 +79,8 @@ def stages(method: str, num_layers: int, span: int, layers: tuple[int, ...], kee
     if method == "gemfilter":
         if len(layers) != 1:
             raise TokenReduceError(f"gemfilter uses one filter layer, got layers={list(layers)}")
-        k = GEMFILTER_KEEP_TOKENS if keep_tokens is None else keep_tokens
+        # The paper's k = 1024 is for 32k-128k contexts; on shorter spans the default keeps a quarter.
+        k = min(GEMFILTER_KEEP_TOKENS, math.ceil(span / 4)) if keep_tokens is None else keep_tokens
         if not 1 <= k <= span:
             raise TokenReduceError(
                 f"keep_tokens={k} but the prompt's span has {span} tokens; choose 1..{span} (or a longer span)")
