@@ -82,6 +82,33 @@ def bipartite_plan(
         scores = scores.masked_fill((torch.arange(n_b, device=device) < p_b)[None, None, :], neg_inf)
 
     node_max, node_idx = scores.max(dim=-1)
+    return plan_from_matches(node_max, node_idx, r, num_protected, valid, n, metric.dtype)
+
+
+def plan_from_matches(
+    node_max: torch.Tensor,
+    node_idx: torch.Tensor,
+    r: int,
+    num_protected: int,
+    valid: torch.Tensor | None,
+    num_tokens: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The plan from each A token's best B match (`node_max`, `node_idx`: `[B, nA]`): sort the edges,
+    assign output slots. Shared by `bipartite_plan` and the GPU path (Triton matching kernel + this).
+
+    Returns `slot [B, N]`, `rep [B, N - r]` (int64) and `keep [B, N]` (`dtype`), as `bipartite_plan`.
+    """
+    n = num_tokens
+    if r < 0 or r > max_r(n, num_protected):
+        raise TokenReduceError(
+            f"ToMe r={r} is too large for {n} tokens with {num_protected} protected; "
+            f"the largest valid r is {max_r(n, num_protected)}"
+        )
+    bsz, n_a = node_max.shape
+    n_b = n // 2
+    device = node_max.device
+    p_a, p_b = (num_protected + 1) // 2, num_protected // 2
     # Ties exist only among cross-padding sentinels; break them by index (lower first) so every runtime
     # (torch, ONNX TopK) orders them the same. Cosines are in [-1, 1], so real edges are untouched.
     a_idx = torch.arange(n_a, device=device, dtype=node_max.dtype)
@@ -106,8 +133,9 @@ def bipartite_plan(
     # interleave A (even positions) and B (odd positions) back into token order
     slot = _interleave(slot_a, b_slot)
     # merge weight multiplier: 0 for a source merged across padding (only when r leaves no other choice)
-    keep_a = torch.ones_like(node_max)
+    keep_a = torch.ones(bsz, n_a, dtype=dtype, device=device)
     if valid is not None:
+        va, vb = valid[:, 0::2], valid[:, 1::2]
         cross = merged & (va != vb.gather(1, node_idx))
         keep_a = keep_a.masked_fill(cross, 0.0)
     keep = _interleave(keep_a, torch.ones_like(keep_a[:, :n_b]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,3 +50,27 @@ def call(graph: fx.Graph, target: Any, args: tuple[Any, ...], like: fx.Node | No
                 node.meta[key] = like.meta[key]
     node.meta["tokenreduce"] = True
     return node
+
+
+def stable_toposort(graph: fx.Graph) -> None:
+    """Reorder nodes so every node follows its inputs, keeping the current order wherever it is valid."""
+    nodes = list(graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    indeg = {n: len(set(n.all_input_nodes)) for n in nodes}
+    ready = [(pos[n], n.name, n) for n in nodes if indeg[n] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, _, n = heapq.heappop(ready)
+        order.append(n)
+        for u in n.users:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                heapq.heappush(ready, (pos[u], u.name, u))
+    if len(order) != len(nodes):
+        raise RuntimeError("graph has a cycle after the decoder rewrite")  # a bug in this pass
+    prev = graph._root  # noqa: SLF001 - fx keeps nodes in a linked list behind this sentinel
+    for n in order:
+        if n.prev is not prev:
+            prev.append(n)
+        prev = n

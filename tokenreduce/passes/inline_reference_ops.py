@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from tokenreduce.kernels import decoder_ops as _decoder_ops  # noqa: F401  (registers tokenreduce::keep_plan)
 from tokenreduce.kernels import reference
-from tokenreduce.methods import evit, tome
+from tokenreduce.kernels.triton import reference as kernel_reference
+from tokenreduce.methods import decoder, evit, tome
 from tokenreduce.passes.common import PassResult
 
 REFERENCES = {
@@ -20,6 +22,9 @@ REFERENCES = {
     torch.ops.tokenreduce.topk_plan.default: evit.topk_plan,
     torch.ops.tokenreduce.query_row_scores.default: reference.query_row_scores,
     torch.ops.tokenreduce.apply_plan.default: reference.apply_plan,
+    torch.ops.tokenreduce.keep_plan.default: decoder.keep_plan,
+    # SDPA + the one-row score (the fused op exists only on GPU graphs; see passes/fuse_attention_scores.py)
+    torch.ops.tokenreduce.attention_with_scores.default: kernel_reference.attention_with_row_scores,
 }
 
 

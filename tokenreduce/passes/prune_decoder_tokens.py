@@ -4,6 +4,7 @@ Adds one graph input, `span [B, N]` bool (True = the token may be dropped: image
 user marked), and for every stage of `methods/decoder.py`:
 
     scores = tokenreduce.query_row_scores(q_L, k_L, mask_L, scale, -1)   # last query row, mean over heads
+    scores = pool_scores(scores, w)                                       # only with score_pool=w > 1
     keep   = tokenreduce.keep_plan(scores, span_now, k, S)                # ascending indices, static length
     x'     = gather(x_first_reduced_block, keep)
 
@@ -23,7 +24,6 @@ outputs. Shapes are left to `fix_token_shapes`.
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 
 import torch
@@ -34,8 +34,9 @@ from tokenreduce.compiler.decoder_analysis import DecoderAnalysis
 from tokenreduce.kernels import decoder_ops as _dops  # noqa: F401  (registers tokenreduce::keep_plan)
 from tokenreduce.kernels import ops as _ops  # noqa: F401
 from tokenreduce.kernels import reference as ref
+from tokenreduce.methods import decoder as methods
 from tokenreduce.methods.decoder import Stage
-from tokenreduce.passes.common import PassResult, call
+from tokenreduce.passes.common import PassResult, call, stable_toposort
 
 tr = torch.ops.tokenreduce
 
@@ -45,32 +46,9 @@ class DecoderContext:
     analysis: DecoderAnalysis
     stages: list[Stage]
     span_size: int  # droppable tokens per row (checked at run time by the caller)
+    score_pool: int = 1  # max-pool window over the scores before ranking (1: off)
     kept: list[fx.Node | None] = field(default_factory=list)  # per decoder block: [B, M] original positions
     span: fx.Node | None = None
-
-
-def stable_toposort(graph: fx.Graph) -> None:
-    """Reorder nodes so every node follows its inputs, keeping the current order wherever it is valid."""
-    nodes = list(graph.nodes)
-    pos = {n: i for i, n in enumerate(nodes)}
-    indeg = {n: len(set(n.all_input_nodes)) for n in nodes}
-    ready = [(pos[n], n.name, n) for n in nodes if indeg[n] == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        _, _, n = heapq.heappop(ready)
-        order.append(n)
-        for u in n.users:
-            indeg[u] -= 1
-            if indeg[u] == 0:
-                heapq.heappush(ready, (pos[u], u.name, u))
-    if len(order) != len(nodes):
-        raise RuntimeError("graph has a cycle after the decoder rewrite")  # a bug in this pass
-    prev = graph._root  # noqa: SLF001 - fx keeps nodes in a linked list behind this sentinel
-    for n in order:
-        if n.prev is not prev:
-            prev.append(n)
-        prev = n
 
 
 def _clone_path(graph: fx.Graph, sources: list[fx.Node], targets: list[fx.Node]) -> dict[fx.Node, fx.Node]:
@@ -148,6 +126,9 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
                 q, k = clones.get(q, q), clones.get(k, k)
             with graph.inserting_after(k):
                 scores = call(graph, tr.query_row_scores.default, (q, k, mask, scorer.scale, -1), scorer.node)
+            if ctx.score_pool > 1:
+                with graph.inserting_after(scores):
+                    scores = call(graph, methods.pool_scores, (scores, ctx.score_pool), scorer.node)
             with graph.inserting_after(scores):
                 keep = call(graph, tr.keep_plan.default, (scores, droppable, stage.keep, num_droppable), scorer.node)
             with graph.inserting_after(keep):
