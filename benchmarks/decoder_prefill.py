@@ -35,18 +35,28 @@ import tokenreduce
 from tokenreduce.bench import interleaved, time_call
 from tokenreduce.evaluate import llm
 
-METHODS = {
-    "fastv": dict(layers=[2], keep_ratio=0.5),
-    "pyramiddrop": dict(keep_ratio=0.5),
-    "gemfilter": dict(layers=[5], keep_tokens=256),
+# name -> (method, settings); the quality runs (benchmarks/decoder_quality.py) use the same names.
+METHODS: dict[str, tuple[str, dict]] = {
+    "fastv": ("fastv", dict(layers=[2], keep_ratio=0.5)),
+    "pyramiddrop": ("pyramiddrop", dict(keep_ratio=0.5)),
+    "gemfilter+pool": ("gemfilter", dict(layers=[14], keep_tokens=512, score_pool=15)),
+    "gemfilter-L8": ("gemfilter", dict(layers=[8], keep_tokens=256, score_pool=15)),
 }
+
+
+def _call(dec: tokenreduce.ReducedDecoder, ids: torch.Tensor, span: torch.Tensor):  # type: ignore[no-untyped-def]
+    return lambda: dec.prefill(ids, None, span)
+
+
+def _hf_call(model: torch.nn.Module, ids: torch.Tensor):  # type: ignore[no-untyped-def]
+    return lambda: model(ids, logits_to_keep=1)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--targets", nargs="+", default=["eager", "inductor"], choices=["eager", "inductor"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="named settings")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -65,18 +75,18 @@ def main(argv: list[str] | None = None) -> int:
             base.prefill(ids, None, span)
             if target == "eager":
                 with torch.inference_mode():
-                    hf = [time_call(lambda: model(ids, logits_to_keep=1)) for _ in range(max(1, args.repeats))]
+                    hf = [time_call(_hf_call(model, ids)) for _ in range(max(1, args.repeats))]
                 print(f"[{n} tokens] transformers forward (eager sanity line): {statistics.median(hf):.0f} ms",
                       file=sys.stderr)
             for method in args.methods:
-                dec = tokenreduce.reduce_decoder(model, method, inner=target, count_model_flops=True,
-                                                 **METHODS[method])
+                kind, settings = METHODS[method]
+                dec = tokenreduce.reduce_decoder(model, kind, inner=target, count_model_flops=True, **settings)
                 dec.prefill(ids, None, span)
-                t = interleaved(lambda: base.prefill(ids, None, span), lambda: dec.prefill(ids, None, span),
-                                repeats=args.repeats, warmup=args.warmup)
+                t = interleaved(_call(base, ids, span), _call(dec, ids, span), repeats=args.repeats,
+                                warmup=args.warmup)
                 full, pruned = t.median_unreduced_ms, t.median_reduced_ms
                 fr = dec.report.flops_after / base.report.flops_after  # type: ignore[operator,union-attr]
-                row = dict(method=method, settings=METHODS[method], tokens=n, span=int(span.sum()), target=target,
+                row = dict(method=method, settings=settings, tokens=n, span=int(span.sum()), target=target,
                            full_ms=full, pruned_ms=pruned, speedup=full / pruned, flops_ratio=fr,
                            efficiency=(full / pruned) * fr, repeats=args.repeats,
                            tokens_per_block=dec.report.tokens_per_block)  # type: ignore[union-attr]

@@ -71,7 +71,7 @@ class RefLlama:
 
     @torch.no_grad()
     def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, span: torch.Tensor,
-                stages: list[tuple[int, int, int]]):  # type: ignore[no-untyped-def]
+                stages: list[tuple[int, int, int]], pool: int = 1):  # type: ignore[no-untyped-def]
         """stages: (score_layer, first_pruned_layer, keep) as in the papers (FastV: (K-1, K, keep);
         GemFilter: (L, 0, k)). Returns last logits [B, V] and per layer (k, v, original positions)."""
         b, n, _ = embeds.shape
@@ -87,7 +87,7 @@ class RefLlama:
                 allowed = (idx[:, None, :] <= idx[:, :, None]) & mask.bool()[:, None, :]
                 out, p = self._attend(q, k, v, allowed)
                 x = self._finish(layers[li], x, out)
-            keep_idx = _select(p[:, :, -1].mean(1), span, keep)
+            keep_idx = _select(_pool(p[:, :, -1].mean(1), pool), span, keep)
             x, idx = _take(embeds, keep_idx), keep_idx
             stages = []
         else:
@@ -97,7 +97,7 @@ class RefLlama:
         by_first = {s[1]: s for s in stages}
         for li, layer in enumerate(layers):
             if li in by_first:
-                keep_idx = _select(last_scores, droppable, by_first[li][2])
+                keep_idx = _select(_pool(last_scores, pool), droppable, by_first[li][2])
                 x = _take(x, keep_idx)
                 idx = idx.gather(1, keep_idx)
                 droppable = droppable.gather(1, keep_idx)
@@ -143,6 +143,15 @@ def _select(scores: torch.Tensor, droppable: torch.Tensor, keep: int) -> torch.T
         best = cand[torch.sort(s[cand], descending=True, stable=True).indices[:keep]]
         rows.append(torch.sort(torch.cat([torch.nonzero(~d).flatten(), best])).values)
     return torch.stack(rows)
+
+
+def _pool(scores: torch.Tensor, window: int) -> torch.Tensor:
+    """Each token's score replaced by the max over itself and `window // 2` neighbours on each side."""
+    if window == 1:
+        return scores
+    h = window // 2
+    padded = torch.nn.functional.pad(scores, (h, h), value=float("-inf"))
+    return padded.unfold(-1, window, 1).max(-1).values
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

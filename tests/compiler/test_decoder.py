@@ -45,6 +45,8 @@ CASES = {
     "fastv": (dict(layers=[2], keep_ratio=0.5), [(1, 2, 8)]),
     "pyramiddrop": (dict(layers=[1, 2, 3], keep_ratio=0.5), [(0, 1, 8), (1, 2, 4), (2, 3, 2)]),
     "gemfilter": (dict(layers=[2], keep_tokens=6), [(2, 0, 6)]),
+    "gemfilter-pooled": (dict(layers=[2], keep_tokens=6, score_pool=3), [(2, 0, 6)]),
+    "pyramiddrop-pooled": (dict(layers=[1, 3], keep_ratio=0.5, score_pool=5), [(0, 1, 8), (2, 3, 4)]),
 }
 
 
@@ -76,11 +78,12 @@ def test_encoder_analysis_skips_causal_blocks(llama, prompt):
 def test_prefill_and_generate_match_reference(llama, prompt, method):
     ids, mask, span = prompt
     kw, stages = CASES[method]
-    dec = tokenreduce.reduce_decoder(llama, method, **kw)
+    dec = tokenreduce.reduce_decoder(llama, method.split("-")[0], **kw)
     pre = dec.prefill(ids, mask, span)
     ref = RefLlama(llama)
     embeds = llama.model.embed_tokens(ids)
-    ref_logits, ref_cache = ref.prefill(embeds, mask, span, stages)
+    pool = kw.get("score_pool", 1)
+    ref_logits, ref_cache = ref.prefill(embeds, mask, span, stages, pool)
     torch.testing.assert_close(pre.logits, ref_logits, atol=1e-4, rtol=1e-4)
     for layer, (k, v, idx) in zip(pre.cache.layers, ref_cache):
         assert torch.equal(layer.positions, idx)
@@ -92,7 +95,7 @@ def test_prefill_and_generate_match_reference(llama, prompt, method):
 
     steps = 6
     out = dec.generate(ids, mask, span, max_new_tokens=steps)
-    _, ref_cache = ref.prefill(embeds, mask, span, stages)
+    _, ref_cache = ref.prefill(embeds, mask, span, stages, pool)
     want = ref.decode(ref_logits, ref_cache, mask, steps, llama.model.embed_tokens)
     assert torch.equal(out[:, :N], ids)
     assert torch.equal(out[:, N:], want)
@@ -153,6 +156,11 @@ def test_errors(llama, prompt, kwargs, span_arg, match):
         dec.prefill(ids, mask, span if span_arg else None)
 
 
+def test_bad_score_pool_is_refused(llama):
+    with pytest.raises(TokenReduceError, match="score_pool must be an odd int"):
+        tokenreduce.reduce_decoder(llama, "fastv", score_pool=4)
+
+
 def test_unequal_spans_are_refused(llama, prompt):
     ids, mask, span = prompt
     bad = span.clone()
@@ -205,3 +213,40 @@ def test_llava_image_span_found_from_the_image_token(prompt):
     _, ref_cache = ref.prefill(captured["embeds"], mask, span, [(1, 2, 4)])
     want = ref.decode(ref_logits, ref_cache, mask, 4, model.model.language_model.embed_tokens)
     assert torch.equal(out[:, ids.shape[1]:], want)
+
+
+def test_keep_plan_ties_zeros_and_protected_tokens():
+    """Exact expectations: non-span tokens always kept, best span scores kept, equal scores (as after
+    pooling) and zero scores resolved to the earlier token, output ascending."""
+    from tokenreduce.methods.decoder import keep_plan, pool_scores
+
+    scores = torch.tensor([[0.9, 0.1, 0.3, 0.3, 0.0, 0.0, 0.3, 0.2]])
+    span = torch.tensor([[False, True, True, True, True, True, True, False]])
+    assert keep_plan(scores, span, 2, 6).tolist() == [[0, 2, 3, 7]]  # 0.3 ties: positions 2, 3 before 6
+    assert keep_plan(scores, span, 4, 6).tolist() == [[0, 1, 2, 3, 6, 7]]
+    assert keep_plan(scores, span, 5, 6).tolist() == [[0, 1, 2, 3, 4, 6, 7]]  # zero scores: earlier first
+    # scores that differ by one fp32 ulp keep their order whatever their positions
+    s = torch.tensor([[0.5, torch.nextafter(torch.tensor(0.5), torch.tensor(1.0)).item()]])
+    assert keep_plan(s, torch.ones(1, 2, dtype=torch.bool), 1, 2).tolist() == [[1]]
+    assert pool_scores(torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.5]]), 3).tolist() == [[1.0, 1.0, 1.0, 0.5, 0.5]]
+
+
+def test_score_fusion_on_the_decoder_graph_keeps_the_results(llama, prompt):
+    """The GPU fusion pass (forced here on CPU, where the fused op runs its reference) merges FastV's score
+    with block K-1's causal SDPA without changing any output."""
+    import copy
+
+    from tokenreduce.passes.fuse_attention_scores import fuse_attention_scores
+
+    ids, mask, span = prompt
+    dec = tokenreduce.reduce_decoder(llama, "fastv", layers=[2])
+    compiled, flat = dec.compiled_for(ids, mask, span)
+    fused = copy.deepcopy(compiled.gm)
+    res = fuse_attention_scores(fused, None, force=True)
+    assert res.rewrites == 1, res.notes
+    assert any(n.target is torch.ops.tokenreduce.attention_with_scores.default for n in fused.graph.nodes)
+    with torch.no_grad():
+        want, got = compiled.gm(*flat), fused(*flat)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(got[1] + got[2], want[1] + want[2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -23,6 +23,7 @@ unequal size, keep counts or layers out of range.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +38,14 @@ from tokenreduce.errors import TokenReduceError
 from tokenreduce.methods import decoder as methods
 from tokenreduce.passes.emit_kv_cache import emit_kv_cache
 from tokenreduce.passes.fix_token_shapes import fix_token_shapes
+from tokenreduce.passes.fuse_attention_scores import fuse_attention_scores
 from tokenreduce.passes.prune_decoder_tokens import DecoderContext, prune_decoder_tokens
 
-PASSES = [("prune_decoder_tokens", prune_decoder_tokens), ("emit_kv_cache", emit_kv_cache)]
+PASSES: list[tuple[str, Callable[[fx.GraphModule, Any], Any]]] = [
+    ("prune_decoder_tokens", prune_decoder_tokens),
+    ("fuse_attention_scores", fuse_attention_scores),  # GPU graphs only: FastV-style score + SDPA in one kernel
+    ("emit_kv_cache", emit_kv_cache),
+]
 
 
 class _Prefill(torch.nn.Module):
@@ -188,13 +194,16 @@ class ReducedDecoder:
         gm = captured.gm
         analysis = analyse_decoder(gm)
         cfg = self.settings
+        layers: tuple[int, ...] = ()
+        stages: list[methods.Stage] = []
         if cfg.method == "none":
-            layers, stages = (), []
+            pass
         else:
-            layers = cfg.layers if cfg.layers is not None else methods.default_layers(cfg.method, len(analysis.blocks))
+            layers = tuple(cfg.layers) if cfg.layers is not None else methods.default_layers(cfg.method,
+                                                                                             len(analysis.blocks))
             stages = methods.stages(cfg.method, len(analysis.blocks), span_size, tuple(layers), cfg.keep_ratio,
                                     cfg.keep_tokens)
-        ctx = DecoderContext(analysis=analysis, stages=stages, span_size=span_size)
+        ctx = DecoderContext(analysis=analysis, stages=stages, span_size=span_size, score_pool=cfg.score_pool)
         notes = []
         for name, fn in PASSES:
             res = fn(gm, ctx)
@@ -208,7 +217,8 @@ class ReducedDecoder:
         report = DecoderReport(
             method=cfg.method,
             settings={"layers": list(layers), **({"keep_tokens": stages[0].keep} if cfg.method == "gemfilter"
-                                                  else {"keep_ratio": cfg.keep_ratio} if stages else {})},
+                                                  else {"keep_ratio": cfg.keep_ratio} if stages else {}),
+                      **({"score_pool": cfg.score_pool} if cfg.score_pool > 1 else {})},
             num_tokens=analysis.num_tokens, span_tokens=span_size, stages=stages,
             tokens_per_block=_tokens_per_block(analysis, stages, span_size), skipped=analysis.skipped, passes=notes)
         runner: Any = gm
@@ -311,7 +321,8 @@ def _tokens_per_block(analysis: DecoderAnalysis, stages: list[methods.Stage], sp
 
 
 def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, layers: Any = None,
-                   keep_ratio: float | None = None, keep_tokens: int | None = None, inner: str = "eager",
+                   keep_ratio: float | None = None, keep_tokens: int | None = None, score_pool: int = 1,
+                   inner: str = "eager",
                    count_model_flops: bool = False) -> ReducedDecoder:
     """Prune the prefill of a Hugging Face decoder LLM / VLM.
 
@@ -325,6 +336,8 @@ def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, layers: Any
         keep_ratio: FastV / PyramidDrop: fraction of the span kept at each stage (default 0.5).
         keep_tokens: GemFilter: span tokens kept (default: the paper's 1024, or a quarter of the span when
             that is smaller).
+        score_pool: max-pool the last-query scores over this many neighbouring tokens before ranking (odd; 1,
+            the default, is the papers' ranking; a SnapKV-style extension that keeps multi-token facts whole).
         inner: "eager" (default: runs the rewritten graph as is) or "inductor".
         count_model_flops: count prefill FLOPs before/after for the report (runs the model twice).
     """
@@ -333,5 +346,6 @@ def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, layers: Any
                                "or none (encoder methods go through tokenreduce.compile)")
     if keep_ratio is None:
         keep_ratio = methods.PYRAMID_KEEP if method == "pyramiddrop" else methods.FASTV_KEEP
-    settings = Settings(method=method, layers=layers, keep_ratio=keep_ratio, keep_tokens=keep_tokens, inner=inner)
+    settings = Settings(method=method, layers=layers, keep_ratio=keep_ratio, keep_tokens=keep_tokens,
+                        score_pool=score_pool, inner=inner)
     return ReducedDecoder(model, settings, count_model_flops=count_model_flops)

@@ -42,6 +42,8 @@ class Settings:
         keep_ratio: EViT fraction of the non-protected tokens kept at each chosen layer, in (0, 1]. FastV /
             PyramidDrop: fraction of the span tokens kept at each stage.
         keep_tokens: GemFilter: span tokens kept (the paper's k).
+        score_pool: decoder methods: max-pool the last-query scores over this many neighbouring tokens
+            before ranking (odd; 1 = the papers' ranking; SnapKV-style extension, see methods/decoder.py).
         layers: block indices (0-based) where a reduction happens. EViT default: the paper's 4th, 7th and
             10th of 12 blocks, scaled to the model depth. ToMe default: every block.
         prop_attn: add log(size) to the attention logits after a merge. None means the method's
@@ -63,6 +65,7 @@ class Settings:
     r_schedule: str = "constant"
     keep_ratio: float = 1.0
     keep_tokens: int | None = None
+    score_pool: int = 1
     layers: tuple[int, ...] | None = None
     prop_attn: bool | None = None
     protected_tokens: int | None = None
@@ -95,6 +98,8 @@ class Settings:
             if isinstance(self.layers, int):
                 object.__setattr__(self, "layers", (self.layers,))
             object.__setattr__(self, "layers", tuple(int(v) for v in self.layers))  # type: ignore[union-attr]
+        if not isinstance(self.score_pool, int) or self.score_pool < 1 or self.score_pool % 2 == 0:
+            raise TokenReduceError(f"score_pool must be an odd int >= 1 (1 = off), got {self.score_pool!r}")
         if self.keep_tokens is not None and (not isinstance(self.keep_tokens, int) or self.keep_tokens < 1):
             raise TokenReduceError(f"keep_tokens must be a positive int, got {self.keep_tokens!r}")
         if self.protected_tokens is not None and self.protected_tokens < 0:
@@ -133,6 +138,6 @@ class Settings:
 
 
 CACHE_FIELDS = (
-    "method", "r", "r_schedule", "keep_ratio", "keep_tokens", "layers", "prop_attn", "protected_tokens", "fuse", "unmerge",
+    "method", "r", "r_schedule", "keep_ratio", "keep_tokens", "score_pool", "layers", "prop_attn", "protected_tokens", "fuse", "unmerge",
     "clamp_r",
 )

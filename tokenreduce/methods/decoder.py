@@ -40,6 +40,7 @@ PYRAMID_FRACTIONS = (8 / 32, 16 / 32, 24 / 32)  # stage layers of the 32-layer L
 PYRAMID_KEEP = 0.5  # lambda
 GEMFILTER_FRACTION = 13 / 32  # the paper's filter layer for LLaMA-3.1-8B (32 layers)
 GEMFILTER_KEEP_TOKENS = 1024
+MAX_TOKENS = 1 << 16  # keep_plan's tie-break is exact up to this many tokens per row
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,19 @@ def stages(method: str, num_layers: int, span: int, layers: tuple[int, ...], kee
     return out
 
 
+def pool_scores(scores: torch.Tensor, window: int) -> torch.Tensor:
+    """Max of each token's score and its neighbours' within `window` (odd) -> `[B, N]`.
+
+    An opt-in extension, not part of the three papers: SnapKV (Li et al., "SnapKV: LLM Knows What You are
+    Looking for Before Generation", 2024) pools attention scores so a selected token brings its
+    neighbours along, which keeps multi-token facts (a number split into digit tokens) whole.
+    """
+    if window <= 1:
+        return scores
+    pad = window // 2
+    return torch.nn.functional.max_pool1d(scores[:, None, :], window, stride=1, padding=pad)[:, 0, :]
+
+
 def keep_plan(scores: torch.Tensor, droppable: torch.Tensor, keep: int, num_droppable: int) -> torch.Tensor:
     """Which tokens survive one step, in original order.
 
@@ -110,13 +124,20 @@ def keep_plan(scores: torch.Tensor, droppable: torch.Tensor, keep: int, num_drop
     Returns:
         `[B, N - num_droppable + keep]` int64 indices into the current tokens, ascending: every
         non-span token, plus the `keep` highest-scoring span tokens (ties go to the earlier token).
+        Scores must be >= 0 (attention probabilities, possibly pooled).
     """
     n = scores.shape[-1]
+    if n > MAX_TOKENS:
+        raise TokenReduceError(f"keep_plan ranks at most {MAX_TOKENS} tokens per row, got {n}")
     n_out = n - num_droppable + keep
-    # Non-span tokens rank above everything; span tokens by score. Export-safe (ONNX TopK with a constant
-    # k, no stable sort): the rank key is float64 `score - position * 2^-60`, which puts earlier tokens
-    # first among equal scores and cannot reorder two fp32 scores that differ by more than ~1e-14.
+    # Non-span tokens rank above everything; span tokens by score, earlier first among equal scores.
+    # Export-safe (two ONNX TopKs with constant k, no stable sort). The float64 key scales a positive
+    # score by (1 - position * 2^-42): at most 2^-26 relative for N <= 2^16, below half an fp32 ulp, so
+    # two different fp32 scores never swap, while equal scores (e.g. after score_pool) are ordered by
+    # position. Zero scores get -(position + 1): below every positive score, again earlier first.
     pos = torch.arange(n, device=scores.device, dtype=torch.float64)
-    key = torch.where(droppable, scores.to(torch.float64) - pos * 2.0**-60, torch.full_like(pos, float("inf")))
+    s64 = scores.to(torch.float64)
+    key = torch.where(s64 > 0, s64 * (1.0 - pos * 2.0**-42), -(pos + 1.0))
+    key = torch.where(droppable, key, torch.full_like(key, float("inf")))
     idx = key.topk(n_out, dim=-1).indices
     return idx.topk(n_out, dim=-1, largest=False).values  # ascending: original order
