@@ -224,15 +224,32 @@ _TRIANGLE = {torch.ops.aten.tril.default, torch.ops.aten.triu.default}
 
 
 def ancestors(node: fx.Node, limit: int = 200) -> list[fx.Node]:
+    """`node` and the nodes it is computed from, at most `limit` of them (nearest first)."""
+    return list(_reach([node], "all_input_nodes", limit))
+
+
+def descendants(roots: list[fx.Node]) -> set[fx.Node]:
+    """The roots and every node computed from them."""
+    return set(_reach(roots, "users", None))
+
+
+def nodes_between(sources: list[fx.Node], targets: list[fx.Node]) -> set[fx.Node]:
+    """Nodes on some path from a source to a target (both ends included)."""
+    up = _reach(targets, "all_input_nodes", None)
+    return {n for n in descendants(sources) if n in up}
+
+
+def _reach(roots: list[fx.Node], edges: str, limit: int | None) -> dict[fx.Node, None]:
+    """Nodes reachable from `roots` along `edges` ("users" or "all_input_nodes"), in visit order."""
     seen: dict[fx.Node, None] = {}
-    stack = [node]
-    while stack and len(seen) < limit:
+    stack = list(roots)
+    while stack and (limit is None or len(seen) < limit):
         n = stack.pop()
         if n in seen:
             continue
         seen[n] = None
-        stack.extend(n.all_input_nodes)
-    return list(seen)
+        stack.extend(getattr(n, edges))
+    return seen
 
 
 def _index_only(node: fx.Node) -> bool:
@@ -260,7 +277,7 @@ def is_causal(att: Attention) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- blocks
-def _ancestor_linear(node: object, limit: int = 12) -> fx.Node | None:
+def ancestor_linear(node: object, limit: int = 12) -> fx.Node | None:
     """First `linear` on the first-argument chain above `node` (q -> reshape/permute/unbind -> linear)."""
     for _ in range(limit):
         if not isinstance(node, fx.Node) or node.op != "call_function":
@@ -335,7 +352,7 @@ def analyse_block(index: int, att: Attention) -> Block:
     if att.is_causal or mask_is_causal(att.mask):
         blk.skip_reason = "causal attention (decoder); encoder methods (ToMe/EViT) need bidirectional attention"
         return blk
-    lin = _ancestor_linear(att.q)
+    lin = ancestor_linear(att.q)
     if lin is None:
         blk.skip_reason = "no linear projection found above the attention query"
         return blk

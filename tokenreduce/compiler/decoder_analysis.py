@@ -25,15 +25,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from tokenreduce.compiler import patterns as P
 from tokenreduce.compiler.analysis import (
     Attention,
     Block,
     analyse_block,
-    ancestors,
+    ancestor_linear,
     args_of,
+    descendants,
     find_attention,
     mask_is_causal,
+    nodes_between,
     shape,
 )
 from tokenreduce.errors import TokenReduceError
@@ -68,39 +69,10 @@ def is_causal(att: Attention) -> bool:
     return att.is_causal or mask_is_causal(att.mask)
 
 
-def _descendants(roots: list[fx.Node]) -> set[fx.Node]:
-    out: set[fx.Node] = set()
-    stack = list(roots)
-    while stack:
-        n = stack.pop()
-        if n in out:
-            continue
-        out.add(n)
-        stack.extend(n.users)
-    return out
-
-
-def _path(src: fx.Node, dst: fx.Node) -> set[fx.Node]:
-    """Nodes on some path from `src` to `dst` (both included)."""
-    anc = set(ancestors(dst, 10_000))
-    return {n for n in _descendants([src]) if n in anc}
-
-
 def _cache_source(node: object) -> fx.Node | None:
     while isinstance(node, fx.Node) and node.target in _KV_LAYOUT:
         node = args_of(node)[0]
     return node if isinstance(node, fx.Node) else None
-
-
-def _projection(node: object, limit: int = 16) -> fx.Node | None:
-    """The linear projection feeding an attention operand (first-argument chain)."""
-    for _ in range(limit):
-        if not isinstance(node, fx.Node) or node.op != "call_function":
-            return None
-        if node.target in P.LINEAR:
-            return node
-        node = args_of(node)[0]
-    return None
 
 
 def analyse_decoder(gm: fx.GraphModule) -> DecoderAnalysis:
@@ -127,7 +99,7 @@ def analyse_decoder(gm: fx.GraphModule) -> DecoderAnalysis:
     if not decoder:
         why = "; ".join(f"{n}: {r}" for n, r in skipped[:3])
         raise TokenReduceError(f"no causal self-attention blocks found (is this a decoder LLM?): {why}")
-    stream = _descendants([decoder[0].block.x_in])  # type: ignore[list-item]
+    stream = descendants([decoder[0].block.x_in])  # type: ignore[list-item]
     for db in decoder:
         att = db.attention
         k_src, v_src = _cache_source(att.k), _cache_source(att.v)
@@ -135,10 +107,10 @@ def analyse_decoder(gm: fx.GraphModule) -> DecoderAnalysis:
             db.kv = (k_src, v_src)
         side: dict[fx.Node, None] = {}
         for operand in (att.q, att.k, att.v):
-            proj = _projection(operand)
+            proj = ancestor_linear(operand, 16)
             if proj is None:
                 continue
-            path = _path(proj, operand)
+            path = nodes_between([proj], [operand])
             db.qkv_path |= path
             for n in path:
                 for inp in n.all_input_nodes:

@@ -30,6 +30,7 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
+from tokenreduce.compiler.analysis import nodes_between
 from tokenreduce.compiler.decoder_analysis import DecoderAnalysis
 from tokenreduce.kernels import decoder_ops as _dops  # noqa: F401  (registers tokenreduce::keep_plan)
 from tokenreduce.kernels import ops as _ops  # noqa: F401
@@ -53,23 +54,8 @@ class DecoderContext:
 
 def _clone_path(graph: fx.Graph, sources: list[fx.Node], targets: list[fx.Node]) -> dict[fx.Node, fx.Node]:
     """Copy every node on a path from `sources` to `targets` (sources themselves are shared)."""
-    anc: set[fx.Node] = set()
-    stack = list(targets)
-    while stack:
-        n = stack.pop()
-        if n in anc:
-            continue
-        anc.add(n)
-        stack.extend(n.all_input_nodes)
-    desc: set[fx.Node] = set()
-    stack = list(sources)
-    while stack:
-        n = stack.pop()
-        if n in desc:
-            continue
-        desc.add(n)
-        stack.extend(n.users)
-    on_path = [n for n in graph.nodes if n in anc and n in desc and n not in sources]
+    between = nodes_between(sources, targets)
+    on_path = [n for n in graph.nodes if n in between and n not in sources]
     env: dict[fx.Node, fx.Node] = {}
     anchor = targets[-1]
     for n in on_path:
