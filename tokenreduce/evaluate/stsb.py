@@ -39,10 +39,12 @@ def encode(
     sentences: Sequence[str],
     batch_size: int = 32,
     max_length: int = 128,
+    on_batch: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
     """Mean-pooled embeddings ``[len(sentences), D]`` (float32, not normalised), input order.
 
     Sentences are batched in order of length (less padding, faster) and put back afterwards.
+    ``on_batch(n)`` is called after each batch of ``n`` sentences (progress bars).
     """
     order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
     chunks: list[torch.Tensor] = []
@@ -54,6 +56,8 @@ def encode(
             )
             hidden = model_fn(enc["input_ids"], enc["attention_mask"])
             chunks.append(mean_pool(hidden, enc["attention_mask"]).float())
+            if on_batch is not None:
+                on_batch(len(batch))
     if not chunks:
         return torch.empty(0, 0)
     embeddings = torch.cat(chunks)
@@ -73,6 +77,24 @@ def stsb_spearman(
         raise ValueError("need at least two pairs for a rank correlation")
     n = len(pairs)
     emb = encode(model_fn, tokenizer, [p[0] for p in pairs] + [p[1] for p in pairs], batch_size)
-    cosine = F.cosine_similarity(emb[:n], emb[n:], dim=-1)
-    gold = [p[2] for p in pairs]
-    return float(spearmanr(cosine.numpy(), gold).statistic) * 100.0
+    return pair_spearman(emb[:n], emb[n:], [p[2] for p in pairs])
+
+
+def pair_spearman(first: torch.Tensor, second: torch.Tensor, gold: Sequence[float]) -> float:
+    """Spearman x100 between the cosine similarity of row-paired embeddings ``[n, D]`` and ``gold``."""
+    cosine = F.cosine_similarity(first.float(), second.float(), dim=-1)
+    return float(spearmanr(cosine.numpy(), list(gold)).statistic) * 100.0
+
+
+def fixed_length(tokenizer: Callable[..., dict[str, torch.Tensor]], length: int) -> Callable[..., dict[str, torch.Tensor]]:
+    """A tokenizer stand-in for :func:`encode` that pads (and truncates) every batch to ``length`` tokens.
+
+    A compiled graph is specialised to its token count (only the batch is dynamic), so one padded
+    length lets one reduced graph serve a whole split; ToMe's ``r`` is only comparable at a fixed length.
+    """
+
+    def tokenize(batch: Sequence[str], **_ignored: object) -> dict[str, torch.Tensor]:
+        return tokenizer(list(batch), padding="max_length", truncation=True, max_length=length,
+                         return_tensors="pt")
+
+    return tokenize

@@ -1,0 +1,310 @@
+"""The command line for decoder LLMs / VLMs: `tokenreduce inspect|bench|convert hf:PATH --method fastv ...`.
+
+`cli.py` hands over here when MODEL is a local Hugging Face folder whose config names a causal LM
+(`*ForCausalLM`) or a vision-language model (`*ForConditionalGeneration` with an image token id). The
+prompt is `--prompt TEXT` (or `--prompt @FILE`, tokenized with the folder's tokenizer) or random token
+ids of `--seq-len` tokens; the span a method may drop is `--span START:END` (token indices, Python slice
+rules, negatives count from the end), by default everything but the first and last 16 tokens for a text
+model and the image tokens for a VLM. What ran is always printed (span, stages, tokens per block).
+
+    tokenreduce inspect hf:./smollm2 --prompt @doc.txt --span 40:-30
+    tokenreduce bench hf:./smollm2 --method gemfilter --layers 5 --keep-tokens 256 --seq-len 2048
+    tokenreduce convert hf:./smollm2 --method fastv -o prefill.onnx
+
+Refuses: the onnxruntime/TensorRT bench targets (the pruned prefill runs eager or inductor; ONNX export
+is `convert`), `--to tensorrt`, spans outside the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenreduce.errors import TokenReduceError
+
+DECODER_METHODS = ("fastv", "pyramiddrop", "gemfilter")
+DEFAULT_SEQ_LEN = 512
+DEFAULT_MARGIN = 16  # text models: tokens kept outside the default span at each end
+
+
+def decoder_folder(spec: str) -> Path | None:
+    """The folder of an `hf:` MODEL that is a decoder LLM or a VLM, else None."""
+    if not spec.startswith("hf:"):
+        return None
+    path = Path(spec[3:]).expanduser()
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    archs = cfg.get("architectures") or []
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return path
+    if "text_config" in cfg and ("image_token_id" in cfg or "image_token_index" in cfg):
+        return path
+    return None
+
+
+@dataclass
+class DecoderPrompt:
+    model: torch.nn.Module
+    input_ids: torch.Tensor
+    span: tuple[int, int] | None
+    extra: dict[str, torch.Tensor]
+    description: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def span_text(self) -> str:
+        if self.span is None:
+            return "image tokens (from the model's image token id)"
+        return f"tokens {self.span[0]}..{self.span[1] - 1}"
+
+
+def _parse_span(text: str | None, n: int, vlm: bool) -> tuple[int, int] | None:
+    if text is None:
+        if vlm:
+            return None
+        if n <= 2 * DEFAULT_MARGIN:
+            raise TokenReduceError(f"the prompt has {n} tokens; the default span leaves {DEFAULT_MARGIN} at each "
+                                   "end, so give --span START:END or a longer prompt")
+        return DEFAULT_MARGIN, n - DEFAULT_MARGIN
+    try:
+        a, b = text.split(":")
+        start = int(a) if a else 0
+        end = int(b) if b else n
+    except ValueError as exc:
+        raise TokenReduceError(f"--span takes START:END token indices (e.g. 16:-32), got {text!r}") from exc
+    start, end = (start + n if start < 0 else start), (end + n if end < 0 else end)
+    if not 0 <= start < end <= n:
+        raise TokenReduceError(f"--span {text} selects nothing inside the {n}-token prompt")
+    return start, end
+
+
+def load(args: argparse.Namespace, folder: Path, batch: int = 1) -> DecoderPrompt:
+    """The model (weights if the folder has them, else seeded random init) and a prompt batch."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    arch = (getattr(cfg, "architectures", None) or [""])[0]
+    cls = getattr(transformers, arch, None)
+    vlm = hasattr(cfg, "text_config") and hasattr(cfg, "vision_config")
+    if cls is None:
+        cls = transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
+    torch.manual_seed(args.seed)
+    weights = any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
+    try:
+        if weights:
+            model = cls.from_pretrained(str(folder), local_files_only=True, attn_implementation="sdpa")
+        else:
+            cfg._attn_implementation = "sdpa"
+            model = cls._from_config(cfg) if hasattr(cls, "_from_config") else cls.from_config(cfg)
+    except Exception as exc:  # noqa: BLE001
+        raise TokenReduceError(f"transformers could not load {folder}: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    text_cfg = cfg.get_text_config()
+    if args.prompt is not None:
+        text = Path(args.prompt[1:]).read_text() if args.prompt.startswith("@") else args.prompt
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise TokenReduceError(f"{folder} has no usable tokenizer for --prompt ({str(exc).splitlines()[0]}); "
+                                   "use --seq-len for random token ids") from exc
+        ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)[None]
+        source = f"--prompt ({ids.shape[1]} tokens)"
+    else:
+        n = args.seq_len or DEFAULT_SEQ_LEN
+        g = torch.Generator().manual_seed(args.seed + 1)
+        ids = torch.randint(min(100, text_cfg.vocab_size - 1), text_cfg.vocab_size, (1, n), generator=g)
+        source = f"random token ids ({n} tokens; --prompt for text)"
+    extra: dict[str, torch.Tensor] = {}
+    if vlm:
+        image_id = getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
+        vc = cfg.vision_config
+        n_img = (vc.image_size // vc.patch_size) ** 2 + (1 if getattr(cfg, "vision_feature_select_strategy", "default") == "full" else 0)
+        ids = torch.cat([ids[:, :1], torch.full((1, n_img), int(image_id)), ids[:, 1:]], dim=1)
+        g = torch.Generator().manual_seed(args.seed + 2)
+        extra["pixel_values"] = torch.randn(batch, vc.num_channels, vc.image_size, vc.image_size, generator=g)
+        source += f" + {n_img} image tokens (random pixels)"
+    ids = ids.expand(batch, -1).contiguous()
+    span = _parse_span(args.span, ids.shape[1], vlm)
+    desc = f"{folder.name} ({type(model).__name__}, {'weights' if weights else 'random init'}), {source}"
+    return DecoderPrompt(model, ids, span, extra, desc)
+
+
+def _method_kwargs(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if args.layers is not None:
+        kw["layers"] = args.layers
+    if args.keep_ratio is not None and method != "gemfilter":
+        kw["keep_ratio"] = args.keep_ratio
+    if getattr(args, "keep_tokens", None) is not None:
+        kw["keep_tokens"] = args.keep_tokens
+    return kw
+
+
+def _summary(dec: Any) -> dict[str, Any]:
+    rep = dec.report
+    return {"method": rep.method, "settings": rep.settings, "prompt_tokens": rep.num_tokens, "span_tokens": rep.span_tokens,
+            "stages": [vars(s) for s in rep.stages], "tokens_per_block": rep.tokens_per_block,
+            "flops_before": rep.flops_before, "flops_after": rep.flops_after, "flops_ratio": rep.flops_ratio,
+            "not_pruned": [{"block": n, "reason": r} for n, r in rep.skipped]}
+
+
+def _blocks_text(tokens: list[int]) -> str:
+    """Run-length text of tokens per block: `0-1: 2048, 2-29: 1100`."""
+    parts, start = [], 0
+    for i in range(1, len(tokens) + 1):
+        if i == len(tokens) or tokens[i] != tokens[start]:
+            parts.append(f"{start}-{i - 1}: {tokens[start]}" if i - 1 > start else f"{start}: {tokens[start]}")
+            start = i
+    return ", ".join(parts)
+
+
+def inspect(args: argparse.Namespace, ui: Any, folder: Path) -> int:
+    import tokenreduce
+    from tokenreduce.cli import EXIT_OK, _emit_json
+
+    methods = [args.method] if args.method in DECODER_METHODS else list(DECODER_METHODS)
+    results = []
+    with ui.steps(1 + len(methods), "loading model") as steps:
+        with steps.stage(f"loading {args.model}"):
+            p = load(args, folder, args.batch or 1)
+        for method in methods:
+            with steps.stage(f"{method}: capturing, pruning, counting FLOPs"):
+                dec = tokenreduce.reduce_decoder(p.model, method, count_model_flops=True, **_method_kwargs(args, method))
+                dec.prefill(p.input_ids, None, p.span, **p.extra)
+                results.append(_summary(dec))
+    payload = {"command": "inspect", "model": p.description, "decoder": True, "span": p.span_text,
+               "inputs": {"input_ids": list(p.input_ids.shape), **{k: list(v.shape) for k, v in p.extra.items()}},
+               "methods": results}
+    if ui.json_mode:
+        _emit_json(ui, payload)
+        return EXIT_OK
+    ui.print(f"model: {p.description}")
+    ui.print(f"span (droppable): {p.span_text}; everything else is kept")
+    for r in results:
+        ui.print("")
+        opts = " ".join(f"{k}={v}" for k, v in r["settings"].items())
+        ui.print(f"{r['method']} {opts}: {r['span_tokens']} of {r['prompt_tokens']} prompt tokens in the span")
+        for s in r["stages"]:
+            ui.print(f"  rank with block {s['score_block']}'s last-query attention; from block "
+                     f"{s['first_reduced_block']} keep {s['keep']} span tokens")
+        ui.print(f"  tokens per block: {_blocks_text(r['tokens_per_block'])}")
+        if r["flops_ratio"] is not None:
+            ui.print(f"  prefill FLOPs: {r['flops_before'] / 1e9:.2f} G -> {r['flops_after'] / 1e9:.2f} G "
+                     f"(x{r['flops_ratio']:.3f}, {1 / r['flops_ratio']:.2f}x fewer)")
+    for nr in results[0]["not_pruned"] if results else []:
+        ui.print(f"not pruned: {nr['block']}: {nr['reason']}")
+    return EXIT_OK
+
+
+def _prefill_call(dec: Any, ids: torch.Tensor, span: tuple[int, int] | None, extra: dict[str, torch.Tensor]) -> Any:
+    return lambda: dec.prefill(ids, None, span, **extra)
+
+
+def bench(args: argparse.Namespace, ui: Any, folder: Path) -> int:
+    import tokenreduce
+    from tokenreduce.bench import interleaved, iqr
+    from tokenreduce.cli import EXIT_OK, _emit_json
+
+    bad = [t for t in args.target if t not in ("eager", "inductor")]
+    if bad:
+        raise TokenReduceError(f"decoder prefill benchmarks run on eager or inductor, not {', '.join(bad)} "
+                               "(export the pruned prefill with `tokenreduce convert` for ONNX)")
+    if args.method not in DECODER_METHODS:
+        raise TokenReduceError(f"{args.model} is a decoder: choose --method {' | '.join(DECODER_METHODS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    batches = args.batch if isinstance(args.batch, list) else [args.batch or 1]
+    total = 1 + len(args.target) * len(batches) * (2 + args.warmup + args.repeats)
+    with ui.steps(total, "loading model") as steps:
+        with steps.stage(f"loading {args.model}"):
+            p = load(args, folder, 1)
+        for target in args.target:
+            for b in batches:
+                ids = p.input_ids.expand(b, -1).contiguous()
+                extra = {k: v.expand(b, *v.shape[1:]).contiguous() for k, v in p.extra.items()}
+                with steps.stage(f"{target}, batch {b}: preparing the unpruned prefill"):
+                    base = tokenreduce.reduce_decoder(p.model, "none", inner=target, count_model_flops=True)
+                    base.prefill(ids, None, p.span, **extra)
+                with steps.stage(f"{target}, batch {b}: preparing {args.method}"):
+                    dec = tokenreduce.reduce_decoder(p.model, args.method, inner=target, count_model_flops=True,
+                                                     **_method_kwargs(args, args.method))
+                    dec.prefill(ids, None, p.span, **extra)
+                steps.describe(f"{target}, batch {b}: timing {args.repeats} interleaved rounds")
+                t = interleaved(_prefill_call(base, ids, p.span, extra), _prefill_call(dec, ids, p.span, extra),
+                                args.repeats, args.warmup, on_round=steps.advance)
+                fr = dec.report.flops_after / base.report.flops_after
+                speed = t.median_unreduced_ms / t.median_reduced_ms
+                rows.append({"target": target, "batch": b, "full_ms": t.median_unreduced_ms,
+                             "pruned_ms": t.median_reduced_ms, "speedup": speed, "flops_ratio": fr,
+                             "efficiency": speed * fr, "samples_full_ms": t.samples_unreduced_ms,
+                             "samples_pruned_ms": t.samples_reduced_ms, **_summary(dec)})
+    if ui.json_mode:
+        _emit_json(ui, {"command": "bench", "model": p.description, "decoder": True, "span": p.span_text,
+                        "repeats": args.repeats, "warmup": args.warmup, "rows": rows})
+        return EXIT_OK
+    from rich.table import Table
+
+    ui.print(f"model: {p.description}; span: {p.span_text}")
+    opts = " ".join(f"{k}={v}" for k, v in rows[0]["settings"].items()) if rows else ""
+    table = Table(title=f"prefill: {args.method} {opts} vs unpruned")
+    for col in ("target", "batch", "tokens per block", "full ms", "pruned ms", "speedup", "FLOPs ratio", "efficiency"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["target"], str(r["batch"]), _blocks_text(r["tokens_per_block"]), f"{r['full_ms']:.0f}",
+                      f"{r['pruned_ms']:.0f}", f"{r['speedup']:.2f}x", f"{r['flops_ratio']:.3f}", f"{r['efficiency']:.2f}")
+    ui.print(table)
+    noise = ", ".join(f"{r['target']} b{r['batch']}: {iqr(r['samples_full_ms']):.0f} / {iqr(r['samples_pruned_ms']):.0f}"
+                      for r in rows)
+    ui.print(f"medians of {args.repeats} interleaved rounds; IQR ms (full / pruned) {noise}; speedup = full / pruned, "
+             "efficiency = speedup / FLOPs speedup")
+    return EXIT_OK
+
+
+def convert(args: argparse.Namespace, ui: Any, folder: Path) -> int:
+    import tokenreduce
+    from tokenreduce.cli import EXIT_OK, _emit_json
+    from tokenreduce.targets.onnx import export_onnx
+
+    if args.to != "onnx":
+        raise TokenReduceError("decoder prefills convert to ONNX only (--to onnx); a TensorRT engine for the pruned "
+                               "prefill is not built by tokenreduce yet")
+    if args.method not in DECODER_METHODS:
+        raise TokenReduceError(f"{args.model} is a decoder: choose --method {' | '.join(DECODER_METHODS)}")
+    with ui.steps(3, "loading model") as steps:
+        with steps.stage(f"loading {args.model}"):
+            p = load(args, folder, args.batch or 1)
+        with steps.stage(f"capturing and pruning the prefill ({args.method})"):
+            dec = tokenreduce.reduce_decoder(p.model, args.method, **_method_kwargs(args, args.method))
+            compiled, flat = dec.compiled_for(p.input_ids, None, p.span, **p.extra)
+        with steps.stage("exporting to ONNX and verifying in onnxruntime"):
+            shim = types.SimpleNamespace(graph_module=compiled.gm, example_args=tuple(flat), example_kwargs={},
+                                         dynamic_batch=False)
+            written = export_onnx(shim, args.output, verify=not args.no_verify, atol=args.atol)
+    payload = {"command": "convert", "model": p.description, "decoder": True, "output": str(written.path),
+               "inputs": written.input_names, "outputs": written.output_names, "verified": written.verified,
+               "max_abs_diff": written.max_abs_diff, **_summary(dec)}
+    if ui.json_mode:
+        _emit_json(ui, payload)
+        return EXIT_OK
+    ui.print(f"wrote {written.path}: pruned prefill of {p.description}")
+    ui.print(f"  inputs {', '.join(written.input_names)}; outputs: last-position logits, per-layer keys and values, "
+             "kept positions")
+    ui.print(f"  tokens per block: {_blocks_text(payload['tokens_per_block'])}")
+    if written.verified:
+        ui.print(f"  verified in onnxruntime: max |diff| {written.max_abs_diff:.2e} (tolerance {args.atol:g})")
+    return EXIT_OK
