@@ -36,6 +36,7 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     "pyramiddrop": ("pyramiddrop", dict(keep_ratio=0.5)),
     "gemfilter": ("gemfilter", dict(layers=[14], keep_tokens=512)),
     "gemfilter+pool": ("gemfilter", dict(layers=[14], keep_tokens=512, score_pool=15)),
+    "gemfilter-L8": ("gemfilter", dict(layers=[8], keep_tokens=256, score_pool=15)),  # the fast setting
 }
 
 
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ppl-context", type=int, default=512)
     ap.add_argument("--ppl-continuation", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=12)
-    ap.add_argument("--methods", nargs="+", default=["full", *SETTINGS], choices=["full", *SETTINGS],
+    ap.add_argument("--methods", nargs="+", default=["full", "fastv", "pyramiddrop", "gemfilter", "gemfilter+pool"],
+                    choices=["full", *SETTINGS],
                     help="full and named settings (see SETTINGS)")
     ap.add_argument("--full-results", type=Path, default=None,
                     help="reuse full-model needle results from `python -m tokenreduce.evaluate.llm --json` (same "
