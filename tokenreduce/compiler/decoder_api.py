@@ -22,7 +22,6 @@ unequal size, keep counts or layers out of range.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,7 +127,6 @@ class ReducedDecoder:
         self.count_model_flops = count_model_flops
         self._cache: dict[tuple, _Compiled] = {}
         self.report: DecoderReport | None = None
-        self.compile_seconds = 0.0
 
     # ------------------------------------------------------------------------------------------- inputs
     def _image_token_id(self) -> int | None:
@@ -188,7 +186,6 @@ class ReducedDecoder:
         if key in self._cache:
             self.report = self._cache[key].report
             return self._cache[key]
-        t0 = time.perf_counter()
         wrapper = _Prefill(self.model)
         captured = export_graph(wrapper, (input_ids, attention_mask, position_ids), extra, dynamic_batch=False)
         gm = captured.gm
@@ -233,7 +230,6 @@ class ReducedDecoder:
                                                                    span, extra)), {})
         self._cache[key] = compiled
         self.report = report
-        self.compile_seconds += time.perf_counter() - t0
         return compiled
 
     @staticmethod

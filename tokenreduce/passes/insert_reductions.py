@@ -108,7 +108,7 @@ def insert_reductions(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if st.valid is not None:
                 weight = add(ref.merge_weight, (st.size, add(operator.getitem, (plan, 2))))
         else:
-            bias = _current_mask_arg(block)
+            bias = current_mask_arg(block)
             scores = add(tr.query_row_scores.default, (att.q, att.k, bias, att.scale, 0))
             plan = add(tr.topk_plan.default, (scores, bp.keep, num_p, settings.fuse, st.valid))
             slot = add(operator.getitem, (plan, 0))
@@ -149,7 +149,7 @@ class _Chain:
         return user not in self.nodes
 
 
-def _current_mask_arg(block: Block) -> fx.Node | None:
+def current_mask_arg(block: Block) -> fx.Node | None:
     """The mask the block's attention uses now (after any rewrite), for scores that must match it."""
     att = block.attention
     if att.kind == "sdpa":

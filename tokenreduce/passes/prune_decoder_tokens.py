@@ -38,6 +38,7 @@ from tokenreduce.kernels import reference as ref
 from tokenreduce.methods import decoder as methods
 from tokenreduce.methods.decoder import Stage
 from tokenreduce.passes.common import PassResult, call, stable_toposort
+from tokenreduce.passes.insert_reductions import current_mask_arg
 
 tr = torch.ops.tokenreduce
 
@@ -103,7 +104,7 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
         stage = by_first.get(db.index)
         if stage is not None:
             scorer = blocks[stage.score_block].attention
-            q, k, mask = scorer.q, scorer.k, _mask_arg(scorer.node)
+            q, k, mask = scorer.q, scorer.k, current_mask_arg(blocks[stage.score_block].block)
             h = db.block.x_in
             assert h is not None
             clones: dict[fx.Node, fx.Node] = {}
@@ -141,7 +142,7 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
             if key not in gathered:
                 with graph.inserting_after(kept):
                     gathered[key] = call(graph, ref.reduce_mask, (att.mask, kept, ctx.analysis.num_tokens), att.node)
-            _set_mask(att.node, att.mask, gathered[key])
+            att.node.replace_input_with(att.mask, gathered[key])
         result.rewrites += 1
     stable_toposort(graph)
     result.changed = True
@@ -151,15 +152,3 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
 def _outside(nodes: set[fx.Node]):  # type: ignore[no-untyped-def]
     """A `replace_all_uses_with` filter: rewrite every user except `nodes`."""
     return lambda user: user not in nodes
-
-
-def _mask_arg(sdpa: fx.Node) -> fx.Node | None:
-    if len(sdpa.args) > 3 and isinstance(sdpa.args[3], fx.Node):
-        return sdpa.args[3]
-    m = sdpa.kwargs.get("attn_mask")
-    return m if isinstance(m, fx.Node) else None
-
-
-def _set_mask(sdpa: fx.Node, old: fx.Node, new: fx.Node) -> None:
-    sdpa.replace_input_with(old, new)
-
