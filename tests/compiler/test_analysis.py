@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import BERT_LEN, images
 
 from tokenreduce import TokenReduceError
-from tokenreduce.compiler.analysis import analyse
+from tokenreduce.analysis.encoder import analyse
 from tokenreduce.compiler.capture import export_graph
 
 aten = torch.ops.aten

@@ -10,9 +10,9 @@ from decoder_reference import RefLlama
 
 import tokenreduce
 from tokenreduce import TokenReduceError
-from tokenreduce.compiler.analysis import analyse
+from tokenreduce.analysis.decoder import analyse_decoder
+from tokenreduce.analysis.encoder import analyse
 from tokenreduce.compiler.capture import export_graph
-from tokenreduce.compiler.decoder_analysis import analyse_decoder
 from tokenreduce.compiler.decoder_api import _Prefill
 
 transformers = pytest.importorskip("transformers")

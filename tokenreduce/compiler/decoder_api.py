@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from tokenreduce.analysis.decoder import DecoderAnalysis, analyse_decoder
 from tokenreduce.compiler.capture import export_graph
-from tokenreduce.compiler.decoder_analysis import DecoderAnalysis, analyse_decoder
 from tokenreduce.compiler.report import count_flops
 from tokenreduce.compiler.settings import DECODER_METHODS, Settings
 from tokenreduce.errors import TokenReduceError

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from tokenreduce.compiler.analysis import ModelAnalysis, analyse
+from tokenreduce.analysis.encoder import ModelAnalysis, analyse
 from tokenreduce.compiler.planner import BlockPlan, plan
 from tokenreduce.compiler.report import BlockReport, Report
 from tokenreduce.compiler.settings import DECODER_METHODS, Settings

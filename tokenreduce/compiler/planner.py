@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenreduce.compiler.analysis import ModelAnalysis
+from tokenreduce.analysis.encoder import ModelAnalysis
 from tokenreduce.compiler.settings import Settings
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.methods import evit, tome

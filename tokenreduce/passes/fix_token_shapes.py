@@ -25,8 +25,8 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
-from tokenreduce.compiler.analysis import args_of, module_path
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.ir.graph import args_of, module_path
 from tokenreduce.passes.common import PassContext, PassResult
 
 aten = torch.ops.aten

@@ -25,10 +25,11 @@ import operator
 import torch
 from torch import fx
 
-from tokenreduce.compiler.analysis import Block, _reaches_matmul, args_of
+from tokenreduce.analysis.encoder import Block
+from tokenreduce.ir.graph import Builder, args_of, call, reaches_matmul
 from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce)
 from tokenreduce.kernels import reference as ref
-from tokenreduce.passes.common import PassContext, PassResult, call
+from tokenreduce.passes.common import PassContext, PassResult
 
 tr = torch.ops.tokenreduce
 
@@ -95,7 +96,7 @@ def insert_reductions(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         att = block.attention
         h = block.reduce_at
         assert h is not None
-        builder = _Chain(graph, h)
+        builder = Builder(graph, h)
         add = builder.add
 
         if st.epoch == 0 and att.mask is not None:
@@ -131,24 +132,6 @@ def insert_reductions(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return result
 
 
-class _Chain:
-    """Appends nodes one after another right after `anchor`, remembering what it created."""
-
-    def __init__(self, graph: fx.Graph, anchor: fx.Node) -> None:
-        self.graph, self.anchor, self.like = graph, anchor, anchor
-        self.nodes: set[fx.Node] = set()
-
-    def add(self, target: object, args: tuple) -> fx.Node:
-        with self.graph.inserting_after(self.anchor):
-            node = call(self.graph, target, args, self.like)
-        self.anchor = node
-        self.nodes.add(node)
-        return node
-
-    def is_outside(self, user: fx.Node) -> bool:
-        return user not in self.nodes
-
-
 def current_mask_arg(block: Block) -> fx.Node | None:
     """The mask the block's attention uses now (after any rewrite), for scores that must match it."""
     att = block.attention
@@ -158,7 +141,7 @@ def current_mask_arg(block: Block) -> fx.Node | None:
         return m if isinstance(m, fx.Node) else None
     if att.mask_add is not None:
         a, b = args_of(att.mask_add)[0], args_of(att.mask_add)[1]
-        return b if _reaches_matmul(a) is not None else a  # type: ignore[return-value]
+        return b if reaches_matmul(a) is not None else a  # type: ignore[return-value]
     sm_in = args_of(att.node)[0]
     if isinstance(sm_in, fx.Node) and sm_in.meta.get("tokenreduce") and sm_in.target is torch.ops.aten.add.Tensor:
         return args_of(sm_in)[1]  # type: ignore[return-value]

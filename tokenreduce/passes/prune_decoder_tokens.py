@@ -30,14 +30,14 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
-from tokenreduce.compiler.analysis import nodes_between
-from tokenreduce.compiler.decoder_analysis import DecoderAnalysis
+from tokenreduce.analysis.decoder import DecoderAnalysis
+from tokenreduce.ir.graph import call, nodes_between, stable_toposort
 from tokenreduce.kernels import decoder_ops as _dops  # noqa: F401  (registers tokenreduce::keep_plan)
 from tokenreduce.kernels import ops as _ops  # noqa: F401
 from tokenreduce.kernels import reference as ref
 from tokenreduce.methods import decoder as methods
 from tokenreduce.methods.decoder import Stage
-from tokenreduce.passes.common import PassResult, call, stable_toposort
+from tokenreduce.passes.common import PassResult
 from tokenreduce.passes.insert_reductions import current_mask_arg
 
 tr = torch.ops.tokenreduce

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from torch import fx
 
-from tokenreduce.compiler.analysis import args_of
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.ir.graph import args_of, call
 from tokenreduce.kernels import reference as ref
-from tokenreduce.passes.common import PassContext, PassResult, call
+from tokenreduce.passes.common import PassContext, PassResult
 from tokenreduce.passes.fix_token_shapes import _same, fix_token_shapes
 
 

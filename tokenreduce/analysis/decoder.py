@@ -1,7 +1,7 @@
 """Decoder analysis: find the causal self-attention blocks of a captured LLM / VLM graph and what a prefill
 pruning pass must carry along with the hidden states.
 
-Builds on `analysis.py` (attention spellings, block input, residual add) and adds, per decoder block:
+Builds on `analysis/encoder.py` (attention spellings, block input, residual add) and adds, per decoder block:
 
 * `kv`: the key and value tensors a KV cache stores (`[B, H_kv, N, d]`, after rotary, before the
   grouped-query `repeat_kv` expansion), found by walking back from the attention's k/v operands through
@@ -25,19 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from tokenreduce.compiler.analysis import (
-    Attention,
-    Block,
-    analyse_block,
-    ancestor_linear,
-    args_of,
-    descendants,
-    find_attention,
-    mask_is_causal,
-    nodes_between,
-    shape,
-)
+from tokenreduce.analysis.encoder import Attention, Block, analyse_block, find_attention, mask_is_causal
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.ir.graph import ancestor_linear, args_of, descendants, nodes_between, shape
 
 aten = torch.ops.aten
 # Pure layout ops between the cached k/v and the attention operand (repeat_kv: unsqueeze+expand+reshape).

@@ -1,8 +1,8 @@
 """Graph analysis: find the transformer blocks of an ATen graph and say what can be reduced.
 
-Input is the ATen training-IR graph from `capture.py` (torch.export, or a dynamo graph re-exported), with
+Input is the ATen training-IR graph from `compiler/capture.py` (torch.export, or a dynamo graph re-exported), with
 `meta["val"]` on every node. The analysis is declarative: attention is found from the spellings in
-`patterns.py`; a block is the attention plus its residual add (pre-LN: `x + attn(norm(x))`; post-LN:
+`ir/patterns.py`; a block is the attention plus its residual add (pre-LN: `x + attn(norm(x))`; post-LN:
 `norm(x + attn(x))`); the block input is the tensor the q projection reads; the token axis is the
 query-length axis of attention mapped back onto the block input. Module-stack metadata names blocks in
 reports; it is never used to decide structure.
@@ -25,8 +25,18 @@ from typing import Any
 import torch
 from torch import fx
 
-from tokenreduce.compiler import patterns as P
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.ir import patterns as P
+from tokenreduce.ir.graph import (
+    ancestor_linear,
+    ancestors,
+    args_of,
+    const_scalar,
+    module_path,
+    reaches_matmul,
+    shape,
+    static_dim,
+)
 
 
 @dataclass
@@ -73,43 +83,6 @@ class ModelAnalysis:
     text_model: bool
 
 
-def args_of(node: fx.Node) -> tuple[Any, ...]:
-    """`node.args` typed for reading: graph arguments are heterogeneous (nodes, ints, lists, dtypes)."""
-    return tuple(node.args)
-
-
-def val(node: object) -> object:
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def shape(node: object) -> tuple[int, ...] | None:
-    v = val(node)
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-
-def _static(dim: object) -> int | None:
-    return dim if isinstance(dim, int) else None
-
-
-def module_path(node: fx.Node) -> list[str]:
-    """Module paths from the node's nn_module_stack, outermost first, with dynamo's prefix removed."""
-    stack = node.meta.get("nn_module_stack") or {}
-    out = []
-    for entry in stack.values():
-        path = entry[0] if isinstance(entry, tuple) else str(entry)
-        for prefix in ("L['self'].", "L['self']", "L__self__."):
-            if path.startswith(prefix):
-                path = path[len(prefix):]
-        out.append(path)
-    return [p for p in out if p]
-
-
-def _const_scalar(a: object) -> float | None:
-    if isinstance(a, (int, float)) and not isinstance(a, bool):
-        return float(a)
-    return None
-
-
 # ----------------------------------------------------------------------------------------------- attention
 def find_attention(gm: fx.GraphModule) -> list[Attention]:
     found: list[Attention] = []
@@ -145,18 +118,6 @@ def _match_sdpa(node: fx.Node, sp: P.SdpaSpelling) -> Attention:
                      causal, output, spelling=sp.origin)
 
 
-def _reaches_matmul(node: object, depth: int = 6) -> fx.Node | None:
-    while isinstance(node, fx.Node) and depth > 0:
-        if node.target in P.MATMUL:
-            return node
-        if node.target in P.SCALE_MUL | P.SCALE_DIV | P.ADD:
-            node = args_of(node)[0]
-            depth -= 1
-            continue
-        return None
-    return None
-
-
 def _match_explicit(softmax: fx.Node) -> Attention | None:
     """matmul(q, k^T) -> (mul/div scale | add mask)* -> softmax(-1) -> dropout* -> matmul(., v)."""
     dim = args_of(softmax)[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim", -1)
@@ -173,15 +134,15 @@ def _match_explicit(softmax: fx.Node) -> Attention | None:
         if node.target in P.ADD:
             a, b = args_of(node)[0], args_of(node)[1]
             mask_add = node
-            if _reaches_matmul(a):
+            if reaches_matmul(a):
                 mask, node = b, a
-            elif _reaches_matmul(b):
+            elif reaches_matmul(b):
                 mask, node = a, b
             else:
                 return None
             continue
         if node.target in P.SCALE_MUL | P.SCALE_DIV:
-            c = _const_scalar(args_of(node)[1])
+            c = const_scalar(args_of(node)[1])
             if c is None:
                 return None
             scale = scale * c if node.target in P.SCALE_MUL else scale / c
@@ -196,8 +157,8 @@ def _match_explicit(softmax: fx.Node) -> Attention | None:
         return None
     k = args_of(bt)[0]
     q = a_op
-    if isinstance(q, fx.Node) and q.target in P.SCALE_MUL | P.SCALE_DIV and _const_scalar(args_of(q)[1]) is not None:
-        c = _const_scalar(args_of(q)[1])
+    if isinstance(q, fx.Node) and q.target in P.SCALE_MUL | P.SCALE_DIV and const_scalar(args_of(q)[1]) is not None:
+        c = const_scalar(args_of(q)[1])
         scale = scale * c if q.target in P.SCALE_MUL else scale / c  # type: ignore[operator]
         q = args_of(q)[0]
     # follow softmax -> dropout* -> matmul(p, v)
@@ -221,35 +182,6 @@ def _match_explicit(softmax: fx.Node) -> Attention | None:
 # ----------------------------------------------------------------------------------------------- causality
 _COMPARE = {torch.ops.aten.le.Tensor, torch.ops.aten.lt.Tensor, torch.ops.aten.ge.Tensor, torch.ops.aten.gt.Tensor}
 _TRIANGLE = {torch.ops.aten.tril.default, torch.ops.aten.triu.default}
-
-
-def ancestors(node: fx.Node, limit: int = 200) -> list[fx.Node]:
-    """`node` and the nodes it is computed from, at most `limit` of them (nearest first)."""
-    return list(_reach([node], "all_input_nodes", limit))
-
-
-def descendants(roots: list[fx.Node]) -> set[fx.Node]:
-    """The roots and every node computed from them."""
-    return set(_reach(roots, "users", None))
-
-
-def nodes_between(sources: list[fx.Node], targets: list[fx.Node]) -> set[fx.Node]:
-    """Nodes on some path from a source to a target (both ends included)."""
-    up = _reach(targets, "all_input_nodes", None)
-    return {n for n in descendants(sources) if n in up}
-
-
-def _reach(roots: list[fx.Node], edges: str, limit: int | None) -> dict[fx.Node, None]:
-    """Nodes reachable from `roots` along `edges` ("users" or "all_input_nodes"), in visit order."""
-    seen: dict[fx.Node, None] = {}
-    stack = list(roots)
-    while stack and (limit is None or len(seen) < limit):
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen[n] = None
-        stack.extend(getattr(n, edges))
-    return seen
 
 
 def _index_only(node: fx.Node) -> bool:
@@ -277,17 +209,6 @@ def is_causal(att: Attention) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- blocks
-def ancestor_linear(node: object, limit: int = 12) -> fx.Node | None:
-    """First `linear` on the first-argument chain above `node` (q -> reshape/permute/unbind -> linear)."""
-    for _ in range(limit):
-        if not isinstance(node, fx.Node) or node.op != "call_function":
-            return None
-        if node.target in P.LINEAR:
-            return node
-        node = args_of(node)[0]
-    return None
-
-
 def _forward_to_add(start: fx.Node, limit: int = 12) -> fx.Node | None:
     node = start
     for _ in range(limit):
@@ -342,8 +263,8 @@ def analyse_block(index: int, att: Attention) -> Block:
         blk.skip_reason = "attention operands are not [B, H, N, d] tensors"
         return blk
     n = qs[-2]
-    blk.num_tokens = _static(n) or 0
-    if _static(n) is None:
+    blk.num_tokens = static_dim(n) or 0
+    if static_dim(n) is None:
         blk.skip_reason = "token count is symbolic; tokenreduce needs a static token count"
         return blk
     if ks[-2] != n:
@@ -410,7 +331,7 @@ def _structural_prefix(node: object, dep: set[fx.Node], depth: int = 0) -> int:
     if not isinstance(node, fx.Node) or depth > 40:
         return 0
     s = shape(node)
-    n = _static(s[1]) if s is not None and len(s) >= 2 else None
+    n = static_dim(s[1]) if s is not None and len(s) >= 2 else None
     if node not in dep:
         return n or 0
     t = node.target
@@ -421,7 +342,7 @@ def _structural_prefix(node: object, dep: set[fx.Node], depth: int = 0) -> int:
         total = 0
         for part in args_of(node)[0]:
             ps = shape(part)
-            plen = _static(ps[1]) if ps is not None else None
+            plen = static_dim(ps[1]) if ps is not None else None
             pre = _structural_prefix(part, dep, depth + 1)
             total += pre
             if plen is None or pre < plen:
