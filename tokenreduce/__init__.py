@@ -13,7 +13,7 @@ from tokenreduce.compiler.api import ReducedModule, compile
 from tokenreduce.compiler.backend import register as _register_backend
 from tokenreduce.compiler.decoder_api import ReducedDecoder, reduce_decoder
 from tokenreduce.compiler.report import Report
-from tokenreduce.compiler.settings import Settings
+from tokenreduce.methods.settings import Settings
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce.*)
 

@@ -151,8 +151,8 @@ def test_flops_report(llama, prompt):
 ])
 def test_errors(llama, prompt, kwargs, span_arg, match):
     ids, mask, span = prompt
-    dec = tokenreduce.reduce_decoder(llama, **kwargs)
-    with pytest.raises(TokenReduceError, match=match):
+    with pytest.raises(TokenReduceError, match=match):  # refused when built (options) or at the first prefill
+        dec = tokenreduce.reduce_decoder(llama, **kwargs)
         dec.prefill(ids, mask, span if span_arg else None)
 
 
@@ -218,7 +218,7 @@ def test_llava_image_span_found_from_the_image_token(prompt):
 def test_keep_plan_ties_zeros_and_protected_tokens():
     """Exact expectations: non-span tokens always kept, best span scores kept, equal scores (as after
     pooling) and zero scores resolved to the earlier token, output ascending."""
-    from tokenreduce.methods.decoder import keep_plan, pool_scores
+    from tokenreduce.kernels.plans import keep_plan, pool_scores
 
     scores = torch.tensor([[0.9, 0.1, 0.3, 0.3, 0.0, 0.0, 0.3, 0.2]])
     span = torch.tensor([[False, True, True, True, True, True, True, False]])

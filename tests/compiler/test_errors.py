@@ -92,7 +92,7 @@ def test_unknown_setting_lists_valid_ones(timm_vit):
 
 
 def test_unknown_setting_in_backend_options(timm_vit):
-    from tokenreduce.compiler.settings import Settings
+    from tokenreduce.methods.settings import Settings
 
     with pytest.raises(TokenReduceError, match="valid settings"):
         Settings.from_options({"method": "tome", "rr": 3})

@@ -135,7 +135,7 @@ def _attn_case(bsz, heads, m, n, d, dt, causal, mask, row, head_mean):
 def _match_case(bsz, heads, n, d, p, dt, pad, r):
     from tokenreduce.kernels import ops
     from tokenreduce.kernels.triton import matching
-    from tokenreduce.methods import tome
+    from tokenreduce.kernels import plans
 
     g = torch.Generator().manual_seed(n * 3 + p)
     k = torch.randn(bsz, heads, n, d, generator=g).to(DT[dt])
@@ -161,7 +161,7 @@ def _match_case(bsz, heads, n, d, p, dt, pad, r):
            "idx_in_range": bool(((node_idx >= 0) & (node_idx < n // 2)).all())}
     if dt == "float32":  # exact plan equality with the reference on fp32 keys (no near-ties at these seeds)
         got = ops._tome_plan_cuda(k, r, p, valid)
-        exp = tome.bipartite_plan(k, r, p, valid)
+        exp = plans.bipartite_plan(k, r, p, valid)
         rec["plan_equal"] = all(torch.equal(x, y) for x, y in zip(got, exp))
         rec["plan_dtypes"] = [str(t.dtype) for t in got]
     else:  # plan invariants: a permutation-complete slot map of N - r slots
@@ -173,16 +173,16 @@ def _match_case(bsz, heads, n, d, p, dt, pad, r):
 
 def _plan(kind, bsz, n, g):
     """(slot, weight, size, n_out) for a plan of the given kind."""
-    from tokenreduce.methods import evit, tome
+    from tokenreduce.kernels import plans
 
     size = torch.randint(1, 5, (bsz, n), generator=g).float()
     if kind == "tome":
-        slot, _, _ = tome.bipartite_plan(torch.randn(bsz, 2, n, 16, generator=g), n // 3, 1)
+        slot, _, _ = plans.bipartite_plan(torch.randn(bsz, 2, n, 16, generator=g), n // 3, 1)
         return slot, None, size, n - n // 3
     if kind in ("evit", "evit-drop"):
         scores = torch.rand(bsz, n, generator=g).softmax(-1)
         fuse = kind == "evit"
-        slot, weight, rep = evit.topk_plan(scores, (n - 1) // 2, 1, fuse)
+        slot, weight, rep = plans.topk_plan(scores, (n - 1) // 2, 1, fuse)
         return slot, weight, size, rep.shape[1]
     if kind == "zero":
         return torch.tensor([[0, 1, 1, 2]]), torch.tensor([[1.0, 0.0, 0.0, 2.0]]), size, 3
@@ -283,7 +283,7 @@ def test_bipartite_match(interp, cid):
     _close(rec["max"], dt, "row max")
     _close(rec["picked"], dt, "score of the chosen B token")  # argmax up to ties within rounding
     if dt == "float32":
-        assert rec["plan_equal"], "GPU plan (kernel + plan_from_matches) differs from tome.bipartite_plan"
+        assert rec["plan_equal"], "GPU plan (kernel + plan_from_matches) differs from plans.bipartite_plan"
         assert rec["plan_dtypes"] == ["torch.int64", "torch.int64", "torch.float32"]
     else:
         assert rec["plan_valid"]

@@ -1,7 +1,7 @@
 """The kernels' pure-torch references and the ops around them, in-process (no interpreter needed).
 
 - `kernels/triton/reference.py` splits ToMe's plan where the matching kernel cuts it
-  (`bipartite_match` + `plan_from_matches`); the split must give exactly `tome.bipartite_plan`'s plan.
+  (`bipartite_match` + `plan_from_matches`); the split must give exactly `plans.bipartite_plan`'s plan.
 - `reference.attention_with_scores` against attention written out in the test (float64, materialised).
 - the `tokenreduce::attention_with_scores` op contract (`opcheck`), one node under torch.export and
   Dynamo, its FLOP formula.
@@ -24,7 +24,7 @@ import tokenreduce  # noqa: F401  (registers torch.ops.tokenreduce.*)
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.kernels.triton import KernelLimitError
 from tokenreduce.kernels.triton import reference as kref
-from tokenreduce.methods import tome
+from tokenreduce.kernels import plans
 
 tr = torch.ops.tokenreduce
 
@@ -41,7 +41,7 @@ def test_plan_split_equals_bipartite_plan(n, p, r, pad, dtype):
         valid = torch.ones(3, n, dtype=torch.bool)
         valid[1:, n - 5 * pad:] = False
     got = kref.tome_plan(k, r, p, valid)
-    exp = tome.bipartite_plan(k, r, p, valid)
+    exp = plans.bipartite_plan(k, r, p, valid)
     for name, a, b in zip(("slot", "rep", "keep"), got, exp):
         assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs"
 

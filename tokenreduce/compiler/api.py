@@ -9,10 +9,11 @@ import torch
 from torch import fx
 
 from tokenreduce.compiler.capture import export_graph
-from tokenreduce.compiler.pipeline import make_report, reduce_graph, require_encoder_method
+from tokenreduce.compiler.pipeline import make_report, reduce_graph
 from tokenreduce.compiler.report import Report, count_flops
-from tokenreduce.compiler.settings import Settings
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.methods import registry
+from tokenreduce.methods.settings import Settings
 from tokenreduce.targets import lower_eager, lower_inductor
 
 
@@ -35,7 +36,7 @@ class ReducedModule(torch.nn.Module):
         return self._runner(*args, **kwargs)
 
 
-def _split_inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def split_inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
     kwargs = dict(example_kwargs or {})
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), kwargs
@@ -71,8 +72,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
         A `ReducedModule`; `.report` holds per-block tokens in/out, actions or skip reasons, and FLOPs.
     """
     cfg = Settings.from_options(settings)
-    require_encoder_method(cfg)
-    args, kwargs = _split_inputs(example_inputs, example_kwargs)
+    registry.encoder(cfg.method)  # a decoder method is refused before the (slow) capture
+    args, kwargs = split_inputs(example_inputs, example_kwargs)
     captured = export_graph(model, args, kwargs, dynamic_batch=cfg.dynamic_batch)
     red = reduce_graph(captured.gm, cfg)
     report = make_report(red, cfg)

@@ -19,7 +19,7 @@ from torch import fx
 
 from tokenreduce.compiler.capture import from_dynamo
 from tokenreduce.compiler.pipeline import make_report, reduce_graph
-from tokenreduce.compiler.settings import Settings
+from tokenreduce.methods.settings import Settings
 from tokenreduce.targets import lower_eager, lower_inductor_static
 
 

@@ -22,29 +22,18 @@ unequal size, keep counts or layers out of range.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
 
-from tokenreduce.analysis.decoder import DecoderAnalysis, analyse_decoder
 from tokenreduce.compiler.capture import export_graph
-from tokenreduce.compiler.report import count_flops
-from tokenreduce.compiler.settings import DECODER_METHODS, Settings
+from tokenreduce.compiler.pipeline import reduce_prefill
+from tokenreduce.compiler.report import Report, count_flops
 from tokenreduce.errors import TokenReduceError
-from tokenreduce.methods import decoder as methods
-from tokenreduce.passes.emit_kv_cache import emit_kv_cache
-from tokenreduce.passes.fix_token_shapes import fix_token_shapes
-from tokenreduce.passes.fuse_attention_scores import fuse_attention_scores
-from tokenreduce.passes.prune_decoder_tokens import DecoderContext, prune_decoder_tokens
-
-PASSES: list[tuple[str, Callable[[fx.GraphModule, Any], Any]]] = [
-    ("prune_decoder_tokens", prune_decoder_tokens),
-    ("fuse_attention_scores", fuse_attention_scores),  # GPU graphs only: FastV-style score + SDPA in one kernel
-    ("emit_kv_cache", emit_kv_cache),
-]
+from tokenreduce.methods import registry
+from tokenreduce.methods.settings import Settings
 
 
 class _Prefill(torch.nn.Module):
@@ -63,45 +52,6 @@ class _Prefill(torch.nn.Module):
 
 
 @dataclass
-class DecoderReport:
-    """What a pruned prefill did, per decoder block."""
-
-    method: str
-    settings: dict[str, Any]
-    num_tokens: int
-    span_tokens: int
-    stages: list[methods.Stage]
-    tokens_per_block: list[int]
-    skipped: list[tuple[str, str]]
-    flops_before: int | None = None
-    flops_after: int | None = None
-    passes: list[str] = field(default_factory=list)
-
-    @property
-    def flops_ratio(self) -> float | None:
-        if not self.flops_before or self.flops_after is None:
-            return None
-        return self.flops_after / self.flops_before
-
-    def __str__(self) -> str:
-        lines = [f"tokenreduce decoder report: {self.method}  ({self.num_tokens} prompt tokens, "
-                 f"{self.span_tokens} in the droppable span)"]
-        for s in self.stages:
-            lines.append(f"  stage: rank with block {s.score_block}'s last-query attention, blocks "
-                         f"{s.first_reduced_block}.. keep {s.keep} span tokens")
-        lines.append("  block  tokens")
-        for i, n in enumerate(self.tokens_per_block):
-            lines.append(f"  {i:5d}  {n}")
-        for name, why in self.skipped:
-            lines.append(f"  not pruned: {name}: {why}")
-        if self.flops_ratio is not None:
-            lines.append(f"  prefill FLOPs: {self.flops_before / 1e9:.2f} G -> {self.flops_after / 1e9:.2f} G "  # type: ignore[operator]
-                         f"(x{self.flops_ratio:.3f})")
-        lines.extend(f"  pass {p}" for p in self.passes)
-        return "\n".join(lines)
-
-
-@dataclass
 class Prefill:
     """Result of a pruned prefill: the last position's logits and the cache holding the kept tokens."""
 
@@ -114,7 +64,7 @@ class Prefill:
 class _Compiled:
     gm: fx.GraphModule
     runner: Any
-    report: DecoderReport
+    report: Report
     names: list[str]
 
 
@@ -126,7 +76,7 @@ class ReducedDecoder:
         self.settings = settings
         self.count_model_flops = count_model_flops
         self._cache: dict[tuple, _Compiled] = {}
-        self.report: DecoderReport | None = None
+        self.report: Report | None = None
 
     # ------------------------------------------------------------------------------------------- inputs
     def _image_token_id(self) -> int | None:
@@ -188,38 +138,11 @@ class ReducedDecoder:
             return self._cache[key]
         wrapper = _Prefill(self.model)
         captured = export_graph(wrapper, (input_ids, attention_mask, position_ids), extra, dynamic_batch=False)
-        gm = captured.gm
-        analysis = analyse_decoder(gm)
-        cfg = self.settings
-        layers: tuple[int, ...] = ()
-        stages: list[methods.Stage] = []
-        if cfg.method == "none":
-            pass
-        else:
-            layers = tuple(cfg.layers) if cfg.layers is not None else methods.default_layers(cfg.method,
-                                                                                             len(analysis.blocks))
-            stages = methods.stages(cfg.method, len(analysis.blocks), span_size, tuple(layers), cfg.keep_ratio,
-                                    cfg.keep_tokens)
-        ctx = DecoderContext(analysis=analysis, stages=stages, span_size=span_size, score_pool=cfg.score_pool)
-        notes = []
-        for name, fn in PASSES:
-            res = fn(gm, ctx)
-            notes.append(f"{name}: {res.rewrites} rewrites")
-        res = fix_token_shapes(gm)
-        notes.append(f"fix_token_shapes: {res.rewrites} rewrites")
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
+        red = reduce_prefill(captured.gm, self.settings, span_size)
+        gm, report = red.gm, red.report
         names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        report = DecoderReport(
-            method=cfg.method,
-            settings={"layers": list(layers), **({"keep_tokens": stages[0].keep} if cfg.method == "gemfilter"
-                                                  else {"keep_ratio": cfg.keep_ratio} if stages else {}),
-                      **({"score_pool": cfg.score_pool} if cfg.score_pool > 1 else {})},
-            num_tokens=analysis.num_tokens, span_tokens=span_size, stages=stages,
-            tokens_per_block=_tokens_per_block(analysis, stages, span_size), skipped=analysis.skipped, passes=notes)
         runner: Any = gm
-        if cfg.inner == "inductor":
+        if self.settings.inner == "inductor":
             from tokenreduce.targets.inductor import lower_inductor
 
             runner = lower_inductor(gm, False, [input_ids])
@@ -304,44 +227,29 @@ class ReducedDecoder:
         return torch.cat([pre.logits[:, None], out.logits], dim=1)
 
 
-def _tokens_per_block(analysis: DecoderAnalysis, stages: list[methods.Stage], span_size: int) -> list[int]:
-    """Tokens each block runs on: all of them until the first stage, then the non-span tokens plus the
-    stage's kept span tokens."""
-    by_first = {s.first_reduced_block: s for s in stages}
-    out, cur = [], analysis.num_tokens
-    for db in analysis.blocks:
-        if db.index in by_first:
-            cur = analysis.num_tokens - span_size + by_first[db.index].keep
-        out.append(cur)
-    return out
-
-
-def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, layers: Any = None,
-                   keep_ratio: float | None = None, keep_tokens: int | None = None, score_pool: int = 1,
-                   inner: str = "eager",
-                   count_model_flops: bool = False) -> ReducedDecoder:
+def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, inner: str = "eager",
+                   count_model_flops: bool = False, **options: Any) -> ReducedDecoder:
     """Prune the prefill of a Hugging Face decoder LLM / VLM.
 
     Args:
         model: a `LlamaForCausalLM`-style model (or `LlavaForConditionalGeneration`), unmodified.
-        method: "fastv", "pyramiddrop" or "gemfilter"; "none" captures the same prefill graph without
-            pruning (the baseline benchmarks compare against).
-        layers: FastV: `[K]` (prune after block K-1's attention ranks, default 2); PyramidDrop: the stage
-            blocks (default 8/16/24 of 32, scaled); GemFilter: `[L]`, the filter layer (default 13/32 of
-            the depth).
-        keep_ratio: FastV / PyramidDrop: fraction of the span kept at each stage (default 0.5).
-        keep_tokens: GemFilter: span tokens kept (default: the paper's 1024, or a quarter of the span when
-            that is smaller).
-        score_pool: max-pool the last-query scores over this many neighbouring tokens before ranking (odd; 1,
-            the default, is the papers' ranking; a SnapKV-style extension that keeps multi-token facts whole).
+        method: a decoder method (`tokenreduce.methods.registry.names("decoder")`: "fastv", "pyramiddrop",
+            "gemfilter"); "none" captures the same prefill graph without pruning (the baseline benchmarks
+            compare against).
         inner: "eager" (default: runs the rewritten graph as is) or "inductor".
         count_model_flops: count prefill FLOPs before/after for the report (runs the model twice).
+        **options: the method's options (None means the method's default):
+            layers -- FastV: `[K]` (prune after block K-1's attention ranks, default 2); PyramidDrop: the
+                stage blocks (default 8/16/24 of 32, scaled); GemFilter: `[L]`, the filter layer (default
+                13/32 of the depth).
+            keep_ratio -- FastV / PyramidDrop: fraction of the span kept at each stage (default 0.5).
+            keep_tokens -- GemFilter: span tokens kept (default: the paper's 1024, or a quarter of the span
+                when that is smaller).
+            score_pool -- max-pool the last-query scores over this many neighbouring tokens before ranking
+                (odd; 1, the default, is the papers' ranking; a SnapKV-style extension that keeps
+                multi-token facts whole).
     """
-    if method not in DECODER_METHODS + ("none",):
-        raise TokenReduceError(f"unknown decoder method {method!r}; choose one of {', '.join(DECODER_METHODS)} "
-                               "or none (encoder methods go through tokenreduce.compile)")
-    if keep_ratio is None:
-        keep_ratio = methods.PYRAMID_KEEP if method == "pyramiddrop" else methods.FASTV_KEEP
-    settings = Settings(method=method, layers=layers, keep_ratio=keep_ratio, keep_tokens=keep_tokens,
-                        score_pool=score_pool, inner=inner)
+    impl = registry.decoder(method)
+    given = {k: v for k, v in options.items() if v is not None}
+    settings = Settings(method=method, options=impl.options(given, registry.METHODS), inner=inner)
     return ReducedDecoder(model, settings, count_model_flops=count_model_flops)

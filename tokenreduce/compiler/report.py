@@ -1,4 +1,10 @@
-"""What a compile did, per block and for the whole model, in a form people and scripts can read."""
+"""What a compile did, per block and for the whole model, in a form people and scripts can read.
+
+One `Report` type for every pipeline: encoder compiles (`tokenreduce.compile`, the backend) fill the
+per-block token chain and protected tokens; decoder prefills (`tokenreduce.reduce_decoder`) also fill the
+span, the stages and the blocks that are not pruned (a VLM's vision tower). Both list the passes that ran
+(with their rewrite counts and seconds) and the notes passes and capture left for the user.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tokenreduce.methods.base import Stage
+
 
 @dataclass
 class BlockReport:
@@ -16,7 +24,7 @@ class BlockReport:
     name: str
     tokens_in: int
     tokens_out: int
-    action: str  # "tome r=13", "evit keep 96/196", "-"
+    action: str  # "tome r=13", "evit keep 96/196", "fastv keep 32/64 span tokens", "-"
     reason: str = ""  # why nothing happened, or a note
 
 
@@ -24,42 +32,67 @@ class BlockReport:
 class Report:
     method: str
     settings: dict[str, Any]
-    num_protected: int
-    protected_reason: str
     blocks: list[BlockReport]
-    flops_before: int = 0
-    flops_after: int = 0
-    passes: list[str] = field(default_factory=list)
+    num_protected: int = 0
+    protected_reason: str = ""
+    flops_before: int | None = None
+    flops_after: int | None = None
+    passes: list[str] = field(default_factory=list)  # "name: N rewrites", in order
+    pass_seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    # decoder prefill only
+    num_tokens: int = 0
+    span_tokens: int | None = None
+    stages: list[Stage] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
-    def flops_ratio(self) -> float:
-        return self.flops_after / self.flops_before if self.flops_before else float("nan")
+    def flops_ratio(self) -> float | None:
+        """FLOPs after / before, or None when they were not counted."""
+        if not self.flops_before or self.flops_after is None:
+            return None
+        return self.flops_after / self.flops_before
 
     @property
     def reduced_blocks(self) -> list[BlockReport]:
         return [b for b in self.blocks if b.tokens_out != b.tokens_in]
 
+    @property
+    def tokens_per_block(self) -> list[int]:
+        """Tokens each block's attention runs on."""
+        return [b.tokens_in for b in self.blocks]
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["flops_ratio"] = self.flops_ratio
+        d["tokens_per_block"] = self.tokens_per_block
         return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     def __str__(self) -> str:
-        lines = [
-            f"tokenreduce: method={self.method}  protected tokens={self.num_protected} ({self.protected_reason})",
-            f"{'#':>3}  {'block':<28} {'tokens':>11}  {'action':<20} note",
-        ]
+        if self.span_tokens is not None:
+            lines = [f"tokenreduce: method={self.method}  ({self.num_tokens} prompt tokens, {self.span_tokens} in "
+                     "the droppable span)"]
+            for s in self.stages:
+                lines.append(f"  stage: rank with block {s.score_block}'s last-query attention, blocks "
+                             f"{s.first_reduced_block}.. keep {s.keep} span tokens")
+        else:
+            lines = [f"tokenreduce: method={self.method}  protected tokens={self.num_protected} "
+                     f"({self.protected_reason})"]
+        lines.append(f"{'#':>3}  {'block':<28} {'tokens':>11}  {'action':<20} note")
         for b in self.blocks:
             tok = f"{b.tokens_in}->{b.tokens_out}" if b.tokens_out != b.tokens_in else f"{b.tokens_in}"
             lines.append(f"{b.index:>3}  {b.name[:28]:<28} {tok:>11}  {b.action:<20} {b.reason}")
-        if self.flops_before:
-            lines.append(
-                f"FLOPs: {self.flops_before / 1e9:.3f} G -> {self.flops_after / 1e9:.3f} G "
-                f"(ratio {self.flops_ratio:.3f}, {1 / self.flops_ratio:.2f}x fewer)"
-            )
+        for name, why in self.skipped:
+            lines.append(f"  not pruned: {name}: {why}")
+        ratio = self.flops_ratio
+        if ratio is not None:
+            assert self.flops_before is not None and self.flops_after is not None
+            lines.append(f"FLOPs: {self.flops_before / 1e9:.3f} G -> {self.flops_after / 1e9:.3f} G "
+                         f"(ratio {ratio:.3f}, {1 / ratio:.2f}x fewer)")
+        lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
 

@@ -522,13 +522,13 @@ def run_eval(cfg: EvalConfig, log: Log | None = None) -> EvalResult:
 def settings_check(family: Family, settings: list[Setting]) -> list[str]:
     """Plan every setting on the family's model before anything slow runs: an impossible setting is an
     error naming what to change (largest valid r, valid layers), not a failure an hour in."""
-    from tokenreduce.compiler.api import _split_inputs
+    from tokenreduce.compiler.api import split_inputs
     from tokenreduce.compiler.capture import export_graph
     from tokenreduce.compiler.pipeline import reduce_graph
-    from tokenreduce.compiler.settings import Settings
+    from tokenreduce.methods.settings import Settings
 
     args, kwargs = family.inputs(2)
-    a, k = _split_inputs(args, kwargs)
+    a, k = split_inputs(args, kwargs)
     captured = export_graph(family.model, a, k, dynamic_batch=True)
     checked = []
     for setting in settings:

@@ -1,7 +1,7 @@
 """The tokenreduce custom ops (`torch.ops.tokenreduce.*`).
 
 Each op is one named node in FX, torch.export and inductor graphs, with a pure-torch CPU implementation
-(the references in `reference.py` and `methods/`) and a fake implementation that states the output shapes
+(the references in `reference.py` and `plans.py`) and a fake implementation that states the output shapes
 (always static given the inputs' shapes and the constant int arguments). GPU kernels plug in with
 `<op>.register_kernel("cuda")` next to the reference without touching the passes.
 
@@ -28,7 +28,7 @@ from tokenreduce.kernels import reference
 from tokenreduce.kernels import triton as _triton
 from tokenreduce.kernels.triton import KernelLimitError
 from tokenreduce.kernels.triton import reference as kernel_reference
-from tokenreduce.methods import evit, tome
+from tokenreduce.kernels import plans
 
 NAMESPACE = "tokenreduce"
 
@@ -38,7 +38,7 @@ def tome_plan(
     k: torch.Tensor, r: int, num_protected: int, valid: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ToMe bipartite matching on keys `k [B, H, N, d]` -> (slot [B, N], rep [B, N - r], keep [B, N])."""
-    return tuple(t.contiguous() for t in tome.bipartite_plan(k, r, num_protected, valid))  # type: ignore[return-value]
+    return tuple(t.contiguous() for t in plans.bipartite_plan(k, r, num_protected, valid))  # type: ignore[return-value]
 
 
 @tome_plan.register_fake
@@ -53,7 +53,7 @@ def topk_plan(
     scores: torch.Tensor, keep: int, num_protected: int, fuse: bool, valid: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """EViT/FastV-style top-k plan on `scores [B, N]` -> (slot [B, N], weight [B, N], rep [B, N'])."""
-    return tuple(t.contiguous() for t in evit.topk_plan(scores, keep, num_protected, fuse, valid))  # type: ignore[return-value]
+    return tuple(t.contiguous() for t in plans.topk_plan(scores, keep, num_protected, fuse, valid))  # type: ignore[return-value]
 
 
 @topk_plan.register_fake
@@ -157,7 +157,7 @@ def _tome_plan_cuda(k, r, num_protected, valid):
         except KernelLimitError as exc:
             reason = str(exc)
     _on_reference("tome_plan", reason)
-    return tuple(t.contiguous() for t in tome.bipartite_plan(k, r, num_protected, valid))
+    return tuple(t.contiguous() for t in plans.bipartite_plan(k, r, num_protected, valid))
 
 
 @query_row_scores.register_kernel("cuda")

@@ -1,22 +1,40 @@
 """EViT: keep the tokens the CLS token attends to most, fuse the rest into one.
 
 Source: Liang, Ge, Tong, Song, Wang, Xie, "Not All Patches are What You Need: Expediting Vision
-Transformers via Token Reorganizations", ICLR 2022. Written from the paper and docs/methods.md: top-k of
-the head-averaged CLS attention over the non-protected tokens (descending order, as the official code),
-the pruned tokens fused into one token by their attention. Deviation, on purpose: the fused token is the
-attention-weighted *average* (the official code's unnormalised sum shrinks the token on models that were
-not fine-tuned with EViT).
+Transformers via Token Reorganizations", ICLR 2022 (official code youweiliang/evit, read, not copied):
+top-k of the head-averaged CLS attention over the non-protected tokens (descending order, as the official
+code), the pruned tokens fused into one token by their attention. The CLS row is computed from the block's
+own q and k (one query row, so the block's SDPA stays fused) by `query_row_scores`; the plan is the
+`topk_plan` op (`kernels/plans.py`, which also states our one deliberate deviation: the fused token is the
+attention-weighted average).
 
-Refuses: keep counts outside `1 .. N - P`.
+Refuses: models without a leading protected token (no CLS row to rank by), keep counts below 1.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from tokenreduce.analysis.encoder import ModelAnalysis
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce)
+from tokenreduce.methods.base import (
+    BlockPlan,
+    EncoderMethod,
+    Options,
+    PlanNodes,
+    Site,
+    check_bool,
+    check_int_list,
+    check_layers,
+    check_ratio,
+    option,
+    walk_blocks,
+)
 
 
 def keep_count(num_tokens: int, num_protected: int, keep_ratio: float) -> int:
@@ -24,61 +42,79 @@ def keep_count(num_tokens: int, num_protected: int, keep_ratio: float) -> int:
     return math.ceil(keep_ratio * (num_tokens - num_protected))
 
 
-def topk_plan(
-    scores: torch.Tensor, keep: int, num_protected: int, fuse: bool = True, valid: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plan one EViT step.
-
-    Args:
-        scores: `[B, N]` attention of the CLS query over the keys (probabilities, head-averaged).
-        keep: candidates kept (a constant, so the plan has a static shape).
-        num_protected: leading tokens always kept, in order.
-        fuse: fuse the pruned tokens into one extra slot (else they go to the dump slot `N'`).
-        valid: optional `[B, N]` bool; padding never outranks a real token.
-
-    Returns:
-        slot `[B, N]` int64 (dropped tokens get `N'`), weight `[B, N]` (1 for kept tokens, the attention
-        for fused ones), rep `[B, N']` int64 representative input token per output slot.
-    """
-    bsz, n = scores.shape
-    cand = n - num_protected
-    if keep < 1 or keep > cand:
-        raise TokenReduceError(f"EViT keeps {keep} of {cand} candidate tokens; keep must be in 1..{cand}")
-    device = scores.device
-    cand_scores = scores[:, num_protected:]
-    ranked = cand_scores
-    if valid is not None:
-        # padding ranks below every probability, ordered by index (lower first) so torch.topk and ONNX
-        # TopK (which breaks ties by index) keep the same padding tokens in the same order
-        sentinel = -1.0 - 1e-6 * torch.arange(cand, device=device, dtype=cand_scores.dtype)
-        ranked = torch.where(valid[:, num_protected:], cand_scores, sentinel)
-    _, idx = ranked.topk(keep, dim=-1, largest=True, sorted=True)  # [B, keep]
-
-    n_out = num_protected + keep + (1 if fuse else 0)
-    pruned_slot = num_protected + keep  # the fused slot, or the dump slot when not fusing
-    # slot of each candidate = its position in the top-k list (one-hot compare, no scatter: exports to
-    # Equal/ReduceMax/ReduceSum only)
-    hit = idx[:, :, None] == torch.arange(cand, device=device)[None, None, :]  # [B, keep, cand]
-    kept = hit.any(dim=1)
-    pos = (hit.long() * torch.arange(keep, device=device)[None, :, None]).sum(dim=1)
-    cand_slot = torch.where(kept, num_protected + pos, torch.full_like(pos, pruned_slot))
-    prot_slot = torch.arange(num_protected, device=device).expand(bsz, num_protected)
-    slot = torch.cat([prot_slot, cand_slot], dim=1)
-
-    weight = torch.cat(
-        [torch.ones_like(scores[:, :num_protected]), torch.where(kept, torch.ones_like(cand_scores), cand_scores)],
-        dim=1,
-    )
-    reps = [prot_slot, num_protected + idx]
-    if fuse:
-        best_pruned = cand_scores.masked_fill(kept, -torch.inf).argmax(dim=-1, keepdim=True)
-        reps.append(num_protected + best_pruned)
-    rep = torch.cat(reps, dim=1)
-    assert rep.shape[1] == n_out
-    return slot, weight, rep
-
-
 def default_layers(num_blocks: int) -> list[int]:
     """EViT's reduction layers (4th, 7th, 10th of 12, 0-based 3/6/9) scaled to the model depth."""
     layers = sorted({round(num_blocks * k / 4) for k in (1, 2, 3)})
     return [i for i in layers if 0 <= i < num_blocks]
+
+
+@dataclass(frozen=True)
+class EvitOptions(Options):
+    keep_ratio: float = option(0.7, "fraction of the non-protected tokens kept at each chosen layer, in (0, 1]")
+    layers: tuple[int, ...] | None = option(None, "blocks (0-based) that prune; default: the paper's 4th, 7th and "
+                                                  "10th of 12, scaled to the depth")
+    fuse: bool = option(True, "fuse the pruned tokens into one extra token (else drop them)")
+    prop_attn: bool = option(False, "add log(size) to later attention logits (off in the paper)")
+
+    def validate(self) -> None:
+        self.set("keep_ratio", check_ratio("keep_ratio", self.keep_ratio))
+        if self.layers is not None:
+            self.set("layers", check_int_list("layers", self.layers, lo=None))
+        check_bool("fuse", self.fuse)
+        check_bool("prop_attn", self.prop_attn)
+
+
+class Evit(EncoderMethod):
+    name = "evit"
+    summary = "keep the tokens the CLS token attends to most, fuse the rest (Liang et al., ICLR 2022)"
+    Options = EvitOptions
+
+    def check_common(self, options: Options, unmerge: bool) -> None:
+        assert isinstance(options, EvitOptions)
+        if unmerge and not options.fuse:
+            raise TokenReduceError(
+                "unmerge needs every original token to land in a kept slot; EViT with fuse=False drops "
+                "tokens. Use fuse=True or unmerge=False.", setting="unmerge")
+
+    def plan_blocks(self, options: Options, analysis: ModelAnalysis) -> list[BlockPlan]:
+        assert isinstance(options, EvitOptions)
+        nb, p = len(analysis.blocks), analysis.num_protected
+        if options.layers is not None:
+            check_layers(options.layers, nb)
+        layers = list(options.layers) if options.layers is not None else default_layers(nb)
+        if p < 1:
+            raise TokenReduceError(
+                "EViT ranks tokens by the CLS token's attention, and this model has no protected leading "
+                "token; pass protected_tokens=1 if its first token is a CLS token, or use method='tome'",
+                setting="protected_tokens")
+
+        def reduce(b: Any, bp: BlockPlan) -> None:
+            n = bp.tokens_in
+            k = keep_count(n, p, options.keep_ratio)
+            out = p + k + (1 if options.fuse else 0)
+            if n - p <= 0:
+                bp.reason = f"no candidate tokens: the block has {n} tokens and {p} are protected"
+            elif k >= n - p or out >= n:
+                bp.reason = f"keep_ratio={options.keep_ratio} keeps all {n - p} candidate tokens"
+            elif k < 1:
+                raise TokenReduceError(
+                    f"EViT keep_ratio={options.keep_ratio} keeps no token at block {b.index} ({n} tokens)",
+                    setting="keep_ratio")
+            else:
+                bp.action, bp.keep, bp.tokens_out = self.name, k, out
+
+        return walk_blocks(analysis, lambda b: b.index in layers, reduce)
+
+    def emit(self, options: Options, site: Site) -> PlanNodes:
+        assert isinstance(options, EvitOptions)
+        b = site.builder
+        tr = torch.ops.tokenreduce
+        scores = b.add(tr.query_row_scores.default, (site.q, site.k, site.bias, site.scale, 0))
+        plan = b.add(tr.topk_plan.default, (scores, site.plan.keep, site.num_protected, options.fuse, site.valid))
+        return PlanNodes(slot=b.item(plan, 0), weight=b.item(plan, 1), rep=b.item(plan, 2))
+
+    def action(self, bp: BlockPlan, analysis: ModelAnalysis) -> str:
+        return f"evit keep {bp.keep}/{bp.tokens_in - analysis.num_protected}"
+
+
+METHOD = Evit()

@@ -1,28 +1,45 @@
-"""ToMe bipartite soft matching as a plan.
+"""ToMe: merge the most similar tokens in every block (bipartite soft matching).
 
 Source: Bolya, Fu, Dai, Zhang, Feichtenhofer, Hoffman, "Token Merging: Your ViT But Faster", ICLR 2023,
-and the arithmetic of its official timm patch (`bipartite_soft_matching`): alternate A/B split over all
-tokens, cosine similarity of head-averaged keys, each A token's best B match, the r best edges merged.
-Written from the paper and docs/methods.md; the token order of the output equals the official order so
-the same r on the same weights gives the same outputs.
+and the arithmetic of its official timm patch (facebookresearch/ToMe, `tome/merge.py`,
+`bipartite_soft_matching`; read, not copied): alternate A/B split over all tokens, cosine similarity of
+head-averaged keys, each A token's best B match, the r best edges merged, size-weighted averages, and
+proportional attention (`+ log(size)`). The matching itself is the `tome_plan` op (`kernels/plans.py`);
+this file is the method: its options, its per-block schedule, and what it emits.
 
-The plan is returned as `slot [B, N]` (the output slot of every input token, in `0 .. N - r - 1`) and
-`rep [B, N - r]` (one representative input token per slot: the B token of a merged slot), which is
-what `apply_plan` and the token-state bookkeeping (masks, positions) consume.
-
-Refuses: `r` larger than `(N - P) // 2` (the official code silently clamps; we raise).
+Refuses: `r` larger than `(N - P) // 2` at any block (the official code silently clamps; we raise and name
+the largest valid constant r), unless `clamp_r=True`, and then the report names every clamped block.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
+from tokenreduce.analysis.encoder import ModelAnalysis
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce)
+from tokenreduce.kernels import reference as ref
+from tokenreduce.kernels.plans import max_r
+from tokenreduce.methods.base import (
+    BlockPlan,
+    EncoderMethod,
+    Options,
+    PlanNodes,
+    Site,
+    check_bool,
+    check_choice,
+    check_int,
+    check_int_list,
+    check_layers,
+    fail,
+    option,
+    walk_blocks,
+)
 
-
-def max_r(num_tokens: int, num_protected: int) -> int:
-    """Largest merge count one ToMe step can take from `num_tokens` with `num_protected` kept."""
-    return max((num_tokens - num_protected) // 2, 0)
+R_SCHEDULES = ("constant", "decreasing")
 
 
 def largest_constant_r(num_tokens: int, num_protected: int, active: list[bool]) -> int:
@@ -40,124 +57,6 @@ def largest_constant_r(num_tokens: int, num_protected: int, active: list[bool]) 
     return best
 
 
-def bipartite_plan(
-    metric: torch.Tensor, r: int, num_protected: int, valid: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plan one ToMe merge step.
-
-    Args:
-        metric: `[B, N, d]` head-averaged keys, or `[B, H, N, d]` keys (averaged over heads here).
-        r: tokens to merge away (output has `N - r` tokens).
-        num_protected: leading tokens that are never merged (CLS, distillation, registers).
-        valid: optional `[B, N]` bool, False for padding. Merges never cross valid/padding.
-
-    Returns:
-        slot: `[B, N]` int64, output slot of each input token.
-        rep: `[B, N - r]` int64, representative input token of each output slot.
-        keep: `[B, N]` merge-weight multiplier (metric dtype): 1, or 0 for a source merged across padding.
-    """
-    if metric.dim() == 4:
-        metric = metric.mean(dim=1)
-    bsz, n, _ = metric.shape
-    if r < 0 or r > max_r(n, num_protected):
-        raise TokenReduceError(
-            f"ToMe r={r} is too large for {n} tokens with {num_protected} protected; "
-            f"the largest valid r is {max_r(n, num_protected)}"
-        )
-    device = metric.device
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = metric[:, 0::2, :], metric[:, 1::2, :]
-    n_a, n_b = a.shape[1], b.shape[1]
-    scores = a @ b.transpose(-1, -2)  # [B, nA, nB]
-    p_a, p_b = (num_protected + 1) // 2, num_protected // 2
-    neg_inf = -torch.inf
-    if valid is not None:  # cross-padding edges rank below every cosine: padding->real, then real->padding
-        va, vb = valid[:, 0::2], valid[:, 1::2]
-        pad_to_real = ~va[:, :, None] & vb[:, None, :]
-        real_to_pad = va[:, :, None] & ~vb[:, None, :]
-        scores = scores.masked_fill(pad_to_real, -2.0).masked_fill(real_to_pad, -3.0)
-    if p_a:
-        scores = scores.masked_fill((torch.arange(n_a, device=device) < p_a)[None, :, None], neg_inf)
-    if p_b:
-        scores = scores.masked_fill((torch.arange(n_b, device=device) < p_b)[None, None, :], neg_inf)
-
-    node_max, node_idx = scores.max(dim=-1)
-    return plan_from_matches(node_max, node_idx, r, num_protected, valid, n, metric.dtype)
-
-
-def plan_from_matches(
-    node_max: torch.Tensor,
-    node_idx: torch.Tensor,
-    r: int,
-    num_protected: int,
-    valid: torch.Tensor | None,
-    num_tokens: int,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The plan from each A token's best B match (`node_max`, `node_idx`: `[B, nA]`): sort the edges,
-    assign output slots. Shared by `bipartite_plan` and the GPU path (Triton matching kernel + this).
-
-    Returns `slot [B, N]`, `rep [B, N - r]` (int64) and `keep [B, N]` (`dtype`), as `bipartite_plan`.
-    """
-    n = num_tokens
-    if r < 0 or r > max_r(n, num_protected):
-        raise TokenReduceError(
-            f"ToMe r={r} is too large for {n} tokens with {num_protected} protected; "
-            f"the largest valid r is {max_r(n, num_protected)}"
-        )
-    bsz, n_a = node_max.shape
-    n_b = n // 2
-    device = node_max.device
-    p_a, p_b = (num_protected + 1) // 2, num_protected // 2
-    # Ties exist only among cross-padding sentinels; break them by index (lower first) so every runtime
-    # (torch, ONNX TopK) orders them the same. Cosines are in [-1, 1], so real edges are untouched.
-    a_idx = torch.arange(n_a, device=device, dtype=node_max.dtype)
-    node_max = torch.where(node_max < -1.5, node_max - 1e-6 * a_idx, node_max)
-    # Sorts are top-k with a constant k (exports as TopK with a constant k; no data-dependent shapes).
-    edge_idx = node_max.topk(n_a, dim=-1, largest=True, sorted=True).indices  # most similar first
-    n_unm = n_a - r
-    # Every output slot follows from each A token's rank (inverse permutation of edge_idx) without any
-    # scatter, so the plan exports to ONNX as TopK/Gather/Where/CumSum only.
-    rank = edge_idx.topk(n_a, dim=-1, largest=False, sorted=True).indices
-    merged = rank < r
-    if num_protected > 0:  # unmerged A tokens are sorted by index (official), so position = running count
-        pos = (~merged).long().cumsum(dim=-1) - 1
-        unm_idx = edge_idx[:, r:].topk(n_unm, dim=-1, largest=False, sorted=True).values
-    else:
-        pos = rank - r
-        unm_idx = edge_idx[:, r:]
-    j = torch.arange(n_b, device=device)
-    b_slot = torch.where(j < p_b, 2 * j + 1, num_protected + (n_unm - p_a) + j - p_b).expand(bsz, n_b)
-    unm_slot = torch.where(pos < p_a, 2 * pos, num_protected + pos - p_a)
-    slot_a = torch.where(merged, b_slot.gather(1, node_idx), unm_slot)
-    # interleave A (even positions) and B (odd positions) back into token order
-    slot = _interleave(slot_a, b_slot)
-    # merge weight multiplier: 0 for a source merged across padding (only when r leaves no other choice)
-    keep_a = torch.ones(bsz, n_a, dtype=dtype, device=device)
-    if valid is not None:
-        va, vb = valid[:, 0::2], valid[:, 1::2]
-        cross = merged & (va != vb.gather(1, node_idx))
-        keep_a = keep_a.masked_fill(cross, 0.0)
-    keep = _interleave(keep_a, torch.ones_like(keep_a[:, :n_b]))
-
-    # representative input token per slot: protected tokens keep their index, then unmerged A, then B
-    rep = torch.cat(
-        [
-            torch.arange(num_protected, device=device).expand(bsz, num_protected),
-            2 * unm_idx[:, p_a:],
-            (2 * j[p_b:] + 1).expand(bsz, n_b - p_b),
-        ],
-        dim=1,
-    )
-    return slot, rep, keep
-
-
-def _interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Tokens back in sequence order from the A (even positions) and B (odd positions) halves."""
-    out = torch.stack([a[:, : b.shape[1]], b], dim=-1).reshape(a.shape[0], 2 * b.shape[1])
-    return torch.cat([out, a[:, b.shape[1]:]], dim=1) if a.shape[1] > b.shape[1] else out
-
-
 def r_schedule(r: int | tuple[int, ...], num_blocks: int, schedule: str = "constant") -> list[int]:
     """Per-block merge counts.
 
@@ -168,8 +67,8 @@ def r_schedule(r: int | tuple[int, ...], num_blocks: int, schedule: str = "const
     if isinstance(r, tuple | list):
         if len(r) > num_blocks:
             raise TokenReduceError(
-                f"r lists {len(r)} blocks but the model has {num_blocks}; give at most {num_blocks} values"
-            )
+                f"r lists {len(r)} blocks but the model has {num_blocks}; give at most {num_blocks} values",
+                setting="r")
         return list(r) + [0] * (num_blocks - len(r))
     if schedule == "constant" or num_blocks == 1:
         return [int(r)] * num_blocks
@@ -177,3 +76,78 @@ def r_schedule(r: int | tuple[int, ...], num_blocks: int, schedule: str = "const
     hi = 2 * r - lo
     step = (hi - lo) / (num_blocks - 1)
     return [int(lo + step * i) for i in range(num_blocks)]
+
+
+@dataclass(frozen=True)
+class TomeOptions(Options):
+    r: Any = option(0, "tokens merged per block: one int for every block, or a per-block list (padded with 0)")
+    r_schedule: str = option("constant", "'constant' or 'decreasing' (ToMe's (r, -0.5) schedule: more merging "
+                                         "early, same total)")
+    layers: tuple[int, ...] | None = option(None, "blocks (0-based) that merge; default: every block")
+    prop_attn: bool = option(True, "add log(size) to the attention logits after a merge (proportional attention)")
+    clamp_r: bool = option(False, "merge as many as a block can when r is too large (the report lists each "
+                                  "clamped block) instead of raising")
+
+    def validate(self) -> None:
+        if isinstance(self.r, int | bool):
+            check_int("r", self.r, lo=0)
+        else:
+            self.set("r", check_int_list("r", self.r, lo=0))
+        check_choice("r_schedule", self.r_schedule, R_SCHEDULES)
+        if self.r_schedule == "decreasing" and not isinstance(self.r, int):
+            raise fail("r_schedule", "r_schedule='decreasing' needs one int r, not a per-block list")
+        if self.layers is not None:
+            self.set("layers", check_int_list("layers", self.layers, lo=None))
+        check_bool("prop_attn", self.prop_attn)
+        check_bool("clamp_r", self.clamp_r)
+
+
+class Tome(EncoderMethod):
+    name = "tome"
+    summary = "merge the r most similar token pairs in every block (Bolya et al., ICLR 2023)"
+    Options = TomeOptions
+    merges = True
+
+    def plan_blocks(self, options: Options, analysis: ModelAnalysis) -> list[BlockPlan]:
+        assert isinstance(options, TomeOptions)
+        blocks, p = analysis.blocks, analysis.num_protected
+        if options.layers is not None:
+            check_layers(options.layers, len(blocks))
+        rs = r_schedule(options.r, len(blocks), options.r_schedule)
+        if options.layers is not None:
+            rs = [r if i in options.layers else 0 for i, r in enumerate(rs)]
+        n0 = next((b.num_tokens for b in blocks if b.reducible), 0)
+
+        def reduce(b: Any, bp: BlockPlan) -> None:
+            r, n = rs[b.index], bp.tokens_in
+            limit = max_r(n, p)
+            if r > limit and not options.clamp_r:
+                active = [blk.reducible and (options.layers is None or blk.index in options.layers) for blk in blocks]
+                best = largest_constant_r(n0, p, active)
+                hint = f"; the largest constant r for this model is {best}" if isinstance(options.r, int) else ""
+                raise TokenReduceError(
+                    f"ToMe r={r} at block {b.index} ({b.name}) is too large: it has {n} tokens with {p} "
+                    f"protected, so the largest valid r there is {limit}{hint} (or pass clamp_r=True to "
+                    "merge as many as possible and have the report say so)", setting="r")
+            applied = min(r, limit)
+            if applied < r:
+                bp.reason = f"clamped: asked r={r}, merged {applied} (block has {n} tokens)"
+            if applied > 0:
+                bp.action, bp.r, bp.tokens_out = self.name, applied, n - applied
+
+        return walk_blocks(analysis, lambda b: rs[b.index] > 0, reduce)
+
+    def emit(self, options: Options, site: Site) -> PlanNodes:
+        b = site.builder
+        plan = b.add(torch.ops.tokenreduce.tome_plan.default, (site.k, site.plan.r, site.num_protected, site.valid))
+        slot, rep = b.item(plan, 0), b.item(plan, 1)
+        weight = None  # sizes; with padding, sizes times the plan's keep (cross-padding sources drop)
+        if site.valid is not None:
+            weight = b.add(ref.merge_weight, (site.size, b.item(plan, 2)))
+        return PlanNodes(slot, weight, rep)
+
+    def action(self, bp: BlockPlan, analysis: ModelAnalysis) -> str:
+        return f"tome r={bp.r}"
+
+
+METHOD = Tome()

@@ -18,8 +18,7 @@ from __future__ import annotations
 from torch import fx
 
 from tokenreduce.errors import TokenReduceError
-from tokenreduce.passes.common import PassResult
-from tokenreduce.passes.prune_decoder_tokens import DecoderContext
+from tokenreduce.passes.common import DecoderContext, PassResult
 
 
 def emit_kv_cache(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:

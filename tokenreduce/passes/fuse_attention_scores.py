@@ -33,9 +33,9 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
-from tokenreduce.compiler.analysis import args_of
+from tokenreduce.ir.graph import args_of, call, stable_toposort
 from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce)
-from tokenreduce.passes.common import PassContext, PassResult, call, stable_toposort
+from tokenreduce.passes.common import PassContext, PassResult
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 QUERY_ROW_SCORES = torch.ops.tokenreduce.query_row_scores.default

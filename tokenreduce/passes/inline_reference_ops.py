@@ -8,31 +8,28 @@ is static-shaped. Runtime targets (eager, inductor) keep the named ops, where GP
 
 from __future__ import annotations
 
-import torch
 from torch import fx
 
-from tokenreduce.kernels import decoder_ops as _decoder_ops  # noqa: F401  (registers tokenreduce::keep_plan)
-from tokenreduce.kernels import reference
-from tokenreduce.kernels.triton import reference as kernel_reference
-from tokenreduce.methods import decoder, evit, tome
+from tokenreduce.kernels.references import REFERENCES
+from tokenreduce.methods import registry
 from tokenreduce.passes.common import PassResult
 
-REFERENCES = {
-    torch.ops.tokenreduce.tome_plan.default: tome.bipartite_plan,
-    torch.ops.tokenreduce.topk_plan.default: evit.topk_plan,
-    torch.ops.tokenreduce.query_row_scores.default: reference.query_row_scores,
-    torch.ops.tokenreduce.apply_plan.default: reference.apply_plan,
-    torch.ops.tokenreduce.keep_plan.default: decoder.keep_plan,
-    # SDPA + the one-row score (the fused op exists only on GPU graphs; see passes/fuse_attention_scores.py)
-    torch.ops.tokenreduce.attention_with_scores.default: kernel_reference.attention_with_row_scores,
-}
+
+def references() -> dict[object, object]:
+    """Every custom op -> its pure-torch implementation: the shared ops' (`kernels/ops.py`) plus each
+    registered method's own."""
+    table = dict(REFERENCES)
+    for method in registry.METHODS.values():
+        table.update(method.references())
+    return table
 
 
 def inline_reference_ops(gm: fx.GraphModule, ctx: object = None) -> PassResult:
     result = PassResult("inline_reference_ops", changed=False)
+    table = references()
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in REFERENCES:
-            node.target = REFERENCES[node.target]
+        if node.op == "call_function" and node.target in table:
+            node.target = table[node.target]
             result.rewrites += 1
     if result.rewrites:
         result.changed = True

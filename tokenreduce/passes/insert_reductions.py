@@ -6,8 +6,7 @@ bias. Walking the blocks once in order keeps that true by construction.
 
 For a reducing block the pass adds, right after the block's reduction point (`h`):
 
-    plan  = tokenreduce.tome_plan(k, r, P, valid)            # ToMe
-          | tokenreduce.topk_plan(query_row_scores(q, k, bias, scale, 0), keep, P, fuse, valid)   # EViT
+    slot, weight, rep = method.emit(options, site)   # e.g. ToMe: tokenreduce.tome_plan(k, r, P, valid)
     x', size' = tokenreduce.apply_plan(h, slot, weight, size, N')
     valid' = valid[rep];  rep_total' = rep_total[rep];  source' = slot[source]
 
@@ -29,12 +28,14 @@ from tokenreduce.analysis.encoder import Block
 from tokenreduce.ir.graph import Builder, args_of, call, reaches_matmul
 from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce)
 from tokenreduce.kernels import reference as ref
-from tokenreduce.passes.common import PassContext, PassResult
+from tokenreduce.methods import registry
+from tokenreduce.methods.base import Site
+from tokenreduce.passes.common import EncoderContext, PassResult
 
 tr = torch.ops.tokenreduce
 
 
-def _set_attention_mask(block: Block, new_mask: fx.Node | None, graph: fx.Graph, ctx: PassContext) -> None:
+def _set_attention_mask(block: Block, new_mask: fx.Node | None, graph: fx.Graph, ctx: EncoderContext) -> None:
     att = block.attention
     if att.kind == "sdpa":
         node = att.node
@@ -56,7 +57,7 @@ def _set_attention_mask(block: Block, new_mask: fx.Node | None, graph: fx.Graph,
         softmax.replace_input_with(logits, biased)  # type: ignore[arg-type]
 
 
-def _attention_bias(block: Block, graph: fx.Graph, ctx: PassContext, cache: dict) -> fx.Node | None:
+def _attention_bias(block: Block, graph: fx.Graph, ctx: EncoderContext, cache: dict) -> fx.Node | None:
     """The mask/bias block's attention must use given the reductions so far (None: leave as is)."""
     st = ctx.state
     att = block.attention
@@ -70,13 +71,13 @@ def _attention_bias(block: Block, graph: fx.Graph, ctx: PassContext, cache: dict
         mask = att.mask
         if mask is not None:
             mask = call(graph, ref.reduce_mask, (mask, st.rep, ctx.original_tokens), att.node)
-        if ctx.settings.use_prop_attn:
+        if registry.encoder(ctx.settings.method).prop_attn(ctx.settings.opts):
             mask = call(graph, ref.size_bias, (st.size, mask, dtype), att.node)
     cache[key] = mask
     return mask
 
 
-def insert_reductions(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+def insert_reductions(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
     result = PassResult("insert_reductions", changed=False)
     if not any(p.reduces for p in ctx.plans):
         return result
@@ -84,6 +85,7 @@ def insert_reductions(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     st = ctx.state
     cache: dict = {}
     settings = ctx.settings
+    method = registry.encoder(settings.method)
     num_p = ctx.analysis.num_protected
     for block, bp in zip(ctx.analysis.blocks, ctx.plans):
         if block.reducible and st.epoch > 0:
@@ -101,20 +103,10 @@ def insert_reductions(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
         if st.epoch == 0 and att.mask is not None:
             st.valid = add(ref.key_validity, (att.mask, h))
-        if bp.action == "tome":
-            plan = add(tr.tome_plan.default, (att.k, bp.r, num_p, st.valid))
-            slot = add(operator.getitem, (plan, 0))
-            rep = add(operator.getitem, (plan, 1))
-            weight = None  # sizes; with padding, sizes times the plan's keep (cross-padding sources drop)
-            if st.valid is not None:
-                weight = add(ref.merge_weight, (st.size, add(operator.getitem, (plan, 2))))
-        else:
-            bias = current_mask_arg(block)
-            scores = add(tr.query_row_scores.default, (att.q, att.k, bias, att.scale, 0))
-            plan = add(tr.topk_plan.default, (scores, bp.keep, num_p, settings.fuse, st.valid))
-            slot = add(operator.getitem, (plan, 0))
-            weight = add(operator.getitem, (plan, 1))
-            rep = add(operator.getitem, (plan, 2))
+        site = Site(builder=builder, x=h, q=att.q, k=att.k, scale=att.scale, bias=current_mask_arg(block),
+                    valid=st.valid, size=st.size, num_protected=num_p, plan=bp, block=block)
+        emitted = method.emit(settings.opts, site)
+        slot, weight, rep = emitted.slot, emitted.weight, emitted.rep
         applied = add(tr.apply_plan.default, (h, slot, weight, st.size, bp.tokens_out))
         x_new = add(operator.getitem, (applied, 0))
         size_new = add(operator.getitem, (applied, 1))

@@ -1,7 +1,7 @@
 """Prune prefill tokens of a decoder (FastV, PyramidDrop, GemFilter) and carry positions and masks along.
 
 Adds one graph input, `span [B, N]` bool (True = the token may be dropped: image tokens, or context the
-user marked), and for every stage of `methods/decoder.py`:
+user marked), and for every stage the method planned (`methods/fastv.py`, `pyramiddrop.py`, `gemfilter.py`):
 
     scores = tokenreduce.query_row_scores(q_L, k_L, mask_L, scale, -1)   # last query row, mean over heads
     scores = pool_scores(scores, w)                                       # only with score_pool=w > 1
@@ -24,33 +24,19 @@ outputs. Shapes are left to `fix_token_shapes`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
-from tokenreduce.analysis.decoder import DecoderAnalysis
 from tokenreduce.ir.graph import call, nodes_between, stable_toposort
 from tokenreduce.kernels import decoder_ops as _dops  # noqa: F401  (registers tokenreduce::keep_plan)
 from tokenreduce.kernels import ops as _ops  # noqa: F401
 from tokenreduce.kernels import reference as ref
-from tokenreduce.methods import decoder as methods
-from tokenreduce.methods.decoder import Stage
-from tokenreduce.passes.common import PassResult
+from tokenreduce.kernels.plans import pool_scores
+from tokenreduce.passes.common import DecoderContext, PassResult
 from tokenreduce.passes.insert_reductions import current_mask_arg
 
 tr = torch.ops.tokenreduce
-
-
-@dataclass
-class DecoderContext:
-    analysis: DecoderAnalysis
-    stages: list[Stage]
-    span_size: int  # droppable tokens per row (checked at run time by the caller)
-    score_pool: int = 1  # max-pool window over the scores before ranking (1: off)
-    kept: list[fx.Node | None] = field(default_factory=list)  # per decoder block: [B, M] original positions
-    span: fx.Node | None = None
 
 
 def _clone_path(graph: fx.Graph, sources: list[fx.Node], targets: list[fx.Node]) -> dict[fx.Node, fx.Node]:
@@ -115,7 +101,7 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
                 scores = call(graph, tr.query_row_scores.default, (q, k, mask, scorer.scale, -1), scorer.node)
             if ctx.score_pool > 1:
                 with graph.inserting_after(scores):
-                    scores = call(graph, methods.pool_scores, (scores, ctx.score_pool), scorer.node)
+                    scores = call(graph, pool_scores, (scores, ctx.score_pool), scorer.node)
             with graph.inserting_after(scores):
                 keep = call(graph, tr.keep_plan.default, (scores, droppable, stage.keep, num_droppable), scorer.node)
             with graph.inserting_after(keep):

@@ -3,7 +3,7 @@
 Source: Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023 (`bipartite_soft_matching`):
 A = even tokens, B = odd tokens of the head-averaged keys, `scores = norm(A) @ norm(B)^T`, and each A
 token's best B match. The kernel computes exactly `node_max, node_idx = scores.max(-1)` of
-`methods/tome.py` (docs/methods.md steps 1-5), tiled so the `[|A|, |B|]` score matrix only ever exists as
+`kernels/plans.py` (docs/methods.md steps 1-5), tiled so the `[|A|, |B|]` score matrix only ever exists as
 one `BLOCK_A x BLOCK_B` register tile: one program per (A block, batch) loads its A rows once,
 normalises them in fp32, streams the B rows in tiles (normalised on load), applies the padding
 sentinels (-2: padding A to real B, -3: real A to padding B) and the protected mask (-inf rows and
@@ -36,7 +36,7 @@ from tokenreduce.kernels.triton._common import (
     head_block,
     mma,
 )
-from tokenreduce.methods.tome import max_r
+from tokenreduce.kernels.plans import max_r
 
 
 @triton.jit
@@ -136,7 +136,7 @@ def tome_plan(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The `tome_plan` op on the GPU: matching kernel, then the plan's `[B, N]` index work in torch.
 
-    Same outputs as `methods.tome.bipartite_plan(k, r, num_protected, valid)`: `slot [B, N]`,
+    Same outputs as `kernels.plans.bipartite_plan(k, r, num_protected, valid)`: `slot [B, N]`,
     `rep [B, N - r]` (int64) and `keep [B, N]` (k's dtype)."""
     n = k.shape[-2]
     if r < 0 or r > max_r(n, num_protected):  # refuse before launching anything, as the reference

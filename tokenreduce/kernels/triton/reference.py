@@ -5,9 +5,9 @@ kernel tests compare the Triton kernels against them (and against arithmetic wri
 
 - `attention_with_scores`: `F.scaled_dot_product_attention` plus the scores the methods read, computed
   from the materialised fp32 attention matrix (which the kernel never writes).
-- `bipartite_match` / `plan_from_matches`: ToMe's `bipartite_soft_matching` (`methods/tome.py`) cut at the
+- `bipartite_match` / `plan_from_matches`: ToMe's `bipartite_soft_matching` (`kernels/plans.py`) cut at the
   point the matching kernel replaces: the row max/argmax of the masked `A @ B^T` cosine matrix, then the
-  rest of the plan in torch. `plan_from_matches(bipartite_match(...))` equals `tome.bipartite_plan`
+  rest of the plan in torch. `plan_from_matches(bipartite_match(...))` equals `plans.bipartite_plan`
   exactly (tests/kernels/test_triton_ops.py and the interpreter test check it).
 - `apply_plan`: `kernels.reference.apply_plan` (one source per slot is the keep-index gather).
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from tokenreduce.kernels import reference
 from tokenreduce.kernels.reference import apply_plan
-from tokenreduce.methods.tome import plan_from_matches
+from tokenreduce.kernels.plans import plan_from_matches
 
 __all__ = ["apply_plan", "attention_with_row_scores", "attention_with_scores", "bipartite_match", "plan_from_matches", "tome_plan"]
 
@@ -138,7 +138,7 @@ def bipartite_match(
 def tome_plan(
     k: torch.Tensor, r: int, num_protected: int, valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`bipartite_match` then `plan_from_matches`: the reference split of `tome.bipartite_plan`."""
+    """`bipartite_match` then `plan_from_matches`: the reference split of `plans.bipartite_plan`."""
     metric = k.mean(dim=1) if k.dim() == 4 else k
     node_max, node_idx = bipartite_match(metric, num_protected, valid)
     return plan_from_matches(node_max, node_idx, r, num_protected, valid, metric.shape[1], metric.dtype)

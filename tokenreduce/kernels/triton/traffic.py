@@ -2,7 +2,7 @@
 
 The case for the kernels, counted rather than measured (CI has no GPU): for each reduction step of one
 block, the global-memory bytes every kernel of the unfused graph reads and writes, op by op as the
-reference code (`kernels/reference.py`, `methods/tome.py`) runs on a GPU without fusion, against the
+reference code (`kernels/reference.py`, `kernels/plans.py`) runs on a GPU without fusion, against the
 fused kernels of this package. Model, the same on both sides:
 
 - every op reads each input once and writes its output once (compulsory traffic); views (slices,
@@ -90,7 +90,7 @@ def attention_scores_fused(s: Shape) -> list[Op]:
 
 
 def matching_unfused(s: Shape) -> list[Op]:
-    """`tome.bipartite_plan` up to `scores.max(-1)` (the part the matching kernel replaces)."""
+    """`plans.bipartite_plan` up to `scores.max(-1)` (the part the matching kernel replaces)."""
     b, n, h, d, e = s.batch, s.tokens, s.heads, s.head_dim, s.elem
     na, nb = (n + 1) // 2, n // 2
     ops = [

@@ -1,0 +1,81 @@
+"""What the decoder prefill methods share: span options, stage checks, and last-query ranking.
+
+FastV, PyramidDrop and GemFilter (one file each) all rank the *span* tokens (image tokens of a VLM, or
+the context a user marks) by the attention the last query token pays them at one layer (probabilities,
+averaged over heads), keep the best in their original order (`keep_plan` in `kernels/plans.py`), and never
+touch tokens outside the span (system prompt, the question at the end, padding). They differ in where the
+ranking happens and which layers run on the kept tokens. Positions are never renumbered: a kept token
+keeps its original position id (rotary), which is what all three official implementations do.
+
+`score_pool` is an opt-in extension shared by the three, not part of their papers: SnapKV (Li et al.,
+"SnapKV: LLM Knows What You are Looking for Before Generation", 2024) max-pools the scores over
+neighbouring tokens so a selected token brings its neighbours along (multi-token facts stay whole).
+
+Refuses: layers out of order or out of range, keep counts outside `1 .. span`, an even `score_pool`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tokenreduce.methods.base import (
+    DecoderMethod,
+    Options,
+    Stage,
+    check_int,
+    check_int_list,
+    check_layers,
+    check_ratio,
+    fail,
+    option,
+)
+
+
+@dataclass(frozen=True)
+class SpanOptions(Options):
+    """Options every prefill method takes (each method adds its keep count)."""
+
+    layers: tuple[int, ...] | None = option(None, "decoder blocks (0-based) where the method acts; default: the "
+                                                  "paper's choice scaled to the depth")
+    score_pool: int = option(1, "max-pool the last-query scores over this many neighbouring tokens before ranking "
+                                "(odd; 1 = the papers' ranking; SnapKV-style extension)")
+
+    def validate(self) -> None:
+        if self.layers is not None:
+            self.set("layers", check_int_list("layers", self.layers, lo=None))
+        check_int("score_pool", self.score_pool, lo=1)
+        if self.score_pool % 2 == 0:
+            raise fail("score_pool", f"score_pool must be an odd int >= 1 (1 = off), got {self.score_pool}")
+
+
+def checked_layers(method: DecoderMethod, options: SpanOptions, num_layers: int) -> tuple[int, ...]:
+    """The user's layers (strictly increasing, in range) or the method's defaults."""
+    layers = options.layers if options.layers is not None else method.default_layers(num_layers)
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise fail("layers", f"layers must be strictly increasing, got {list(layers)}")
+    check_layers(layers, num_layers, "decoder blocks")
+    return tuple(layers)
+
+
+def ratio_stages(method: str, layers: Sequence[int], span: int, keep_ratio: float) -> list[Stage]:
+    """FastV / PyramidDrop stages: `layers` are the blocks whose input is pruned (block K-1's attention
+    ranks, as FastV's "after layer K"); each stage keeps `ceil(keep_ratio * remaining)` span tokens."""
+    if layers[0] < 1:
+        raise fail("layers", f"{method} prunes after a layer has ranked the tokens: layers must be >= 1, "
+                             f"got {list(layers)}")
+    out, remaining = [], span
+    for layer in layers:
+        remaining = math.ceil(keep_ratio * remaining)
+        out.append(Stage(score_block=layer - 1, first_reduced_block=layer, keep=remaining))
+    return out
+
+
+@dataclass(frozen=True)
+class RatioOptions(SpanOptions):
+    keep_ratio: float = option(0.5, "fraction of the span tokens kept at each stage, in (0, 1]")
+
+    def validate(self) -> None:
+        super().validate()
+        self.set("keep_ratio", check_ratio("keep_ratio", self.keep_ratio))
