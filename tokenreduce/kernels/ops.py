@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 
-from tokenreduce.kernels import reference
+from tokenreduce.kernels import dispatch, reference
 from tokenreduce.kernels import triton as _triton
 from tokenreduce.kernels.triton import KernelLimitError
 from tokenreduce.kernels.triton import reference as kernel_reference
@@ -136,7 +136,11 @@ _WARNED: set[str] = set()
 
 
 def _kernels_or_reason() -> str | None:
-    """None when the Triton kernels can run, else why not (triton missing or broken)."""
+    """None when the Triton kernels can run, else why not (the user chose the references through
+    `$TOKENREDUCE_KERNELS` / `kernels.dispatch`, or triton is missing or broken)."""
+    chosen = dispatch.reference_reason()  # raises on an invalid $TOKENREDUCE_KERNELS
+    if chosen is not None:
+        return chosen
     return None if _triton.HAS_TRITON else f"triton is not importable ({_triton.TRITON_IMPORT_ERROR})"
 
 

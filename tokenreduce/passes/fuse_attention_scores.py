@@ -9,8 +9,10 @@ attention for the plan. On a GPU this pass replaces the pair with
 whose Triton kernel (FlashAttention-2 forward that also writes the chosen row, docs/kernels.md) streams
 K once instead of twice. Every user of the SDPA reads `out`, every user of the scores reads `scores`.
 
-Fires only on graphs whose tensors are on CUDA (`meta["val"].device` of `q`), or with `force=True`
-(tests; the op's CPU implementation is the reference, so a forced CPU graph computes the same values).
+Fires only on graphs whose tensors are on CUDA (`meta["val"].device` of `q`) while the Triton kernels are
+chosen (not with `TOKENREDUCE_KERNELS=reference` / `kernels.use_reference_kernels()`, `kernels/dispatch.py`),
+or with `force=True` (tests; the op's CPU implementation is the reference, so a forced CPU graph computes
+the same values).
 CPU graphs keep SDPA + `query_row_scores`: inductor inlines the reference there, and ONNX export inlines
 every tokenreduce op to standard ops anyway (`passes/inline_reference_ops.py`, which also maps the fused
 op back to SDPA + the reference row), so exported artefacts never depend on this pass.
@@ -34,6 +36,7 @@ from torch import fx
 from torch._guards import detect_fake_mode
 
 from tokenreduce.ir.graph import args_of, call, stable_toposort
+from tokenreduce.kernels import dispatch
 from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce)
 from tokenreduce.passes.common import PassContext, PassResult
 
@@ -98,6 +101,10 @@ def fuse_attention_scores(gm: fx.GraphModule, ctx: PassContext | None = None, *,
         device = qv.device if qv is not None else None
         if not force and (device is None or device.type != "cuda"):
             result.notes.append(f"{qrs.name}: graph on {device}, kept SDPA + query_row_scores (fusion is for CUDA)")
+            continue
+        chosen = None if force else dispatch.reference_reason()  # raises on an invalid $TOKENREDUCE_KERNELS
+        if chosen is not None:
+            result.notes.append(f"{qrs.name}: kept SDPA + query_row_scores: {chosen}")
             continue
         sdpa, reason = _match(qrs)
         if sdpa is None:
