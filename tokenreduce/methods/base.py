@@ -6,7 +6,7 @@ A method is one file in `methods/` that defines a `Method` subclass instance nam
 * `placement` -- where it applies: `"encoder"` (inside a bidirectional block, between the attention residual
   and the MLP: `tokenreduce.compile`), `"decoder"` (the prefill span of a causal LLM/VLM:
   `tokenreduce.reduce_decoder`), or `"any"` (the `none` baseline);
-* `Options` -- a frozen dataclass of the method's own settings: defaults, documented fields
+* `options_type` -- a frozen `Options` dataclass of the method's own settings: defaults, documented fields
   (`metadata["help"]`), and `validate()` with messages that name the valid range. Settings holds the common
   fields plus one `Options` instance; the CLI makes one flag per field;
 * its plan for the model's blocks -- `plan_blocks` (encoder: one `BlockPlan` per block, with the constant
@@ -203,21 +203,21 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
     placement: ClassVar[Placement]
-    Options: ClassVar[type[Options]]
+    options_type: ClassVar[type[Options]]
     merges: ClassVar[bool] = False  # tokens keep sizes > 1 (proportional attention, unmerge apply)
 
     def options(self, values: Mapping[str, Any], others: Mapping[str, Method] | None = None) -> Options:
         """This method's options from user values; a name it does not take is an error that lists its own
         options (and, given the other methods, which of them take the name)."""
-        unknown = sorted(set(values) - set(self.Options.names()))
+        unknown = sorted(set(values) - set(self.options_type.names()))
         if unknown:
-            own = ", ".join(self.Options.names()) or "none"
+            own = ", ".join(self.options_type.names()) or "none"
             name = unknown[0]
-            users = [m.name for m in (others or {}).values() if name in m.Options.names()]
+            users = [m.name for m in (others or {}).values() if name in m.options_type.names()]
             where = f"{name} is a {' / '.join(users)} setting, not a {self.name} one" if users else \
                 f"{name} is not a {self.name} setting"
             raise TokenReduceError(f"{where}; {self.name}'s options are: {own}", setting=name)
-        return self.Options(**values)
+        return self.options_type(**values)
 
     def check_common(self, options: Options, unmerge: bool) -> None:
         """Cross-checks between the method's options and the common settings."""

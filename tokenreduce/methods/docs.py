@@ -37,7 +37,7 @@ def table() -> str:
         lines.append(f"| `{f.name}` | {applies} | `{f.default!r}` | {meaning} |")
     rows: dict[str, tuple[list[str], object, str]] = {}
     for m in registry.METHODS.values():
-        for f in dataclasses.fields(m.Options):
+        for f in dataclasses.fields(m.options_type):
             key = f"{f.name}|{f.default!r}|{f.metadata['help']}"
             rows.setdefault(key, ([], f.default, f.name))[0].append(m.name)
     for key, (users, default, name) in rows.items():

@@ -67,7 +67,7 @@ class EvitOptions(Options):
 class Evit(EncoderMethod):
     name = "evit"
     summary = "keep the tokens the CLS token attends to most, fuse the rest (Liang et al., ICLR 2022)"
-    Options = EvitOptions
+    options_type = EvitOptions
 
     def check_common(self, options: Options, unmerge: bool) -> None:
         assert isinstance(options, EvitOptions)

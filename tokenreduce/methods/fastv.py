@@ -28,7 +28,7 @@ class FastvOptions(RatioOptions):
 class Fastv(DecoderMethod):
     name = "fastv"
     summary = "after layer K, keep the span tokens layer K-1's last query attends to most (Chen et al., ECCV 2024)"
-    Options = FastvOptions
+    options_type = FastvOptions
 
     def default_layers(self, num_layers: int) -> tuple[int, ...]:
         return (min(FASTV_LAYER, num_layers - 1),)

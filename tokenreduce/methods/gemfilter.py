@@ -36,7 +36,7 @@ class GemfilterOptions(SpanOptions):
 class Gemfilter(DecoderMethod):
     name = "gemfilter"
     summary = "rank the span with an early layer's last query, run every layer on the top-k (Shi et al., 2024)"
-    Options = GemfilterOptions
+    options_type = GemfilterOptions
 
     def default_layers(self, num_layers: int) -> tuple[int, ...]:
         return (max(0, min(num_layers - 1, round(GEMFILTER_FRACTION * num_layers))),)

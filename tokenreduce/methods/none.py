@@ -8,6 +8,7 @@ The baseline every benchmark compares against (same capture, same graph, same co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from tokenreduce.analysis.encoder import ModelAnalysis
 from tokenreduce.methods.base import BlockPlan, DecoderMethod, EncoderMethod, Options, Placement, Stage, walk_blocks
@@ -21,8 +22,8 @@ class NoneOptions(Options):
 class NoReduction(EncoderMethod, DecoderMethod):
     name = "none"
     summary = "capture and compile only (the baseline)"
-    placement: Placement = "any"
-    Options = NoneOptions
+    placement: ClassVar[Placement] = "any"
+    options_type = NoneOptions
 
     def plan_blocks(self, options: Options, analysis: ModelAnalysis) -> list[BlockPlan]:
         return walk_blocks(analysis, lambda b: False, lambda b, bp: None)

@@ -24,7 +24,7 @@ class PyramidDropOptions(RatioOptions):
 class PyramidDrop(DecoderMethod):
     name = "pyramiddrop"
     summary = "prune the span in stages, keeping a fraction at each (Xing et al., 2024)"
-    Options = PyramidDropOptions
+    options_type = PyramidDropOptions
 
     def default_layers(self, num_layers: int) -> tuple[int, ...]:
         return tuple(sorted({max(1, min(num_layers - 1, round(f * num_layers))) for f in PYRAMID_FRACTIONS}))

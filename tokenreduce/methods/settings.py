@@ -35,7 +35,7 @@ class Settings:
         method: a registered method name (`tokenreduce.methods.registry.names()`): "tome", "evit", ... for
             encoders (`tokenreduce.compile`); "fastv", "pyramiddrop", "gemfilter" for decoder prefills
             (`tokenreduce.reduce_decoder`); "none" captures and compiles without reducing.
-        options: the method's own options (`METHOD.Options`), built from the flat names by `from_options`.
+        options: the method's own options (`METHOD.options_type`), built from the flat names by `from_options`.
         protected_tokens: number of leading tokens never merged or pruned. None detects them from the
             graph (CLS, distillation and register tokens concatenated in front of the patches; the
             first token of a text model).
@@ -55,9 +55,9 @@ class Settings:
     def __post_init__(self) -> None:
         m = registry.get(self.method)
         if self.options is None:
-            object.__setattr__(self, "options", m.Options())
-        elif not isinstance(self.options, m.Options):
-            raise TokenReduceError(f"options for method {self.method!r} must be {m.Options.__name__}, got "
+            object.__setattr__(self, "options", m.options_type())
+        elif not isinstance(self.options, m.options_type):
+            raise TokenReduceError(f"options for method {self.method!r} must be {m.options_type.__name__}, got "
                                    f"{type(self.options).__name__}", setting="method")
         if self.protected_tokens is not None:
             check_int("protected_tokens", self.protected_tokens, lo=0)
@@ -85,9 +85,9 @@ class Settings:
         method = merged.pop("method", cls.method)
         m = registry.get(method)
         common = {k: merged.pop(k) for k in list(merged) if k in COMMON}
-        unknown = sorted(k for k in merged if not any(k in other.Options.names() for other in registry.METHODS.values()))
+        unknown = sorted(k for k in merged if not any(k in other.options_type.names() for other in registry.METHODS.values()))
         if unknown:
-            valid = sorted(set(COMMON) | set(m.Options.names()))
+            valid = sorted(set(COMMON) | set(m.options_type.names()))
             raise TokenReduceError(f"unknown setting(s) {', '.join(unknown)}; valid settings for method {method!r}: "
                                    f"{', '.join(valid)}", setting=unknown[0])
         return cls(method=method, options=m.options(merged, registry.METHODS), **common)

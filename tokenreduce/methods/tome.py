@@ -105,7 +105,7 @@ class TomeOptions(Options):
 class Tome(EncoderMethod):
     name = "tome"
     summary = "merge the r most similar token pairs in every block (Bolya et al., ICLR 2023)"
-    Options = TomeOptions
+    options_type = TomeOptions
     merges = True
 
     def plan_blocks(self, options: Options, analysis: ModelAnalysis) -> list[BlockPlan]:

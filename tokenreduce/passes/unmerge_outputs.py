@@ -12,11 +12,11 @@ from torch import fx
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.ir.graph import args_of, call
 from tokenreduce.kernels import reference as ref
-from tokenreduce.passes.common import PassContext, PassResult
+from tokenreduce.passes.common import EncoderContext, PassResult
 from tokenreduce.passes.fix_token_shapes import _same, fix_token_shapes
 
 
-def unmerge_outputs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+def unmerge_outputs(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
     result = PassResult("unmerge_outputs", changed=False)
     if not ctx.settings.unmerge or ctx.state.source is None:
         return result
