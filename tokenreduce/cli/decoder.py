@@ -1,18 +1,19 @@
-"""The command line for decoder LLMs / VLMs: `tokenreduce inspect|bench|convert hf:PATH --method fastv ...`.
+"""`tokenreduce inspect|bench|convert hf:PATH --method fastv ...` for decoder LLMs / VLMs.
 
-`cli.py` hands over here when MODEL is a local Hugging Face folder whose config names a causal LM
-(`*ForCausalLM`) or a vision-language model (`*ForConditionalGeneration` with an image token id). The
-prompt is `--prompt TEXT` (or `--prompt @FILE`, tokenized with the folder's tokenizer) or random token
-ids of `--seq-len` tokens; the span a method may drop is `--span START:END` (token indices, Python slice
-rules, negatives count from the end), by default everything but the first and last 16 tokens for a text
-model and the image tokens for a VLM. What ran is always printed (span, stages, tokens per block).
+The command modules hand over here (`route`) when MODEL is a local Hugging Face folder whose config names
+a causal LM (`*ForCausalLM`) or a vision-language model (`*ForConditionalGeneration` with an image token
+id). The prompt is `--prompt TEXT` (or `--prompt @FILE`, tokenized with the folder's tokenizer) or random
+token ids of `--seq-len` tokens; the span a method may drop is `--span START:END` (token indices, Python
+slice rules, negatives count from the end), by default everything but the first and last 16 tokens for a
+text model and the image tokens for a VLM. What ran is always printed (span, stages, tokens per block).
 
     tokenreduce inspect hf:./smollm2 --prompt @doc.txt --span 40:-30
     tokenreduce bench hf:./smollm2 --method gemfilter --layers 5 --keep-tokens 256 --seq-len 2048
     tokenreduce convert hf:./smollm2 --method fastv -o prefill.onnx
 
-Refuses: the onnxruntime/TensorRT bench targets (the pruned prefill runs eager or inductor; ONNX export
-is `convert`), `--to tensorrt`, spans outside the prompt.
+Refuses: a decoder method on any other model, an encoder method on a decoder, the onnxruntime/TensorRT
+bench targets (the pruned prefill runs eager or inductor; ONNX export is `convert`), `--to tensorrt`,
+spans outside the prompt.
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ import argparse
 import json
 import os
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from tokenreduce.cli.methods import DECODER_METHODS, settings_from_args
+from tokenreduce.cli.ui import EXIT_OK, UI
 from tokenreduce.errors import TokenReduceError
 
-DECODER_METHODS = ("fastv", "pyramiddrop", "gemfilter")
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_SEQ_LEN = 512
 DEFAULT_MARGIN = 16  # text models: tokens kept outside the default span at each end
 
@@ -54,10 +58,25 @@ def decoder_folder(spec: str) -> Path | None:
     return None
 
 
+def route(args: argparse.Namespace) -> Path | None:
+    """The folder when MODEL is a decoder LLM / VLM (handled here); a decoder method on any other model is
+    an error that says so."""
+    folder = decoder_folder(args.model)
+    if folder is None and args.method in DECODER_METHODS:
+        raise TokenReduceError(f"--method {args.method} prunes the prefill of a decoder LLM/VLM; {args.model} is not "
+                               "an hf: folder of a *ForCausalLM or vision-language model")
+    return folder
+
+
+def require_decoder_method(args: argparse.Namespace) -> None:
+    if args.method not in DECODER_METHODS:
+        raise TokenReduceError(f"{args.model} is a decoder: choose --method {' | '.join(DECODER_METHODS)}")
+
+
 @dataclass
 class DecoderPrompt:
     model: torch.nn.Module
-    input_ids: torch.Tensor
+    input_ids: torch.Tensor  # [B, L]
     span: tuple[int, int] | None
     extra: dict[str, torch.Tensor]
     description: str
@@ -70,7 +89,7 @@ class DecoderPrompt:
         return f"tokens {self.span[0]}..{self.span[1] - 1}"
 
 
-def _parse_span(text: str | None, n: int, vlm: bool) -> tuple[int, int] | None:
+def parse_span(text: str | None, n: int, vlm: bool) -> tuple[int, int] | None:
     if text is None:
         if vlm:
             return None
@@ -94,6 +113,7 @@ def load(args: argparse.Namespace, folder: Path, batch: int = 1) -> DecoderPromp
     """The model (weights if the folder has them, else seeded random init) and a prompt batch."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    import torch
     import transformers
 
     cfg = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
@@ -130,7 +150,10 @@ def load(args: argparse.Namespace, folder: Path, batch: int = 1) -> DecoderPromp
         source = f"random token ids ({n} tokens; --prompt for text)"
     extra: dict[str, torch.Tensor] = {}
     if vlm:
-        image_id = getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
+        image_id = getattr(cfg, "image_token_id", None)
+        image_id = getattr(cfg, "image_token_index", None) if image_id is None else image_id
+        if image_id is None:
+            raise TokenReduceError(f"{folder}/config.json has no image_token_id: cannot place the image tokens")
         vc = cfg.vision_config
         n_img = (vc.image_size // vc.patch_size) ** 2 + (1 if getattr(cfg, "vision_feature_select_strategy", "default") == "full" else 0)
         ids = torch.cat([ids[:, :1], torch.full((1, n_img), int(image_id)), ids[:, 1:]], dim=1)
@@ -138,23 +161,12 @@ def load(args: argparse.Namespace, folder: Path, batch: int = 1) -> DecoderPromp
         extra["pixel_values"] = torch.randn(batch, vc.num_channels, vc.image_size, vc.image_size, generator=g)
         source += f" + {n_img} image tokens (random pixels)"
     ids = ids.expand(batch, -1).contiguous()
-    span = _parse_span(args.span, ids.shape[1], vlm)
+    span = parse_span(args.span, ids.shape[1], vlm)
     desc = f"{folder.name} ({type(model).__name__}, {'weights' if weights else 'random init'}), {source}"
     return DecoderPrompt(model, ids, span, extra, desc)
 
 
-def _method_kwargs(args: argparse.Namespace, method: str) -> dict[str, Any]:
-    kw: dict[str, Any] = {}
-    if args.layers is not None:
-        kw["layers"] = args.layers
-    if args.keep_ratio is not None and method != "gemfilter":
-        kw["keep_ratio"] = args.keep_ratio
-    if getattr(args, "keep_tokens", None) is not None:
-        kw["keep_tokens"] = args.keep_tokens
-    return kw
-
-
-def _summary(dec: Any) -> dict[str, Any]:
+def summary(dec: Any) -> dict[str, Any]:
     rep = dec.report
     return {"method": rep.method, "settings": rep.settings, "prompt_tokens": rep.num_tokens, "span_tokens": rep.span_tokens,
             "stages": [vars(s) for s in rep.stages], "tokens_per_block": rep.tokens_per_block,
@@ -162,7 +174,7 @@ def _summary(dec: Any) -> dict[str, Any]:
             "not_pruned": [{"block": n, "reason": r} for n, r in rep.skipped]}
 
 
-def _blocks_text(tokens: list[int]) -> str:
+def blocks_text(tokens: list[int]) -> str:
     """Run-length text of tokens per block: `0-1: 2048, 2-29: 1100`."""
     parts, start = [], 0
     for i in range(1, len(tokens) + 1):
@@ -172,25 +184,25 @@ def _blocks_text(tokens: list[int]) -> str:
     return ", ".join(parts)
 
 
-def inspect(args: argparse.Namespace, ui: Any, folder: Path) -> int:
+# ============================================================================================ inspect
+def inspect(args: argparse.Namespace, ui: UI, folder: Path, methods: list[str]) -> int:
     import tokenreduce
-    from tokenreduce.cli import EXIT_OK, _emit_json
 
-    methods = [args.method] if args.method in DECODER_METHODS else list(DECODER_METHODS)
     results = []
     with ui.steps(1 + len(methods), "loading model") as steps:
         with steps.stage(f"loading {args.model}"):
             p = load(args, folder, args.batch or 1)
         for method in methods:
             with steps.stage(f"{method}: capturing, pruning, counting FLOPs"):
-                dec = tokenreduce.reduce_decoder(p.model, method, count_model_flops=True, **_method_kwargs(args, method))
+                dec = tokenreduce.reduce_decoder(p.model, method, count_model_flops=True,
+                                                 **settings_from_args(args, method, strict=args.method is not None))
                 dec.prefill(p.input_ids, None, p.span, **p.extra)
-                results.append(_summary(dec))
+                results.append(summary(dec))
     payload = {"command": "inspect", "model": p.description, "decoder": True, "span": p.span_text,
                "inputs": {"input_ids": list(p.input_ids.shape), **{k: list(v.shape) for k, v in p.extra.items()}},
                "methods": results}
     if ui.json_mode:
-        _emit_json(ui, payload)
+        ui.emit_json(payload)
         return EXIT_OK
     ui.print(f"model: {p.description}")
     ui.print(f"span (droppable): {p.span_text}; everything else is kept")
@@ -201,7 +213,7 @@ def inspect(args: argparse.Namespace, ui: Any, folder: Path) -> int:
         for s in r["stages"]:
             ui.print(f"  rank with block {s['score_block']}'s last-query attention; from block "
                      f"{s['first_reduced_block']} keep {s['keep']} span tokens")
-        ui.print(f"  tokens per block: {_blocks_text(r['tokens_per_block'])}")
+        ui.print(f"  tokens per block: {blocks_text(r['tokens_per_block'])}")
         if r["flops_ratio"] is not None:
             ui.print(f"  prefill FLOPs: {r['flops_before'] / 1e9:.2f} G -> {r['flops_after'] / 1e9:.2f} G "
                      f"(x{r['flops_ratio']:.3f}, {1 / r['flops_ratio']:.2f}x fewer)")
@@ -210,21 +222,23 @@ def inspect(args: argparse.Namespace, ui: Any, folder: Path) -> int:
     return EXIT_OK
 
 
-def _prefill_call(dec: Any, ids: torch.Tensor, span: tuple[int, int] | None, extra: dict[str, torch.Tensor]) -> Any:
+# ============================================================================================ bench
+def prefill_call(dec: Any, ids: torch.Tensor, span: tuple[int, int] | None, extra: dict[str, torch.Tensor]
+                 ) -> Callable[[], Any]:
     return lambda: dec.prefill(ids, None, span, **extra)
 
 
-def bench(args: argparse.Namespace, ui: Any, folder: Path) -> int:
+def bench(args: argparse.Namespace, ui: UI, folder: Path) -> int:
+    import torch
+
     import tokenreduce
     from tokenreduce.bench import interleaved, iqr
-    from tokenreduce.cli import EXIT_OK, _emit_json
 
     bad = [t for t in args.target if t not in ("eager", "inductor")]
     if bad:
         raise TokenReduceError(f"decoder prefill benchmarks run on eager or inductor, not {', '.join(bad)} "
                                "(export the pruned prefill with `tokenreduce convert` for ONNX)")
-    if args.method not in DECODER_METHODS:
-        raise TokenReduceError(f"{args.model} is a decoder: choose --method {' | '.join(DECODER_METHODS)}")
+    require_decoder_method(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
@@ -242,20 +256,22 @@ def bench(args: argparse.Namespace, ui: Any, folder: Path) -> int:
                     base.prefill(ids, None, p.span, **extra)
                 with steps.stage(f"{target}, batch {b}: preparing {args.method}"):
                     dec = tokenreduce.reduce_decoder(p.model, args.method, inner=target, count_model_flops=True,
-                                                     **_method_kwargs(args, args.method))
+                                                     **settings_from_args(args))
                     dec.prefill(ids, None, p.span, **extra)
                 steps.describe(f"{target}, batch {b}: timing {args.repeats} interleaved rounds")
-                t = interleaved(_prefill_call(base, ids, p.span, extra), _prefill_call(dec, ids, p.span, extra),
+                t = interleaved(prefill_call(base, ids, p.span, extra), prefill_call(dec, ids, p.span, extra),
                                 args.repeats, args.warmup, on_round=steps.advance)
+                assert dec.report is not None and base.report is not None
+                assert dec.report.flops_after is not None and base.report.flops_after  # count_model_flops=True
                 fr = dec.report.flops_after / base.report.flops_after
                 speed = t.median_unreduced_ms / t.median_reduced_ms
                 rows.append({"target": target, "batch": b, "full_ms": t.median_unreduced_ms,
                              "pruned_ms": t.median_reduced_ms, "speedup": speed, "flops_ratio": fr,
                              "efficiency": speed * fr, "samples_full_ms": t.samples_unreduced_ms,
-                             "samples_pruned_ms": t.samples_reduced_ms, **_summary(dec)})
+                             "samples_pruned_ms": t.samples_reduced_ms, **summary(dec)})
     if ui.json_mode:
-        _emit_json(ui, {"command": "bench", "model": p.description, "decoder": True, "span": p.span_text,
-                        "repeats": args.repeats, "warmup": args.warmup, "rows": rows})
+        ui.emit_json({"command": "bench", "model": p.description, "decoder": True, "span": p.span_text,
+                      "repeats": args.repeats, "warmup": args.warmup, "rows": rows})
         return EXIT_OK
     from rich.table import Table
 
@@ -265,7 +281,7 @@ def bench(args: argparse.Namespace, ui: Any, folder: Path) -> int:
     for col in ("target", "batch", "tokens per block", "full ms", "pruned ms", "speedup", "FLOPs ratio", "efficiency"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["target"], str(r["batch"]), _blocks_text(r["tokens_per_block"]), f"{r['full_ms']:.0f}",
+        table.add_row(r["target"], str(r["batch"]), blocks_text(r["tokens_per_block"]), f"{r['full_ms']:.0f}",
                       f"{r['pruned_ms']:.0f}", f"{r['speedup']:.2f}x", f"{r['flops_ratio']:.3f}", f"{r['efficiency']:.2f}")
     ui.print(table)
     noise = ", ".join(f"{r['target']} b{r['batch']}: {iqr(r['samples_full_ms']):.0f} / {iqr(r['samples_pruned_ms']):.0f}"
@@ -275,21 +291,22 @@ def bench(args: argparse.Namespace, ui: Any, folder: Path) -> int:
     return EXIT_OK
 
 
-def convert(args: argparse.Namespace, ui: Any, folder: Path) -> int:
+# ============================================================================================ convert
+def convert(args: argparse.Namespace, ui: UI, folder: Path) -> int:
+    """Export the pruned prefill to ONNX, verified in onnxruntime; `export_onnx` writes the file atomically
+    (nothing at the output until the checks pass; nothing left on an interrupt)."""
     import tokenreduce
-    from tokenreduce.cli import EXIT_OK, _emit_json
     from tokenreduce.targets.onnx import export_onnx
 
     if args.to != "onnx":
         raise TokenReduceError("decoder prefills convert to ONNX only (--to onnx); a TensorRT engine for the pruned "
                                "prefill is not built by tokenreduce yet")
-    if args.method not in DECODER_METHODS:
-        raise TokenReduceError(f"{args.model} is a decoder: choose --method {' | '.join(DECODER_METHODS)}")
+    require_decoder_method(args)
     with ui.steps(3, "loading model") as steps:
         with steps.stage(f"loading {args.model}"):
             p = load(args, folder, args.batch or 1)
         with steps.stage(f"capturing and pruning the prefill ({args.method})"):
-            dec = tokenreduce.reduce_decoder(p.model, args.method, **_method_kwargs(args, args.method))
+            dec = tokenreduce.reduce_decoder(p.model, args.method, **settings_from_args(args))
             compiled, flat = dec.compiled_for(p.input_ids, None, p.span, **p.extra)
         with steps.stage("exporting to ONNX and verifying in onnxruntime"):
             shim = types.SimpleNamespace(graph_module=compiled.gm, example_args=tuple(flat), example_kwargs={},
@@ -297,14 +314,14 @@ def convert(args: argparse.Namespace, ui: Any, folder: Path) -> int:
             written = export_onnx(shim, args.output, verify=not args.no_verify, atol=args.atol)
     payload = {"command": "convert", "model": p.description, "decoder": True, "output": str(written.path),
                "inputs": written.input_names, "outputs": written.output_names, "verified": written.verified,
-               "max_abs_diff": written.max_abs_diff, **_summary(dec)}
+               "max_abs_diff": written.max_abs_diff, **summary(dec)}
     if ui.json_mode:
-        _emit_json(ui, payload)
+        ui.emit_json(payload)
         return EXIT_OK
     ui.print(f"wrote {written.path}: pruned prefill of {p.description}")
     ui.print(f"  inputs {', '.join(written.input_names)}; outputs: last-position logits, per-layer keys and values, "
              "kept positions")
-    ui.print(f"  tokens per block: {_blocks_text(payload['tokens_per_block'])}")
+    ui.print(f"  tokens per block: {blocks_text(payload['tokens_per_block'])}")
     if written.verified:
         ui.print(f"  verified in onnxruntime: max |diff| {written.max_abs_diff:.2e} (tolerance {args.atol:g})")
     return EXIT_OK
