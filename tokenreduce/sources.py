@@ -13,6 +13,14 @@ This module owns that translation, so every subcommand (convert, inspect, bench)
 
 Every failure (unknown name, missing file, import error, wrong return value) is a `TokenReduceError`
 with a one-line message saying what was expected.
+
+Code from a model source runs only when the user says so. `module:function` imports and calls the user's
+code by definition. A `.pt2` archive can carry code too: torch's loader unpickles entries marked
+`use_pickle` (and opaque constants, legacy weight files, example inputs that fail the safe loader) with
+`weights_only=False`, evaluates symbolic-shape strings with `sympy.sympify` (which calls `eval`), `exec`s
+the program's guard code, and loads AOTInductor shared libraries. `pt2_code_risks` reads the archive (a
+zip) without loading anything, and `load_pt2` refuses a file with any such entry unless
+`trust_pickle=True` (`--trust-pickle`).
 """
 
 from __future__ import annotations
@@ -21,11 +29,14 @@ import ast
 import difflib
 import importlib
 import inspect
+import io
+import json
 import math
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +45,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.util.batch import batch_of
 
 SOURCE_FORMS = "timm:NAME, hf:PATH, FILE.pt2 or module:function"
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -95,13 +107,6 @@ def parse_model_args(items: Sequence[str] | None) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             out[key] = raw
     return out
-
-
-def batch_of(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None:
-    for leaf in pytree.tree_leaves((args, dict(kwargs))):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            return int(leaf.shape[0])
-    return None
 
 
 def rebatch(args: tuple[Any, ...], kwargs: Mapping[str, Any], batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -291,6 +296,167 @@ def load_hf(path_str: str, *, batch: int, image_size: int | None, seq_len: int |
 
 
 # ---------------------------------------------------------------------------------------------- .pt2
+# What torch.export.load reads without running code: tensors stored raw, JSON, and symbolic-shape strings
+# that are plain sympy constructor calls (srepr form). Anything else in the archive can execute code.
+_SYMPY_CALLS = frozenset("""Symbol Integer Rational Float Add Mul Pow Mod Max Min floor ceiling Abs sqrt Eq Ne Lt Le Gt
+    Ge StrictLessThan StrictGreaterThan LessThan GreaterThan Equality Unequality And Or Not Piecewise ExprCondPair
+    ITE BooleanTrue BooleanFalse true false oo zoo nan Infinity NegativeInfinity NaN Half One Zero NegativeOne
+    FloorDiv ModularIndexing Where PythonMod CleanDiv CeilToInt FloorToInt CeilDiv IntTrueDiv FloatTrueDiv LShift
+    RShift IsNonOverlappingAndDenseIndicator TruncToFloat TruncToInt RoundToInt RoundDecimal ToFloat FloatPow
+    PowByNatural Identity""".split())
+_GUARD_NAMES = frozenset({"L", "math", "inf", "max", "min", "abs", "int", "float", "bool",
+                          "IsNonOverlappingAndDenseIndicator", "cast_symbool_to_symint_guardless"})
+_GUARD_ATTRS = frozenset({"size", "stride", "storage_offset", "dim", "numel", "shape", "floor", "ceil", "trunc",
+                          "isnan", "isinf", "sqrt", "log", "log2", "exp", "pi", "fabs"})
+_PLAIN_SYMBOL = re.compile(r"^[a-z]+\d+$")  # s0, u12: a new sympy Symbol
+_OPERATORS = (ast.operator, ast.unaryop, ast.cmpop, ast.boolop, ast.expr_context, ast.Compare, ast.BoolOp,
+              ast.UnaryOp, ast.Expression)
+
+
+def _plain_sympy(expr: str) -> bool:
+    """Whether `sympy.sympify(expr)` can only build an expression: calls of sympy constructors on numbers,
+    symbols and such calls; strings only as a Symbol's name or a Float's digits (a string anywhere else
+    would be parsed, i.e. evaluated, again)."""
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            if not (isinstance(node.func, ast.Name) and node.func.id in _SYMPY_CALLS):
+                return False
+            for i, arg in enumerate(node.args):
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    ok = (node.func.id == "Symbol" and re.fullmatch(r"[A-Za-z_]\w*", arg.value)) or (
+                        node.func.id == "Float" and re.fullmatch(r"[-+0-9.eE]+", arg.value))
+                    if i != 0 or not ok:
+                        return False
+            if any(kw.arg is None or not (isinstance(kw.value, ast.Constant) and not isinstance(kw.value.value, str))
+                   for kw in node.keywords):
+                return False
+        elif isinstance(node, ast.Name):
+            if node.id not in _SYMPY_CALLS and not _PLAIN_SYMBOL.match(node.id):
+                return False
+        elif isinstance(node, ast.BinOp):
+            if isinstance(node.op, ast.Pow):
+                return False
+        elif isinstance(node, ast.Constant):
+            if not isinstance(node.value, (str, int, float, bool)) and node.value is not None:
+                return False
+        elif not isinstance(node, (ast.keyword, *_OPERATORS)):
+            return False
+    return True
+
+
+def _plain_guard(code: str) -> bool:
+    """Whether a guard string (exec'd by `ExportedProgram.module()` inside a generated function, and put in
+    a double-quoted message) is one expression over the inputs' sizes: `L['x'].size()[0] >= 2`."""
+    if any(c in code for c in "\"\\\n\r"):
+        return False
+    try:
+        tree = ast.parse(code, mode="eval")
+    except (SyntaxError, ValueError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            if node.id not in _GUARD_NAMES:
+                return False
+        elif isinstance(node, ast.Attribute):
+            if node.attr not in _GUARD_ATTRS:
+                return False
+        elif isinstance(node, ast.Call):
+            if node.keywords or not isinstance(node.func, (ast.Name, ast.Attribute)):
+                return False
+        elif isinstance(node, ast.BinOp):
+            if isinstance(node.op, ast.Pow) and not (isinstance(node.right, ast.Constant) and node.right.value in range(65)):
+                return False
+        elif isinstance(node, ast.Constant):
+            if isinstance(node.value, str) and not re.fullmatch(r"[\w.]*", node.value):
+                return False
+        elif not isinstance(node, (ast.Subscript, ast.Slice, *_OPERATORS)):
+            return False
+    return True
+
+
+def _json_values(obj: Any, key: str) -> Iterator[Any]:
+    """Every value stored under `key` anywhere in a parsed JSON document."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == key:
+                yield v
+            yield from _json_values(v, key)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _json_values(v, key)
+
+
+def pt2_code_risks(path: str | os.PathLike[str]) -> list[str]:
+    """What in a `torch.export.save` archive would run code when `torch.export.load` reads it, found by
+    reading the zip without loading anything ([]: nothing; the file may still fail to load)."""
+    from torch.export.pt2_archive import constants as c
+
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise TokenReduceError(f"{path} is not a torch.export archive (not a readable zip file: {exc})") from exc
+    risks: list[str] = []
+    with zf:
+        names = zf.namelist()
+        root = names[0].split("/", 1)[0] + "/" if names else ""
+        if any(not n.startswith(root) for n in names):
+            return ["entries outside the archive's folder (not a torch.export.save archive)"]
+        files = {n[len(root):] for n in names}
+
+        def read(name: str) -> bytes:
+            return zf.read(root + name)
+
+        if c.ARCHIVE_FORMAT_PATH not in files or read(c.ARCHIVE_FORMAT_PATH).strip() != c.ARCHIVE_FORMAT_VALUE.encode():
+            return ["no pt2 archive format marker: an older torch.export format, which is loaded by unpickling"]
+        native = sorted(f for f in files if f.startswith(c.AOTINDUCTOR_DIR) or f.endswith((".so", ".dll", ".dylib")))
+        if native:
+            risks.append(f"compiled native code ({native[0]})")
+        models = sorted(f[len(c.MODELS_DIR):-len(".json")] for f in files
+                        if f.startswith(c.MODELS_DIR) and f.endswith(".json"))
+        for model in models:
+            for legacy in (f"{c.WEIGHTS_DIR}{model}.pt", f"{c.CONSTANTS_DIR}{model}.pt"):
+                if legacy in files:
+                    risks.append(f"a pickled legacy file {legacy}")
+            for config_name, what in ((c.WEIGHTS_CONFIG_FILENAME_FORMAT, "weight"),
+                                      (c.CONSTANTS_CONFIG_FILENAME_FORMAT, "constant")):
+                config_file = config_name.format(model)
+                if config_file not in files:
+                    continue
+                try:
+                    entries = json.loads(read(config_file))["config"]
+                except (ValueError, KeyError, TypeError):
+                    risks.append(f"an unreadable payload config {config_file}")
+                    continue
+                for fqn, meta in entries.items():
+                    path_name = str(meta.get("path_name", "")) if isinstance(meta, dict) else ""
+                    if not isinstance(meta, dict) or meta.get("use_pickle") or (
+                            what == "constant" and not path_name.startswith(c.TENSOR_CONSTANT_FILENAME_PREFIX)):
+                        risks.append(f"a pickled {what} {fqn!r} ({path_name or 'unknown entry'})")
+            sample = c.SAMPLE_INPUTS_FILENAME_FORMAT.format(model)
+            if sample in files:
+                try:
+                    torch.load(io.BytesIO(read(sample)), weights_only=True)
+                except Exception:  # noqa: BLE001 - torch would retry with weights_only=False, i.e. unpickle it
+                    risks.append(f"example inputs {sample} that only full unpickling reads")
+            try:
+                program = json.loads(read(f"{c.MODELS_DIR}{model}.json"))
+            except ValueError:
+                risks.append(f"an unreadable program {c.MODELS_DIR}{model}.json")
+                continue
+            exprs = [e for e in _json_values(program, "expr_str") if not (isinstance(e, str) and _plain_sympy(e))]
+            if exprs:
+                risks.append(f"a symbolic shape that sympy would evaluate as code ({str(exprs[0])[:80]!r})")
+            guards = program.get("guards_code") or [] if isinstance(program, dict) else []
+            bad = [g for g in guards if not (isinstance(g, str) and _plain_guard(g))]
+            if bad:
+                risks.append(f"guard code that is not a plain size check ({str(bad[0])[:80]!r})")
+    return risks
+
+
 class ExportedProgramModule(torch.nn.Module):
     """`ExportedProgram.module()` as a regular module: it refuses `.train()`/`.eval()` (which the capture
     calls), and keeps the program's forward signature so a re-export can name the inputs."""
@@ -334,10 +500,19 @@ def _concrete(dim: Any, axis: int, ranges: Mapping[Any, Any], batch: int, seq_le
     return want
 
 
-def load_pt2(path_str: str, *, batch: int, seq_len: int | None, seed: int) -> ModelSource:
+def load_pt2(path_str: str, *, batch: int, seq_len: int | None, seed: int, trust_pickle: bool = False) -> ModelSource:
+    """Load a `torch.export.save` archive; one that would run code while loading is refused first, unless
+    `trust_pickle`."""
     path = Path(path_str)
     if not path.is_file():
         raise TokenReduceError(f"no such file: {path_str}")
+    if not trust_pickle:
+        risks = pt2_code_risks(path)
+        if risks:
+            more = f" (+{len(risks) - 1} more)" if len(risks) > 1 else ""
+            raise TokenReduceError(
+                f"{path_str} would run code while loading: {risks[0]}{more}; nothing was loaded. Load it only if "
+                "you trust where it came from, with trust_pickle=True", hint="trust_pickle=True")
     try:
         program = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001
@@ -438,8 +613,10 @@ def load_model(
     checkpoint: str | None = None,
     model_args: dict[str, Any] | None = None,
     seed: int = 0,
+    trust_pickle: bool = False,
 ) -> ModelSource:
-    """Load MODEL (`timm:NAME`, `hf:PATH`, `FILE.pt2`, `module:function`) with example inputs."""
+    """Load MODEL (`timm:NAME`, `hf:PATH`, `FILE.pt2`, `module:function`) with example inputs. A `.pt2`
+    file that would run code while loading is refused unless `trust_pickle` (see `pt2_code_risks`)."""
     model_args = dict(model_args or {})
     if batch is not None and batch < 1:
         raise TokenReduceError(f"--batch must be >= 1, got {batch}")
@@ -454,7 +631,7 @@ def load_model(
     if kind == "hf":
         return load_hf(spec[len("hf:"):], batch=batch or 1, image_size=image_size, seq_len=seq_len, seed=seed)
     if kind == "pt2":
-        return load_pt2(spec, batch=batch or 1, seq_len=seq_len, seed=seed)
+        return load_pt2(spec, batch=batch or 1, seq_len=seq_len, seed=seed, trust_pickle=trust_pickle)
     if kind == "function":
         return load_function(spec, model_args=model_args, batch=batch, image_size=image_size, seq_len=seq_len,
                              seed=seed)
