@@ -3,11 +3,13 @@
 `tokenreduce bench` and `benchmarks/vit_speed.py` both time through this module, so a number printed by
 the command line and a number in docs/benchmarks.md mean the same thing:
 
-* Same target on both sides. `eager`: the plain module vs the rewritten graph. `inductor`:
-  `torch.compile(model)` vs `tokenreduce.compile(..., inner="inductor")`, both with a symbolic batch
-  dimension by default (`dynamic_batch`). `onnxruntime`: both models exported with
-  `tokenreduce.targets.onnx.export_onnx` (the baseline with `method="none"`, so the same exporter and
-  graph optimiser are used) and verified, then run in onnxruntime CPU sessions.
+* Same target on both sides, through the target interface (`tokenreduce.targets`): the names a bench
+  accepts (`TARGETS`, `bench_targets()`) are the runtime labels of the registered targets, and each side is
+  prepared by that target's `lower`. The reduced side is the rewritten graph of `tokenreduce.compile`. The
+  unreduced side is the plain module for targets that lower any module as it is (`eager`: the module
+  itself; `inductor`: `torch.compile(model)`), and otherwise the graph of `method="none"` (`onnxruntime`,
+  `tensorrt`: both exported with the same exporter and graph optimiser, and verified). Both sides keep a
+  symbolic batch dimension by default (`dynamic_batch`).
 * The first call of each side (compilation, session warm-up) is never timed; then `warmup` untimed
   rounds; then `repeats` rounds of A, B, A, B, ... so machine drift on a shared box hits both sides.
 * Medians per side (interference only ever slows a call down, so means are biased), with the
@@ -19,27 +21,33 @@ the command line and a number in docs/benchmarks.md mean the same thing:
 
 from __future__ import annotations
 
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
-from tokenreduce.compiler.api import ReducedModule
+from tokenreduce import targets
 from tokenreduce.compiler.api import compile as tr_compile
 from tokenreduce.compiler.report import Report
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.targets.base import Call, Lowered, Target, TargetOptions, default_threads
 
-TARGETS = ("eager", "inductor", "onnxruntime")
+__all__ = [
+    "TARGETS", "BenchRow", "Call", "Runner", "Timing", "bench_targets", "default_threads", "interleaved", "iqr",
+    "make_row", "prepare_baseline", "prepare_reduced", "time_call",
+]
 
-Call = Callable[[], Any]
-"""A zero-argument call with its inputs already bound (conversion of inputs is never timed)."""
+
+def bench_targets() -> dict[str, Target]:
+    """Every registered target that gives a runner, keyed by its runtime label (what `--target` takes)."""
+    return {t.runtime: t for t in targets.all_targets(targets.RUNTIME)}
+
+
+TARGETS = tuple(bench_targets())
+"""The runtime labels of the registered targets when this module was imported (`bench_targets()` is live)."""
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -126,117 +134,61 @@ class BenchRow:
 def make_row(setting: str, batch: int, target: str, timing: Timing, report: Report, note: str = "") -> BenchRow:
     lat_a, lat_b = timing.median_unreduced_ms, timing.median_reduced_ms
     speedup = lat_a / lat_b
-    flops_ratio = report.flops_ratio
+    # a report without FLOPs counted (count_model_flops=False) gives NaN ratios and zero counts
+    flops_ratio = report.flops_ratio if report.flops_ratio is not None else float("nan")
     flops_speedup = 1.0 / flops_ratio if flops_ratio else float("nan")
     return BenchRow(
         setting=setting, batch=batch, target=target, latency_unreduced_ms=lat_a, latency_reduced_ms=lat_b,
         latency_ratio=lat_b / lat_a, speedup=speedup, flops_ratio=flops_ratio, flops_speedup=flops_speedup,
         efficiency=speedup / flops_speedup, repeats=len(timing.samples_reduced_ms),
         iqr_unreduced_ms=iqr(timing.samples_unreduced_ms), iqr_reduced_ms=iqr(timing.samples_reduced_ms),
-        flops_before=report.flops_before, flops_after=report.flops_after, note=note,
+        flops_before=report.flops_before or 0, flops_after=report.flops_after or 0, note=note,
         samples_unreduced_ms=list(timing.samples_unreduced_ms), samples_reduced_ms=list(timing.samples_reduced_ms),
     )
 
 
 # --------------------------------------------------------------------------------------------- targets
-def default_threads() -> int:
-    """CPU cores available to this process."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+Runner = Lowered
+"""A model prepared on a target (`tokenreduce.targets.Lowered`): `bind` fixes the inputs of the timed call;
+`serves(batch)` says whether it can be called at another batch size without preparing again."""
 
 
-def _check_target(target: str) -> None:
-    if target not in TARGETS:
-        raise TokenReduceError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+def _target(label: str) -> Target:
+    target = bench_targets().get(label)
+    if target is None:
+        raise TokenReduceError(f"unknown target {label!r}; choose one of {', '.join(bench_targets())}")
+    target.require_available()
+    return target
 
 
-@dataclass
-class Runner:
-    """A model prepared on a target (compiled, or exported into an onnxruntime session). `bind` fixes
-    the inputs of the timed call; a runner prepared with a dynamic batch serves every batch size."""
-
-    target: str
-    batch: int | None
-    dynamic_batch: bool
-    _bind: Callable[[tuple[Any, ...], dict[str, Any]], Call] = field(repr=False)
-
-    def serves(self, batch: int) -> bool:
-        return self.dynamic_batch or batch == self.batch
-
-    def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Call:
-        return self._bind(tuple(args), dict(kwargs))
-
-
-def _batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None:
-    for leaf in pytree.tree_leaves((tuple(args), dict(kwargs))):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            return int(leaf.shape[0])
-    return None
-
-
-def _module_runner(fn: Callable[..., Any], target: str, batch: int | None, dynamic: bool) -> Runner:
-    def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
-        return lambda: fn(*args, **kwargs)
-
-    return Runner(target, batch, dynamic, bind)
-
-
-def _ort_runner(module: ReducedModule, threads: int | None, atol: float) -> Runner:
-    """Export `module` to verified ONNX in a scratch directory and open an onnxruntime CPU session on it."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise TokenReduceError("the onnxruntime target needs `onnxruntime` (pip install onnxruntime)") from exc
-    from tokenreduce.targets.onnx import export_onnx
-
-    with tempfile.TemporaryDirectory(prefix="tokenreduce-bench-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        export_onnx(module, path, verify=True, atol=atol)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or default_threads()
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])  # weights now in memory
-    names = [i.name for i in sess.get_inputs()]
-    # the file, not the module, says whether the batch stayed symbolic through the export
-    dynamic = all(isinstance(i.shape[0], str) or i.shape[0] is None for i in sess.get_inputs() if i.shape)
-
-    def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
-        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
-        return lambda: sess.run(None, feeds)
-
-    return Runner("onnxruntime", _batch(module.example_args, module.example_kwargs), dynamic, bind)
+def _options(dynamic_batch: bool, threads: int | None, atol: float) -> TargetOptions:
+    return TargetOptions(dynamic_batch=dynamic_batch, threads=threads or default_threads(), atol=atol)
 
 
 def prepare_baseline(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], target: str, *,
                      dynamic_batch: bool = True, threads: int | None = None, atol: float = 1e-4) -> Runner:
     """The unreduced model on `target`, prepared with these example inputs."""
-    _check_target(target)
-    batch = _batch(args, kwargs)
-    if target == "eager":
-        return _module_runner(model, target, batch, True)
-    if target == "inductor":
-        torch._dynamo.reset()  # a fresh compile (static batch: no automatic-dynamic recompile from earlier runs)
-        return _module_runner(torch.compile(model, dynamic=True if dynamic_batch else None), target, batch,
-                              dynamic_batch)
+    tgt = _target(target)
+    options = _options(dynamic_batch, threads, atol)
+    # a fresh Dynamo state (static batch: no automatic-dynamic recompile of the plain module from earlier runs)
+    torch._dynamo.reset()
+    if tgt.accepts_modules:
+        return tgt.lower(model, tuple(args), dict(kwargs), options)
     with torch.no_grad():
-        plain = tr_compile(model, args, dict(kwargs), method="none", inner="eager", count_model_flops=False,
+        plain = tr_compile(model, tuple(args), dict(kwargs), method="none", inner="eager", count_model_flops=False,
                            dynamic_batch=dynamic_batch)
-    return _ort_runner(plain, threads, atol)
+    return tgt.lower(plain.graph_module, plain.example_args, plain.example_kwargs, options)
 
 
 def prepare_reduced(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], target: str,
                     options: Mapping[str, Any], *, dynamic_batch: bool = True, threads: int | None = None,
                     atol: float = 1e-4) -> tuple[Runner, Report]:
     """The reduced model on `target` (`options`: tokenreduce settings) and its compile report with FLOPs."""
-    _check_target(target)
+    tgt = _target(target)
     settings = dict(options)
-    settings["inner"] = target if target in ("eager", "inductor") else "eager"
+    settings["inner"] = "eager"  # the target lowers the rewritten graph itself
     settings["dynamic_batch"] = dynamic_batch
     with torch.no_grad():
-        red = tr_compile(model, args, dict(kwargs), **settings)
-    if target == "onnxruntime":
-        return _ort_runner(red, threads, atol), red.report
-    return _module_runner(red, target, _batch(args, kwargs), red.dynamic_batch), red.report
+        red = tr_compile(model, tuple(args), dict(kwargs), **settings)
+    lowered = tgt.lower(red.graph_module, red.example_args, red.example_kwargs, _options(dynamic_batch, threads, atol))
+    return lowered, red.report

@@ -1,6 +1,9 @@
-"""ONNX target: export a reduced model, prove it is static and export-safe, and verify it numerically.
+"""ONNX target: export a reduced model, prove it is static and export-safe, verify it numerically, and run it
+in onnxruntime.
 
-`export_onnx` takes a `ReducedModule`, inlines the pure-torch references of the tokenreduce ops (so the
+`OnnxTarget.lower(gm, args, kwargs, options)` is the target-interface entry (`tokenreduce.targets.get("onnx")`);
+`export_graph` does the work for a graph and its example inputs, `export_onnx` for a `ReducedModule`. Both
+inline the pure-torch references of the tokenreduce ops (so the
 exporter sees standard ops; see `passes/inline_reference_ops.py`), exports with
 `torch.onnx.export(..., dynamo=True)` and a dynamic batch dimension, then:
 
@@ -11,8 +14,13 @@ exporter sees standard ops; see `passes/inline_reference_ops.py`), exports with
 2. **verification**: the ONNX model runs in onnxruntime on the example inputs and is compared with the
    eager reduced graph; past `atol` it is an error (skip only with `verify=False`).
 
-The file is written to a temporary name and moved into place only after both checks pass, so a failed
-export never leaves a file that looks good. Weights go into one file below 2 GB, external data above.
+The file is written through `tokenreduce.util.files.atomic_path` (a scratch folder beside it) and moved into
+place only after both checks pass, so a failed or interrupted export never leaves a file that looks good.
+Weights go into one file below 2 GB, external data above. The target's runner is an onnxruntime CPU session
+(other devices are refused: the file runs on GPUs through TensorRT or onnxruntime-gpu outside this target).
+
+A model with no graph, no opset import or no graph outputs (an empty or truncated file) is invalid:
+`check_static` reports it instead of passing it.
 """
 
 from __future__ import annotations
@@ -21,16 +29,27 @@ import copy
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils import _pytree as pytree
 
-from tokenreduce.compiler.capture import batch_of, repeat_batch
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.passes.inline_reference_ops import inline_reference_ops
+from tokenreduce.targets.base import (
+    ArtefactTarget,
+    Lowered,
+    TargetOptions,
+    Verification,
+    default_threads,
+    fill_tensor_leaves,
+    graph_batch_is_dynamic,
+)
+from tokenreduce.util.batch import batch_of, repeat_batch, tensor_leaves
+from tokenreduce.util.files import atomic_path
 
 TWO_GB = 2 * 1024**3
 DATA_DEPENDENT_OPS = {"NonZero", "Unique", "Compress", "NonMaxSuppression", "Loop", "If", "Scan"}
@@ -56,15 +75,48 @@ def _const_names(model: Any) -> set[str]:
     return names
 
 
-def check_static(model: Any, probe_batch: int = 3) -> list[str]:
-    """Problems that make an ONNX model unfit for fixed-shape runtimes (empty list: fine).
+def load_model(model: Any) -> Any:
+    """A ModelProto from a ModelProto or a path (external weights not loaded: the checks read no weights).
+    Raises TokenReduceError when the file cannot be read or parsed."""
+    import onnx
 
-    The symbolic batch dimension of the inputs is pinned to `probe_batch`; shape inference must then give
+    if not isinstance(model, (str, os.PathLike)):
+        return model
+    try:
+        return onnx.load(str(model), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001
+        raise TokenReduceError(f"{model} is not a readable ONNX model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+
+def model_problems(model: Any) -> list[str]:
+    """Why a ModelProto is not a model at all: no graph, no opset import, no graph outputs (what an empty or
+    truncated file parses to). Empty list: structurally a model."""
+    problems = []
+    if not model.HasField("graph"):
+        problems.append("the model has no graph (an empty or truncated ONNX file?)")
+    elif not model.graph.output:
+        problems.append("the graph has no outputs (an empty or truncated ONNX file?)")
+    if not model.opset_import:
+        problems.append("the model imports no opset (an empty or truncated ONNX file?)")
+    return problems
+
+
+def check_static(model: Any, probe_batch: int = 3) -> list[str]:
+    """Problems that make an ONNX model (a ModelProto or a path) unfit for fixed-shape runtimes ([]: fine).
+
+    An unreadable file, or a model with no graph, opset import or outputs, is reported as such. Otherwise the
+    symbolic batch dimension of the inputs is pinned to `probe_batch`; shape inference must then give
     every value fully static dimensions (so batch is the only dynamic dimension anywhere). Also rejects
     data-dependent-shape ops, ScatterND, non-sum ScatterElements and TopK with a non-constant k."""
     import onnx
 
-    problems: list[str] = []
+    try:
+        model = load_model(model)
+    except TokenReduceError as exc:
+        return [str(exc)]
+    problems = model_problems(model)
+    if problems:
+        return problems
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.value_info[:]
@@ -104,10 +156,6 @@ def check_static(model: Any, probe_batch: int = 3) -> list[str]:
     return problems
 
 
-def _flat_tensors(out: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
 def export_onnx(
     reduced: Any,
     path: str | os.PathLike[str],
@@ -118,36 +166,54 @@ def export_onnx(
     opset: int | None = None,
 ) -> OnnxExport:
     """Export a `ReducedModule` to ONNX, check it, verify it in onnxruntime, then write it to `path`."""
+    dynamic = reduced.dynamic_batch if dynamic_batch is None else dynamic_batch
+    return export_graph(reduced.graph_module, reduced.example_args, reduced.example_kwargs, path, verify=verify,
+                        atol=atol, dynamic_batch=dynamic, opset=opset)
+
+
+def export_graph(
+    gm: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    verify: bool = True,
+    atol: float = 1e-4,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+) -> OnnxExport:
+    """Export the rewritten graph `gm` for these example inputs to ONNX (tokenreduce ops inlined), run the
+    static check, verify in onnxruntime against `gm` itself (unless `verify=False`), then write `path`
+    atomically. Raises TokenReduceError on any failure, leaving nothing at `path`."""
     import onnx
 
     path = Path(path)
-    args, kwargs = reduced.example_args, reduced.example_kwargs
-    gm = copy.deepcopy(reduced.graph_module).eval()
-    inline_reference_ops(gm)
-    dynamic = reduced.dynamic_batch if dynamic_batch is None else dynamic_batch
+    kwargs = dict(kwargs)
+    gm_inlined = copy.deepcopy(gm).eval()
+    if isinstance(gm_inlined, torch.fx.GraphModule):
+        inline_reference_ops(gm_inlined)
     dynamic_shapes = None
     trace_args, trace_kwargs = args, kwargs
-    if dynamic:
+    if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         leaves = pytree.tree_map(lambda t: {0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None,
                                  (args, kwargs))
-        dynamic_shapes = _by_name(gm, leaves)
+        dynamic_shapes = _by_name(gm_inlined, leaves)
         if batch_of(args, kwargs) == 1:  # export specialises size-1 dims: trace at batch 2
             trace_args, trace_kwargs = repeat_batch(args, 1), repeat_batch(kwargs, 1)
     try:
-        program = torch.onnx.export(gm, trace_args, kwargs=trace_kwargs or None, dynamo=True,
+        program = torch.onnx.export(gm_inlined, trace_args, kwargs=trace_kwargs or None, dynamo=True,
                                     dynamic_shapes=dynamic_shapes,
                                     optimize=True, opset_version=opset, verbose=False)
     except Exception as exc:  # noqa: BLE001
         raise TokenReduceError(f"ONNX export failed: {str(exc).splitlines()[0]}") from exc
+    if program is None:
+        raise TokenReduceError("ONNX export failed: torch.onnx.export returned no program")
     model = program.model_proto
     problems = check_static(model)
-    weights = sum(t.numel() * t.element_size() for t in reduced.graph_module.state_dict().values())
+    weights = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
     external = weights >= TWO_GB
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".tokenreduce-", dir=path.parent))
-    tmp = tmpdir / path.name
-    try:
+    with atomic_path(path) as tmp:
         program.save(str(tmp), external_data=external)
         result = OnnxExport(path=path, max_abs_diff=None, verified=False, problems=problems,
                             op_counts=dict(Counter(n.op_type for n in model.graph.node)), external_data=external,
@@ -157,19 +223,13 @@ def export_onnx(
             raise TokenReduceError(f"exported ONNX is not static/export-safe: {problems[0]}"
                                    + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
         if verify:
-            result.max_abs_diff = verify_onnx(tmp, reduced, args, kwargs, atol=atol)
+            result.max_abs_diff = verify_onnx(tmp, gm, args, kwargs, atol=atol)
             if trace_args is not args or trace_kwargs is not kwargs:  # also at the traced batch
                 result.max_abs_diff = max(result.max_abs_diff,
-                                          verify_onnx(tmp, reduced, trace_args, trace_kwargs, atol=atol))
+                                          verify_onnx(tmp, gm, trace_args, trace_kwargs, atol=atol))
             result.verified = True
-        for f in tmpdir.iterdir():
-            os.replace(f, path.parent / f.name)
-        onnx.checker.check_model(str(path))
-        return result
-    finally:
-        for f in tmpdir.glob("*"):
-            f.unlink()
-        tmpdir.rmdir()
+        onnx.checker.check_model(str(tmp))
+    return result
 
 
 def _by_name(gm: Any, leaves: Any) -> Any:
@@ -189,28 +249,119 @@ def verify_onnx(onnx_path: str | os.PathLike[str], reduced: Any, args: tuple[Any
                 atol: float = 1e-4) -> float:
     """Run the ONNX file in onnxruntime and compare with the eager reduced graph; return max abs diff.
 
+    `reduced` is a `ReducedModule` (its `graph_module` is the reference) or the graph module itself.
     Raises TokenReduceError past `atol`."""
     import onnxruntime as ort
 
+    reference = getattr(reduced, "graph_module", reduced)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    inputs = tensor_leaves((args, kwargs))
     feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
-    got = sess.run(None, feeds)
+    got = [torch.from_numpy(g) for g in sess.run(None, feeds)]
     with torch.no_grad():
-        expected = _flat_tensors(reduced.graph_module(*args, **kwargs))
+        expected = tensor_leaves(reference(*args, **kwargs))
+    return compare_outputs(got, expected, atol, runtime="onnxruntime", what="ONNX",
+                           consequence="the exported file was not written")
+
+
+def compare_outputs(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], atol: float, *, runtime: str,
+                    what: str, consequence: str) -> float:
+    """Largest absolute difference between a runtime's flat outputs and the eager graph's; raises
+    TokenReduceError on a count or shape mismatch, on unequal integer outputs, and past `atol`."""
     if len(got) != len(expected):
-        raise TokenReduceError(f"ONNX model has {len(got)} outputs, the reduced model {len(expected)}")
+        raise TokenReduceError(f"{what} model has {len(got)} outputs, the reduced model {len(expected)}")
     diff = 0.0
     for g, e in zip(got, expected):
+        g, e = g.detach().cpu(), e.detach().cpu()
         if tuple(g.shape) != tuple(e.shape):
-            raise TokenReduceError(f"ONNX output shape {tuple(g.shape)} differs from the model's {tuple(e.shape)}")
+            raise TokenReduceError(f"{what} output shape {tuple(g.shape)} differs from the model's {tuple(e.shape)}")
         if e.dtype.is_floating_point:
-            diff = max(diff, float((torch.from_numpy(g) - e).abs().max()))
-        elif not torch.equal(torch.from_numpy(g), e):
+            diff = max(diff, float((g.to(e.dtype) - e).abs().max())) if e.numel() else diff
+        elif not torch.equal(g.to(e.dtype), e):
             diff = float("inf")
     if diff > atol:
         raise TokenReduceError(
-            f"ONNX verification failed: onnxruntime differs from the eager reduced model by {diff:.3g} "
-            f"(tolerance {atol:g}); the exported file was not written"
+            f"{what} verification failed: {runtime} differs from the eager reduced model by {diff:.3g} "
+            f"(tolerance {atol:g}); {consequence}"
         )
     return diff
+
+
+class OnnxTarget(ArtefactTarget):
+    name: ClassVar[str] = "onnx"
+    runtime: ClassVar[str] = "onnxruntime"
+    suffix: ClassVar[str] = ".onnx"
+    summary: ClassVar[str] = ("ONNX file (static check + onnxruntime verification), run in an onnxruntime CPU "
+                              "session")
+
+    def available(self) -> tuple[bool, str]:
+        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if not _importable(m)]
+        if missing:
+            return False, f"missing Python packages: {', '.join(missing)} (pip install {' '.join(missing)})"
+        return True, ""
+
+    def check(self, model: Any) -> list[str]:
+        return check_static(model)
+
+    def lower(self, gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+              options: TargetOptions) -> Lowered:
+        self.require_available()
+        device = options.resolved_device(args, kwargs)
+        if device.type != "cpu":
+            raise TokenReduceError(f"the onnx target runs its model in an onnxruntime CPU session; device "
+                                   f"{str(device)!r} is not supported: pass device='cpu' and CPU inputs (the "
+                                   f"written file runs on GPUs through the tensorrt target)")
+        import onnxruntime as ort
+        dynamic = options.dynamic_batch and graph_batch_is_dynamic(gm) is not False
+
+        def export(path: Path) -> OnnxExport:
+            return export_graph(gm, args, kwargs, path, verify=options.verify, atol=options.atol, dynamic_batch=dynamic,
+                                opset=options.opset)
+
+        sess_opts = ort.SessionOptions()
+        sess_opts.intra_op_num_threads = options.threads or default_threads()
+        sess_opts.inter_op_num_threads = 1
+        sess_opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if options.output is not None:
+            result = export(options.output)
+            sess = ort.InferenceSession(str(options.output), sess_opts, providers=["CPUExecutionProvider"])
+        else:
+            with tempfile.TemporaryDirectory(prefix="tokenreduce-onnx-") as tmp:
+                result = export(Path(tmp) / "model.onnx")
+                # the session holds the weights in memory: the scratch file can go
+                sess = ort.InferenceSession(str(result.path), sess_opts, providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            template = gm(*args, **kwargs)  # the output structure the runner gives back
+        return self._lowered(sess, result, template, args, kwargs, options)
+
+    def _lowered(self, sess: Any, result: OnnxExport, template: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                options: TargetOptions) -> Lowered:
+        names = [i.name for i in sess.get_inputs()]
+
+        def feeds(call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> dict[str, Any]:
+            tensors = tensor_leaves((call_args, call_kwargs))
+            if len(tensors) != len(names):
+                raise TokenReduceError(f"the ONNX model takes {len(names)} input tensors ({', '.join(names)}), "
+                                       f"got {len(tensors)}")
+            return {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
+
+        def run(*call_args: Any, **call_kwargs: Any) -> Any:
+            outs = sess.run(None, feeds(call_args, call_kwargs))
+            return fill_tensor_leaves(template, [torch.from_numpy(o) for o in outs])
+
+        def bind(call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> Any:
+            bound = feeds(call_args, call_kwargs)
+            return lambda: sess.run(None, bound)
+
+        # the file, not the graph, says whether the batch stayed symbolic through the export
+        dynamic = all(isinstance(i.shape[0], str) or i.shape[0] is None for i in sess.get_inputs() if i.shape)
+        return Lowered(self.name, self.runtime, run, bind, batch_of(args, kwargs), dynamic,
+                       path=options.output,
+                       verification=Verification(result.problems, result.verified, result.max_abs_diff, options.atol),
+                       export=result)
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

@@ -7,19 +7,44 @@ constant or exceeds TensorRT's limit (3840), data-dependent output shapes (`NonZ
 The op list follows onnx-tensorrt's operator support table (TensorRT 10); it is deliberately
 conservative: an op missing here is reported, not assumed to work.
 
+A file with no graph, no opset import or no outputs (an empty or truncated file) is reported as an issue,
+never passed.
+
 `build_engine(onnx_path, engine_path, ...)` uses the TensorRT Python API (explicit batch, one optimisation
-profile over the batch dimension, fp32 or fp16) and writes a serialized engine. Without TensorRT or CUDA
-it raises a `TokenReduceError` saying what to install; it never pretends to have built anything.
+profile over the batch dimension, fp32 or fp16) and writes a serialized engine (atomically). Without
+TensorRT or CUDA it raises a `TokenReduceError` saying what to install; it never pretends to have built
+anything.
+
+`TensorRTTarget.lower` (`tokenreduce.targets.get("tensorrt")`) is the target-interface entry: it exports the
+graph to verified ONNX (the onnx target's `export_graph`), runs the compatibility check, builds the engine,
+runs it on the example inputs on the GPU (`EngineRunner`, TensorRT 10's name-based I/O) and compares with
+the eager graph before writing the engine to `TargetOptions.output`. Without TensorRT or a CUDA device it
+raises before exporting anything, naming what is missing. The runner moves inputs to the GPU (untimed, in
+`bind`) and synchronises the stream before returning, so a timed call measures the whole inference.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+import torch
 
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.targets.base import (
+    ArtefactTarget,
+    Lowered,
+    TargetOptions,
+    Verification,
+    fill_tensor_leaves,
+    graph_batch_is_dynamic,
+)
+from tokenreduce.targets.onnx import compare_outputs, export_graph, load_model, model_problems
+from tokenreduce.util.batch import batch_of, tensor_leaves
+from tokenreduce.util.files import write_bytes
 
 TOPK_MAX_K = 3840
 
@@ -66,10 +91,14 @@ def _constants(model: Any) -> dict[str, Any]:
 
 def check_tensorrt(model: Any) -> list[CompatIssue]:
     """Static TensorRT compatibility check of an ONNX model (a ModelProto or a path)."""
-    import onnx
-
-    if isinstance(model, (str, os.PathLike)):
-        model = onnx.load(str(model), load_external_data=False)
+    where = str(model) if isinstance(model, (str, os.PathLike)) else "model"
+    try:
+        model = load_model(model)
+    except TokenReduceError as exc:
+        return [CompatIssue(where, "ModelProto", str(exc))]
+    invalid = model_problems(model)
+    if invalid:
+        return [CompatIssue(where, "ModelProto", reason) for reason in invalid]
     issues: list[CompatIssue] = []
     consts = _constants(model)
     local_functions = {f.name for f in model.functions}
@@ -148,8 +177,135 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise TokenReduceError("TensorRT failed to build the engine (see the TensorRT log above)")
-    out = Path(engine_path)
-    tmp = out.with_suffix(out.suffix + ".partial")
-    tmp.write_bytes(bytes(serialized))
-    os.replace(tmp, out)
-    return out
+    return write_bytes(engine_path, bytes(serialized))
+
+
+# --------------------------------------------------------------------------------------------- runner
+def torch_dtype(trt_dtype: Any) -> torch.dtype:
+    """The torch dtype of a TensorRT tensor dtype (refuses types a reduced graph never has at its I/O)."""
+    import tensorrt as trt  # type: ignore[import-not-found]
+
+    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
+             "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8}
+    for name, dtype in table.items():
+        if hasattr(trt.DataType, name) and trt_dtype == getattr(trt.DataType, name):
+            return dtype
+    raise TokenReduceError(f"TensorRT tensor type {trt_dtype} has no torch equivalent here")
+
+
+class EngineRunner:
+    """Runs a serialized TensorRT engine on CUDA tensors: inputs bound by the ONNX input names (in the order
+    of the model's tensor inputs), outputs allocated per call at the shapes the execution context reports."""
+
+    def __init__(self, serialized: bytes, input_names: list[str], output_names: list[str],
+                 device: torch.device) -> None:
+        import tensorrt as trt  # type: ignore[import-not-found]
+
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(serialized)
+        if self.engine is None:
+            raise TokenReduceError("TensorRT could not deserialize the engine it built (see the TensorRT log above)")
+        self.context = self.engine.create_execution_context()
+        io = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        engine_inputs = {n for n in io if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
+        engine_outputs = {n for n in io if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT}
+        unknown = engine_inputs - set(input_names)
+        if unknown:
+            raise TokenReduceError(f"the engine has inputs the ONNX model does not name: {sorted(unknown)}")
+        missing = [n for n in output_names if n not in engine_outputs]
+        if missing:
+            raise TokenReduceError(f"the engine lacks the ONNX outputs {missing}")
+        self.input_names = input_names
+        self.bound_inputs = engine_inputs
+        self.output_names = output_names
+        self.device = device
+
+    def prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """The model's tensor inputs on the engine's device, in its dtypes, contiguous."""
+        tensors = tensor_leaves((args, kwargs))
+        if len(tensors) != len(self.input_names):
+            raise TokenReduceError(f"the engine takes {len(self.input_names)} input tensors "
+                                   f"({', '.join(self.input_names)}), got {len(tensors)}")
+        out = []
+        for name, t in zip(self.input_names, tensors):
+            dtype = torch_dtype(self.engine.get_tensor_dtype(name)) if name in self.bound_inputs else t.dtype
+            out.append(t.detach().to(self.device, dtype).contiguous())
+        return out
+
+    def execute(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One inference on prepared inputs; returns the outputs after the stream has finished."""
+        for name, t in zip(self.input_names, tensors):
+            if name in self.bound_inputs:
+                self.context.set_input_shape(name, tuple(t.shape))
+                self.context.set_tensor_address(name, t.data_ptr())
+        outputs = []
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            buf = torch.empty(shape, dtype=torch_dtype(self.engine.get_tensor_dtype(name)), device=self.device)
+            self.context.set_tensor_address(name, buf.data_ptr())
+            outputs.append(buf)
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise TokenReduceError("TensorRT failed to run the engine (see the TensorRT log above)")
+        stream.synchronize()
+        return outputs
+
+
+class TensorRTTarget(ArtefactTarget):
+    name: ClassVar[str] = "tensorrt"
+    runtime: ClassVar[str] = "tensorrt"
+    suffix: ClassVar[str] = ".engine"
+    summary: ClassVar[str] = ("TensorRT engine built from the verified ONNX export (needs TensorRT and a CUDA "
+                              "device; the compatibility check runs anywhere)")
+
+    def available(self) -> tuple[bool, str]:
+        return tensorrt_available()
+
+    def check(self, model: Any) -> list[str]:
+        return [str(issue) for issue in check_tensorrt(model)]
+
+    def lower(self, gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+              options: TargetOptions) -> Lowered:
+        device = torch.device(options.device or "cuda")
+        if device.type != "cuda":
+            raise TokenReduceError(f"the tensorrt target runs engines on a CUDA device; device {options.device!r} "
+                                   f"is not one: pass device='cuda' (or leave it unset)")
+        self.require_available()
+        batch = batch_of(args, kwargs)
+        dynamic = options.dynamic_batch and graph_batch_is_dynamic(gm) is not False
+        if dynamic:
+            profile = options.profile_batch
+        elif batch is None:
+            raise TokenReduceError("the tensorrt target needs a tensor input with a batch dimension")
+        else:
+            profile = (batch, batch, batch)  # a static-batch graph: an engine for that batch only
+        with tempfile.TemporaryDirectory(prefix="tokenreduce-trt-") as tmp:
+            onnx_path = Path(tmp) / "model.onnx"
+            export = export_graph(gm, args, kwargs, onnx_path, verify=options.verify, atol=options.atol,
+                                  dynamic_batch=dynamic, opset=options.opset)
+            # build_engine runs check_tensorrt first and names every issue it finds
+            engine = build_engine(onnx_path, Path(tmp) / "model.engine", fp16=options.fp16, batch=profile,
+                                  workspace_gb=options.workspace_gb)
+            serialized = engine.read_bytes()
+        runner = EngineRunner(serialized, export.input_names, export.output_names, device)
+        with torch.no_grad():
+            template = gm(*args, **kwargs)
+        max_diff = None
+        if options.verify:
+            got = runner.execute(runner.prepare(args, kwargs))
+            max_diff = compare_outputs(got, tensor_leaves(template), options.atol, runtime="TensorRT",
+                                       what="TensorRT", consequence="the engine was not written")
+        if options.output is not None:
+            write_bytes(options.output, serialized)
+
+        def run(*call_args: Any, **call_kwargs: Any) -> Any:
+            return fill_tensor_leaves(template, runner.execute(runner.prepare(call_args, call_kwargs)))
+
+        def bind(call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> Any:
+            prepared = runner.prepare(call_args, call_kwargs)
+            return lambda: runner.execute(prepared)
+
+        return Lowered(self.name, self.runtime, run, bind, batch, dynamic,
+                       batch_range=(profile[0], profile[2]) if dynamic else None, path=options.output,
+                       verification=Verification([], options.verify, max_diff, options.atol), export=export)
