@@ -55,7 +55,7 @@ def default_data_dir() -> Path | None:
     return None
 
 
-def _resolve(data_dir: Path | str | None, sub: str) -> Path:
+def resolve_data(data_dir: Path | str | None, sub: str) -> Path:
     base = Path(data_dir) if data_dir is not None else default_data_dir()
     if base is None or not base.is_dir():
         raise DataMissing(base, f"folder {sub}/ (data folder itself not found)")
@@ -104,7 +104,7 @@ def load_stsb(
     """
     if split not in STSB_SPLITS:
         raise ValueError(f"STS-B split must be one of {STSB_SPLITS}, got {split!r}")
-    pairs, _ = parse_stsb_file(_resolve(data_dir, f"stsb/sts-{split}.csv"))
+    pairs, _ = parse_stsb_file(resolve_data(data_dir, f"stsb/sts-{split}.csv"))
     return pairs[:limit] if limit is not None else pairs
 
 
@@ -121,7 +121,7 @@ def load_cifar10(
 
     if split not in CIFAR10_SPLITS:
         raise ValueError(f"CIFAR-10 split must be one of {CIFAR10_SPLITS}, got {split!r}")
-    root = _resolve(data_dir, f"cifar10/{split}")
+    root = resolve_data(data_dir, f"cifar10/{split}")
     class_names = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not class_names:
         raise DataMissing(root.parent.parent, f"class folders under cifar10/{split}/")

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from tokenreduce.evaluate.data import _resolve
+from tokenreduce.evaluate.data import resolve_data
 from tokenreduce.evaluate.models import ModelMissing
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -209,7 +209,7 @@ _CORPUS_CACHE: dict[tuple[int, str], _Corpus] = {}
 
 def wikitext_corpus(tokenizer: Any, data_dir: Path | str | None = None) -> _Corpus:
     """The cleaned WikiText-2 test text tokenized once (kept per tokenizer and file)."""
-    path = _resolve(data_dir, WIKITEXT_FILE)
+    path = resolve_data(data_dir, WIKITEXT_FILE)
     key = (id(tokenizer), str(path.resolve()))
     if key not in _CORPUS_CACHE:
         paragraphs = clean_wikitext(path.read_text(encoding="utf-8"))

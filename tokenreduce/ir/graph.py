@@ -33,6 +33,13 @@ def static_dim(dim: object) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
+def same_dim(a: Any, b: Any) -> bool:
+    """Two sizes are the same dimension: equal ints, or the same symbol (a symbolic batch)."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return str(a) == str(b)
+    return bool(a == b)
+
+
 def module_path(node: fx.Node) -> list[str]:
     """Module paths from the node's nn_module_stack, outermost first, with dynamo's prefix removed."""
     stack = node.meta.get("nn_module_stack") or {}

@@ -26,7 +26,7 @@ from torch import fx
 from torch._guards import detect_fake_mode
 
 from tokenreduce.errors import TokenReduceError
-from tokenreduce.ir.graph import args_of, module_path
+from tokenreduce.ir.graph import args_of, module_path, same_dim
 from tokenreduce.passes.common import PassContext, PassResult
 
 aten = torch.ops.aten
@@ -39,12 +39,6 @@ def _hint(s: Any) -> int:
     if isinstance(s, torch.SymInt):
         return int(s.node.hint) if s.node.hint is not None else int(s.node.expr)
     return int(s)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return str(a) == str(b)
-    return a == b
 
 
 def _groups(old_in: list[int], old_out: list[int]) -> list[tuple[list[int], list[int]]]:
@@ -72,7 +66,7 @@ def _groups(old_in: list[int], old_out: list[int]) -> list[tuple[list[int], list
 
 
 def _fix_view(node: fx.Node, old_in: torch.Size, new_in: torch.Size, old_out: torch.Size) -> bool:
-    changed = {d for d in range(len(old_in)) if not _same(old_in[d], new_in[d])}
+    changed = {d for d in range(len(old_in)) if not same_dim(old_in[d], new_in[d])}
     if not changed:
         return False
     shape_arg = list(args_of(node)[1])
@@ -109,7 +103,7 @@ def _fix_view(node: fx.Node, old_in: torch.Size, new_in: torch.Size, old_out: to
 
 
 def _fix_expand(node: fx.Node, old_in: torch.Size, new_in: torch.Size, old_out: torch.Size) -> bool:
-    changed = [d for d in range(len(old_in)) if not _same(old_in[d], new_in[d])]
+    changed = [d for d in range(len(old_in)) if not same_dim(old_in[d], new_in[d])]
     if not changed:
         return False
     sizes = list(args_of(node)[1])
@@ -124,7 +118,7 @@ def _fix_slice(node: fx.Node, old_in: torch.Size, new_in: torch.Size) -> bool:
     args = list(args_of(node)) + [None] * (5 - len(node.args))
     dim = args[1] if args[1] is not None else 0
     dim = dim % len(old_in)
-    if _same(old_in[dim], new_in[dim]):
+    if same_dim(old_in[dim], new_in[dim]):
         return False
     end = args[3]
     if isinstance(end, int) and end >= _hint(old_in[dim]):

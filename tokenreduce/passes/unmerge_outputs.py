@@ -10,10 +10,10 @@ from __future__ import annotations
 from torch import fx
 
 from tokenreduce.errors import TokenReduceError
-from tokenreduce.ir.graph import args_of, call
+from tokenreduce.ir.graph import args_of, call, same_dim
 from tokenreduce.kernels import reference as ref
 from tokenreduce.passes.common import EncoderContext, PassResult
-from tokenreduce.passes.fix_token_shapes import _same, fix_token_shapes
+from tokenreduce.passes.fix_token_shapes import fix_token_shapes
 
 
 def unmerge_outputs(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
@@ -28,7 +28,7 @@ def unmerge_outputs(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
         orig, new = node.meta.get("tokenreduce_orig_val"), node.meta.get("val")
         if orig is None or new is None or not hasattr(new, "shape"):
             return node
-        changed = [d for d in range(len(orig.shape)) if not _same(orig.shape[d], new.shape[d])]
+        changed = [d for d in range(len(orig.shape)) if not same_dim(orig.shape[d], new.shape[d])]
         if not changed:
             return node
         for d in changed:
