@@ -28,12 +28,14 @@ from typing import Any
 import torch
 from torch import fx
 
+from tokenreduce import targets
 from tokenreduce.compiler.capture import export_graph
 from tokenreduce.compiler.pipeline import reduce_prefill
 from tokenreduce.compiler.report import Report, count_flops
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.methods import registry
 from tokenreduce.methods.settings import Settings
+from tokenreduce.targets import TargetOptions
 
 
 class _Prefill(torch.nn.Module):
@@ -141,29 +143,25 @@ class ReducedDecoder:
         red = reduce_prefill(captured.gm, self.settings, span_size)
         gm, report = red.gm, red.report
         names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        runner: Any = gm
-        if self.settings.inner == "inductor":
-            from tokenreduce.targets.inductor import lower_inductor
-
-            runner = lower_inductor(gm, False, [input_ids])
+        flat = self._flat(names, input_ids, attention_mask, position_ids, span, extra)
+        runner = targets.get(self.settings.inner).lower(gm, tuple(flat), {}, TargetOptions(dynamic_batch=False)).runner
         compiled = _Compiled(gm, runner, report, names)
         if self.count_model_flops:
             report.flops_before = count_flops(wrapper, (input_ids, attention_mask, position_ids), extra)
-            report.flops_after = count_flops(gm, tuple(self._flat(compiled, input_ids, attention_mask, position_ids,
-                                                                   span, extra)), {})
+            report.flops_after = count_flops(gm, tuple(flat), {})
         self._cache[key] = compiled
         self.report = report
         return compiled
 
     @staticmethod
-    def _flat(c: _Compiled, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+    def _flat(names: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
               span: torch.Tensor, extra: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         by_name = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                    "span": span, **extra}
-        missing = [n for n in c.names if n not in by_name]
+        missing = [n for n in names if n not in by_name]
         if missing:
             raise TokenReduceError(f"the captured prefill expects inputs {missing} that were not given")
-        return [by_name[n] for n in c.names]
+        return [by_name[n] for n in names]
 
     def compiled_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      span: torch.Tensor | tuple[int, int] | None = None, **extra: torch.Tensor
@@ -171,7 +169,7 @@ class ReducedDecoder:
         """The rewritten prefill graph for these inputs and its flat positional inputs (ONNX export)."""
         mask, pos, span_mask, span_size = self.prepare(input_ids, attention_mask, span)
         c = self._compile(input_ids, mask, pos, span_mask, span_size, extra)
-        return c, self._flat(c, input_ids, mask, pos, span_mask, extra)
+        return c, self._flat(c.names, input_ids, mask, pos, span_mask, extra)
 
     # --------------------------------------------------------------------------------------------- run
     @torch.no_grad()
