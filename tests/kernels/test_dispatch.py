@@ -41,8 +41,8 @@ def test_default_is_triton():
     assert kernel_backend() == "triton" and dispatch.reference_reason() is None
 
 
-@pytest.mark.parametrize("value,expected", [("reference", "reference"), ("triton", "triton"), (" reference ", "reference"),
-                                            ("", "triton")])
+@pytest.mark.parametrize("value,expected", [("reference", "reference"), ("triton", "triton"),
+                                            (" reference ", "reference"), ("", "triton")])
 def test_environment_variable(monkeypatch, value, expected):
     monkeypatch.setenv("TOKENREDUCE_KERNELS", value)
     assert kernel_backend() == expected
