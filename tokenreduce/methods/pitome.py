@@ -26,8 +26,8 @@ Deliberate differences from the official code, each documented in docs/methods.m
   (`pitome_bsm`) in half of the layers, the text patches a Gaussian-kernel energy with a halves split;
 * all `P` protected leading tokens are excluded (the official code excludes the CLS token only);
 * padding (the official vision code has none; its text code ignores the mask): energies are averaged over
-  real tokens, and real tokens are merge candidates before any padding token (see `candidate_order`), so a
-  padded row merges exactly what the row alone would, whenever it has `2r` real candidates;
+  real tokens, padding tokens are merge candidates before any real token, and merges never average real
+  tokens with padding (see `candidate_order`);
 * proportional attention is on by default, as ToMe here (the official timm block never passes sizes to its
   attention; `prop_attn=False` matches it).
 
@@ -85,11 +85,10 @@ def candidate_order(energy: torch.Tensor, valid: torch.Tensor | None) -> tuple[t
     """Order the candidates for one PiToMe step: `(order, pos)`, `order [B, M]` the candidate at each
     position (merge candidates first), `pos [B, M]` each candidate's position (the inverse).
 
-    Without padding the order is by energy, highest first. With padding (`valid [B, M]`), a row with R real
-    candidates puts its `2 * (R // 2)` highest-energy real tokens first (by energy), then the padding tokens
-    (by index), then its lowest-energy real token when R is odd. So the first `2r` positions hold only real
-    tokens while `2r <= R` (the row merges what it would alone), padding fills any shortfall, and a real
-    token is an A (merged away) only when a real B is there to take it.
+    Without padding the order is by energy, highest first. With padding (`valid [B, M]`) a row's padding
+    tokens come first (by index), then its real tokens by energy: padding, which costs compute and carries
+    nothing, is merged away before any real token, and a real A token always has a real B token right after
+    it, so a real token is never merged into padding.
     """
     m = energy.shape[-1]
     if valid is None:
@@ -97,10 +96,8 @@ def candidate_order(energy: torch.Tensor, valid: torch.Tensor | None) -> tuple[t
         return order, inverse_permutation(order)
     key = energy.masked_fill(~valid, torch.finfo(energy.dtype).min)
     rank = inverse_permutation(key.topk(m, dim=-1, largest=True, sorted=True).indices)  # reals: 0..R-1
-    n_real = valid.long().sum(dim=-1, keepdim=True)
-    paired = n_real - n_real % 2
-    pad_rank = (~valid).long().cumsum(dim=-1) - 1
-    pos = torch.where(valid, torch.where(rank < paired, rank, torch.full_like(rank, m - 1)), paired + pad_rank)
+    pad = (~valid).long()
+    pos = torch.where(valid, rank + pad.sum(dim=-1, keepdim=True), pad.cumsum(dim=-1) - 1)
     return inverse_permutation(pos), pos
 
 
@@ -126,7 +123,7 @@ def pitome_plan(
         slot: `[B, N]` int64, output slot of each input token.
         rep: `[B, N - r]` int64, representative input token of each output slot (the B token of a merge).
         keep: `[B, N]` merge-weight multiplier (metric dtype): 1, or 0 for a padding token merged into a real
-            one (only when a row's padding runs out of padding partners).
+            one (a row's only remaining padding token, which has no padding partner).
     """
     if metric.dim() == 4:
         metric = metric.mean(dim=1)
