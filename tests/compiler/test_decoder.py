@@ -112,6 +112,20 @@ def test_keep_everything_is_the_plain_model(llama, prompt):
     assert torch.equal(dec.generate(ids, mask, span, max_new_tokens=5), want)
 
 
+def test_none_baseline_is_the_plain_model(llama, prompt):
+    """method="none" (the benchmarks' baseline) captures the same prefill without pruning, with or without
+    a span."""
+    ids, mask, span = prompt
+    dec = tokenreduce.reduce_decoder(llama, "none")
+    with torch.no_grad():
+        full = llama(input_ids=ids, attention_mask=mask).logits[:, -1]
+    for s in (span, None):
+        pre = dec.prefill(ids, mask, s)
+        torch.testing.assert_close(pre.logits, full, atol=1e-5, rtol=1e-5)
+    assert dec.report.stages == [] and dec.report.settings["layers"] == []
+    assert dec.report.tokens_per_block == [N] * len(dec.report.blocks)
+
+
 def test_continuation_logits_follow_the_pruned_cache(llama, prompt):
     """Teacher-forced continuation after a pruned prefill equals greedy decoding's own logits."""
     ids, mask, span = prompt

@@ -101,7 +101,7 @@ def reduce_prefill(gm: fx.GraphModule, settings: Settings, span_size: int) -> Re
         action = f"{method.name} keep {s.keep} span tokens" if s is not None else "-"
         blocks.append(BlockReport(db.index, db.block.name, n, n, action))
     applied = settings.as_flat()
-    applied["layers"] = list(settings.opts.layers or method.default_layers(nb))  # type: ignore[attr-defined]
+    applied["layers"] = list(method.layers(settings.opts, nb))
     if "keep_tokens" in applied and stages:
         applied["keep_tokens"] = stages[0].keep  # the default depends on the span
     report = Report(

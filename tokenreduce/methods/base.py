@@ -251,6 +251,11 @@ class DecoderMethod(Method):
     def default_layers(self, num_layers: int) -> tuple[int, ...]:
         raise NotImplementedError(f"{type(self).__name__} must give its default layers")
 
+    def layers(self, options: Options, num_layers: int) -> tuple[int, ...]:
+        """The blocks the method acts at: the user's `layers` option, or the method's defaults."""
+        given = getattr(options, "layers", None)
+        return tuple(given) if given is not None else self.default_layers(num_layers)
+
     def stages(self, options: Options, num_layers: int, span: int) -> list[Stage]:
         raise NotImplementedError(f"{type(self).__name__} must give its stages")
 

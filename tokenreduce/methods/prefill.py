@@ -52,7 +52,7 @@ class SpanOptions(Options):
 
 def checked_layers(method: DecoderMethod, options: SpanOptions, num_layers: int) -> tuple[int, ...]:
     """The user's layers (strictly increasing, in range) or the method's defaults."""
-    layers = options.layers if options.layers is not None else method.default_layers(num_layers)
+    layers = method.layers(options, num_layers)
     if any(b <= a for a, b in zip(layers, layers[1:])):
         raise fail("layers", f"layers must be strictly increasing, got {list(layers)}")
     check_layers(layers, num_layers, "decoder blocks")
