@@ -133,9 +133,8 @@ def _attn_case(bsz, heads, m, n, d, dt, causal, mask, row, head_mean):
 
 
 def _match_case(bsz, heads, n, d, p, dt, pad, r):
-    from tokenreduce.kernels import ops
+    from tokenreduce.kernels import ops, plans
     from tokenreduce.kernels.triton import matching
-    from tokenreduce.kernels import plans
 
     g = torch.Generator().manual_seed(n * 3 + p)
     k = torch.randn(bsz, heads, n, d, generator=g).to(DT[dt])

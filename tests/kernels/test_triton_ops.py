@@ -22,9 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce  # noqa: F401  (registers torch.ops.tokenreduce.*)
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.kernels import plans
 from tokenreduce.kernels.triton import KernelLimitError
 from tokenreduce.kernels.triton import reference as kref
-from tokenreduce.kernels import plans
 
 tr = torch.ops.tokenreduce
 

