@@ -48,13 +48,16 @@ The ONNX file has a dynamic batch dimension and every other dimension static. It
 the static check and the onnxruntime verification pass (max abs diff <= --atol); --no-verify skips the
 verification. --to tensorrt exports and verifies the ONNX, runs the TensorRT compatibility check, then
 builds the engine (needs the `tensorrt` package and a CUDA GPU). OUT must end in .onnx (--to onnx) or
-.engine/.plan/.trt (--to tensorrt) and must not be an input file; its folder is checked for writing
-before the model is loaded. An interrupted run (Ctrl-C, SIGTERM) leaves no file behind.
+.engine (--to tensorrt) and must not be an input file; its folder is checked for writing before the model
+is loaded. An interrupted run (Ctrl-C, SIGTERM) leaves no file behind.
 
 {SOURCES_HELP}"""
 
 
 def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.ArgumentParser:
+    from tokenreduce import targets
+
+    artefacts = targets.names(targets.ARTEFACT)
     p: argparse.ArgumentParser = sub.add_parser(
         "convert", formatter_class=fmt, epilog=EPILOG,
         help="reduce a model and write a verified ONNX file or a TensorRT engine",
@@ -63,9 +66,9 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
     add_model(p, batch_list=False)
     add_settings(p, choices=encoder_and_decoder_choices(baseline=True), default="tome")
     g = p.add_argument_group("artefact")
-    g.add_argument("--to", choices=tuple(files.SUFFIXES), default="onnx", help="artefact type (default: onnx)")
+    g.add_argument("--to", choices=artefacts, default="onnx", help="artefact type (default: onnx)")
     g.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="file to write (.onnx; .engine, .plan or .trt for tensorrt)")
+                   help="file to write: " + ", ".join(f"{files.suffix_of(t)} for {t}" for t in artefacts))
     g.add_argument("--no-verify", action="store_true",
                    help="skip the onnxruntime verification (the static check still runs)")
     g.add_argument("--atol", type=non_negative_float, default=1e-4,

@@ -17,7 +17,15 @@ from pathlib import Path
 
 from tokenreduce.errors import TokenReduceError
 
-SUFFIXES = {"onnx": (".onnx",), "tensorrt": (".engine", ".plan", ".trt")}
+
+def suffix_of(to: str) -> str:
+    """The file suffix the artefact target `to` writes (`.onnx`, `.engine`), from the target registry."""
+    from tokenreduce import targets
+
+    target = targets.get(to)
+    if not isinstance(target, targets.ArtefactTarget):
+        raise TokenReduceError(f"the {to} target writes no file; choose one of {', '.join(targets.names(targets.ARTEFACT))}")
+    return target.suffix
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -30,17 +38,17 @@ def same_file(a: Path, b: Path) -> bool:
 def check_output(out: Path, to: str, inputs: Iterable[Path], extra_outputs: Iterable[Path] = ()) -> None:
     """Refuse, before any work, an output that would destroy an input, has the wrong suffix for `to`,
     is a folder, or lies in a folder that cannot be written."""
-    expected = SUFFIXES[to]
+    expected = suffix_of(to)
     if out.is_dir():
-        raise TokenReduceError(f"output {out} is a directory; give a file name, e.g. {out / ('model' + expected[0])}")
+        raise TokenReduceError(f"output {out} is a directory; give a file name, e.g. {out / ('model' + expected)}")
     for written in (out, *extra_outputs):
         for source in inputs:
             if source.is_file() and same_file(written, source):
                 raise TokenReduceError(f"output {written} is the input file {source}; writing it would destroy the "
                                        "input: choose another output name")
-    if out.suffix.lower() not in expected:
-        raise TokenReduceError(f"output {out} does not end in {' or '.join(expected)}, the suffix of --to {to} files; "
-                               f"give e.g. -o {out.with_suffix(expected[0])}")
+    if out.suffix.lower() != expected:
+        raise TokenReduceError(f"output {out} does not end in {expected}, the suffix of --to {to} files; "
+                               f"give e.g. -o {out.with_suffix(expected)}")
     check_writable(out)
 
 

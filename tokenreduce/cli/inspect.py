@@ -210,19 +210,6 @@ def plan_cell(method: dict[str, Any], index: int) -> Any:
 
 
 # ============================================================================================ ONNX files
-def onnx_structure_problems(model: Any) -> list[str]:
-    """Why a parsed ModelProto is not a model at all: no graph, no opset import, no graph outputs (what an
-    empty or truncated file parses to; `onnx.load` accepts an empty file)."""
-    problems = []
-    if not model.HasField("graph"):
-        problems.append("it has no graph")
-    elif not model.graph.output:
-        problems.append("its graph has no outputs")
-    if not model.opset_import:
-        problems.append("it imports no opset")
-    return problems
-
-
 def inspect_onnx(args: argparse.Namespace, ui: UI) -> int:
     path = Path(args.model)
     if not path.is_file():
@@ -231,7 +218,7 @@ def inspect_onnx(args: argparse.Namespace, ui: UI) -> int:
         import onnx
     except ImportError as exc:
         raise TokenReduceError("inspecting ONNX files needs the `onnx` package (pip install onnx)") from exc
-    from tokenreduce.targets.onnx import check_static
+    from tokenreduce.targets.onnx import check_static, model_problems
     from tokenreduce.targets.tensorrt import check_tensorrt, tensorrt_available
 
     with ui.steps(3, "loading") as steps:
@@ -240,10 +227,9 @@ def inspect_onnx(args: argparse.Namespace, ui: UI) -> int:
                 model = onnx.load(str(path))
             except Exception as exc:  # noqa: BLE001
                 raise TokenReduceError(f"{path} is not a readable ONNX model: {exc}".split("\n")[0]) from exc
-            invalid = onnx_structure_problems(model)
+            invalid = model_problems(model)  # onnx.load accepts an empty file
             if invalid:
-                raise TokenReduceError(f"{path} is not a valid ONNX model: {', '.join(invalid)} (an empty or "
-                                       "truncated file?)")
+                raise TokenReduceError(f"{path} is not a valid ONNX model: {'; '.join(invalid)}")
         with steps.stage("static shape check"):
             static = check_static(model)
         with steps.stage("TensorRT compatibility check"):
