@@ -28,7 +28,7 @@ def parsers():
 
 
 @pytest.mark.parametrize(("setting", "flag"), [
-    ("keep_ratio", "--keep-ratio"), ("fuse", "--no-fuse"), ("dynamic_batch", "--static-batch"),
+    ("keep_ratio", "--keep-ratio"), ("fuse", "--fuse / --no-fuse"), ("dynamic_batch", "--static-batch"),
     ("prop_attn", "--prop-attn / --no-prop-attn"), ("trust_pickle", "--trust-pickle"), ("r", "--r"),
 ])
 def test_flag_is_found_by_dest(parsers, setting: str, flag: str) -> None:
@@ -50,7 +50,7 @@ def test_setting_and_hint_in_command_line_spelling(parsers) -> None:
 
 @pytest.mark.parametrize(("hint", "spelled"), [
     ("protected_tokens=1 or method='tome'", "--protected-tokens 1 or --method tome"),
-    ("fuse=True or unmerge=False", "drop --no-fuse or drop --unmerge"),
+    ("fuse=True or unmerge=False", "--fuse or drop --unmerge"),
     ("prop_attn=False", "--no-prop-attn"),
     ("layers=[3, 6]", "--layers 3,6"),
     ("r_schedule='decreasing'", "--r-schedule decreasing"),
@@ -84,9 +84,13 @@ def test_flag_for_another_method_is_refused_with_its_spelling(tmp_path: Path, ca
 def test_inspect_without_method_gives_each_method_its_flags() -> None:
     from tokenreduce.cli.methods import inspect_setting
 
+    from types import SimpleNamespace
+
     args = build_parser()[0].parse_args(["inspect", "m:f", "--r", "4", "--keep-ratio", "0.5", "--no-fuse"])
-    tome, _, _ = inspect_setting("tome", args, num_blocks=12, largest_r=8)
-    evit, _, _ = inspect_setting("evit", args, num_blocks=12, largest_r=8)
+    blocks = [SimpleNamespace(index=i, num_tokens=17, reducible=True) for i in range(12)]
+    analysis = SimpleNamespace(blocks=blocks, num_protected=1)  # what inspect_setting reads of an analysis
+    tome, _, _ = inspect_setting("tome", args, analysis)
+    evit, _, _ = inspect_setting("evit", args, analysis)
     assert tome == {"method": "tome", "r": 4}
     assert evit == {"method": "evit", "keep_ratio": 0.5, "layers": [3, 6, 9], "fuse": False}
 

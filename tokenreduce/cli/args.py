@@ -9,10 +9,12 @@ flag in the parser (`cli/ui.py`). Parsers refuse a bad number at parse time with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tokenreduce.cli.methods import DEFAULT_KEEP_RATIO, METHODS, method_help
+from tokenreduce.cli.methods import COMMON_SETTINGS, METHODS, SETTING_FLAGS, method_help
+from tokenreduce.methods.base import field_kind
 
 if TYPE_CHECKING:
     from tokenreduce.sources import ModelSource
@@ -140,35 +142,52 @@ def add_model(p: argparse.ArgumentParser, *, batch_list: bool, onnx_ok: bool = F
                         "default: all but 16 tokens at each end; VLMs: the image tokens)")
 
 
+# Parsers for options whose values need more than their type (lists, ranges); every other option's flag
+# parses by the type of its options field (`methods.base.field_kind`).
+OPTION_PARSERS: dict[str, Callable[[str], Any]] = {
+    "r": r_value, "layers": int_list, "keep_ratio": ratio, "keep_tokens": positive_int, "score_pool": positive_int,
+}
+KIND_PARSERS: dict[type, Callable[[str], Any]] = {int: int, float: float, str: str, tuple: int_list}
+OPTION_METAVARS = {"r": "R[,R...]", "layers": "I[,I...]", "keep_ratio": "K", "keep_tokens": "K"}
+
+
+def option_help(name: str) -> str:
+    """A flag's help from the options fields of every method that takes it ("tome: ...; evit: ...")."""
+    texts: dict[str, list[str]] = {}
+    for m in METHODS.values():
+        for f in dataclasses.fields(m.options_type):
+            if f.name == name:
+                default = "" if f.default is None else f" (default: {f.default})"
+                texts.setdefault(f"{f.metadata['help']}{default}", []).append(m.name)
+    return "; ".join(f"{'/'.join(users)}: {text}" for text, users in texts.items())
+
+
 def add_settings(p: argparse.ArgumentParser, *, choices: tuple[str, ...], default: str | None,
                  method_text: str | None = None, r_text: str | None = None) -> None:
-    """The reduction settings. Each dest is the `tokenreduce.Settings` field it sets, and each default is
-    None: a flag the user did not give passes nothing (`cli/methods.py`), so the library default applies and
-    a flag given for a method that does not take it can be refused."""
-    g = p.add_argument_group("reduction settings (tokenreduce.Settings)")
+    """The reduction settings: `--method`, one flag per option of any registered method (from its options
+    dataclass: name, type, help, default), and the common settings. Each dest is the `tokenreduce.Settings`
+    field it sets, and each default is None: a flag the user did not give passes nothing (`cli/methods.py`),
+    so the library default applies and a flag given for a method that does not take it can be refused."""
+    g = p.add_argument_group("reduction settings (tokenreduce.Settings; each method's options)")
     g.add_argument("--method", choices=choices, default=default, help=method_text or method_help(choices, default))
-    g.add_argument("--r", type=r_value, default=None, metavar="R[,R...]",
-                   help=r_text or "ToMe merges per block: one int or a per-block list; required for --method tome")
-    g.add_argument("--r-schedule", choices=("constant", "decreasing"), default=None,
-                   help="ToMe schedule for one int r (default: constant)")
-    g.add_argument("--keep-ratio", type=ratio, default=None, metavar="K",
-                   help=f"EViT fraction of tokens kept at each chosen layer, in (0, 1] (default: {DEFAULT_KEEP_RATIO}); "
-                        "FastV/PyramidDrop: fraction of the span kept per stage (default: 0.5)")
-    g.add_argument("--keep-tokens", type=positive_int, default=None, metavar="K",
-                   help="GemFilter: span tokens kept (default: 1024, or a quarter of a shorter span)")
-    g.add_argument("--layers", type=int_list, default=None, metavar="I[,I...]",
-                   help="0-based blocks where reductions happen (default: every block for ToMe; depth x "
-                        "1/4, 2/4, 3/4 for EViT)")
+    for name in SETTING_FLAGS:
+        if name in COMMON_SETTINGS:
+            continue
+        owner = next(m for m in METHODS.values() if name in m.options_type.names())
+        fld = next(f for f in dataclasses.fields(owner.options_type) if f.name == name)
+        kind = field_kind(owner.options_type, name)
+        flag = "--" + name.replace("_", "-")
+        text = r_text if name == "r" and r_text else option_help(name)
+        if kind is bool:
+            g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parse = OPTION_PARSERS[name] if name in OPTION_PARSERS else KIND_PARSERS[kind]
+            g.add_argument(flag, dest=name, type=parse, default=None,
+                           choices=fld.metadata.get("choices"), metavar=OPTION_METAVARS.get(name), help=text)
     g.add_argument("--protected-tokens", type=non_negative_int, default=None, metavar="N",
                    help="leading tokens never reduced (default: detected: CLS/distillation/registers)")
-    g.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, default=None,
-                   help="proportional attention after merges (default: on for ToMe, off for EViT)")
-    g.add_argument("--no-fuse", dest="fuse", action="store_false", default=None,
-                   help="EViT: drop pruned tokens instead of fusing them")
     g.add_argument("--unmerge", action="store_true", default=None,
                    help="restore the original token count at the outputs")
-    g.add_argument("--clamp-r", action="store_true", default=None,
-                   help="merge as many as a block can when r is too large (reported) instead of an error")
     g.add_argument("--static-batch", dest="dynamic_batch", action="store_false", default=None,
                    help="capture for the exact example batch size (default: one graph for every batch size)")
 

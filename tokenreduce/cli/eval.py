@@ -49,7 +49,7 @@ quality_vs_speedup.png, quality_vs_flops.png, speedup_vs_flops.png. The markdown
 
 def sweep_flag(method: str) -> str:
     """The flag whose values `eval` sweeps for `method` (`--r`, `--keep-ratio`)."""
-    field = METHODS[method].sweep
+    field = METHODS[method].sweep_option
     assert field is not None
     return "--" + field.replace("_", "-")
 
@@ -147,7 +147,7 @@ def eval_command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (every option that changes a number, spelled out)."""
     parts = [PROG, "eval", args.family, "--method", *args.method]
     for method in (m for m in SWEEP_METHODS if m in args.method):
-        field = METHODS[method].sweep
+        field = METHODS[method].sweep_option
         assert field is not None
         values = getattr(args, field)
         parts += [sweep_flag(method), *(f"{v:g}" if isinstance(v, float) else str(v) for v in values)]

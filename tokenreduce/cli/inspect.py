@@ -26,9 +26,10 @@ from tokenreduce.cli.args import (
     encoder_and_decoder_choices,
     load_source,
 )
-from tokenreduce.cli.methods import INSPECT_DEFAULT_R, inspect_methods, inspect_setting, setting_name
+from tokenreduce.cli.methods import inspect_methods, inspect_setting, setting_name
 from tokenreduce.cli.ui import EXIT_ERROR, EXIT_OK, UI, fmt_float, fmt_flops, inputs_text
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.methods.tome import Tome
 
 EPILOG = f"""\
 examples:
@@ -39,8 +40,8 @@ examples:
   tokenreduce inspect vit_b_tome13.onnx --strict                 # exit status 1 when a check fails
 
 For a model: the transformer blocks found (layout, tokens, attention spelling, reducible or why not), the
-protected tokens, what ToMe and EViT would do per block, and the FLOPs of each. Without --r, ToMe is shown
-at r={INSPECT_DEFAULT_R} or the model's largest valid constant r if that is smaller. An ONNX file with no graph,
+protected tokens, what each encoder method would do per block, and the FLOPs of each. Without --r, ToMe is shown
+at r={Tome.INSPECT_R} or the model's largest valid constant r if that is smaller. An ONNX file with no graph,
 no opset or no outputs is an error.
 
 {SOURCES_HELP}"""
@@ -50,13 +51,13 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
     p: argparse.ArgumentParser = sub.add_parser(
         "inspect", formatter_class=fmt, epilog=EPILOG,
         help="show blocks, protected tokens, what each method would do, FLOPs; or check an ONNX file",
-        description="Show what tokenreduce finds in MODEL and what ToMe and EViT would do to it,\n"
+        description="Show what tokenreduce finds in MODEL and what each method would do to it,\n"
                     "or run the static and TensorRT compatibility checks on an ONNX file.")
     add_model(p, batch_list=False, onnx_ok=True)
     add_settings(p, choices=encoder_and_decoder_choices(baseline=False), default=None,
-                 method_text="show only this method (default: tome and evit; for a decoder LLM/VLM fastv, "
-                             "pyramiddrop and gemfilter)",
-                 r_text=f"ToMe merges per block: one int or a per-block list (default: {INSPECT_DEFAULT_R}, "
+                 method_text="show only this method (default: every encoder method; for a decoder LLM/VLM "
+                             "every decoder method)",
+                 r_text=f"ToMe merges per block: one int or a per-block list (default: {Tome.INSPECT_R}, "
                         "capped at the largest valid r)")
     g = p.add_argument_group("ONNX files")
     g.add_argument("--strict", action="store_true", help="exit with status 1 when an ONNX check finds problems")
@@ -104,7 +105,7 @@ def inspect_model(args: argparse.Namespace, ui: UI) -> int:
             flops_before = count_flops(captured.gm, captured.args, captured.kwargs)
         results: dict[str, dict[str, Any]] = {}
         for method in methods:
-            opts, note, explicit = inspect_setting(method, args, len(analysis.blocks), largest_r)
+            opts, note, explicit = inspect_setting(method, args, analysis)
             with steps.stage(f"planning {setting_name(opts)} and counting FLOPs"):
                 results[method] = plan_method(opts, captured, flops_before, note, explicit)
     blocks = [{

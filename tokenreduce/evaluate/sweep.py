@@ -64,30 +64,35 @@ class Setting:
 def sweep_settings(methods: Sequence[str], r_values: Sequence[int] = (), keep_ratios: Sequence[float] = (),
                    layers: Sequence[int] | None = None, clamp_r: bool = False,
                    r_schedule: str = "constant") -> list[Setting]:
-    """ToMe settings for each r and EViT settings for each keep ratio, in that order. `layers` applies to
-    both methods (None: every block for ToMe, depth x 1/4, 2/4, 3/4 for EViT)."""
+    """One setting per swept value of each method, in order: a method sweeps its registry `sweep_option`
+    (`r` for the merging methods, `keep_ratio` for EViT) over `r_values` / `keep_ratios`. `layers` applies
+    to every method (None: each method's default); `clamp_r` / `r_schedule` to those that take them."""
+    from tokenreduce.methods import registry
+
+    values_of: dict[str, Sequence[Any]] = {"r": r_values, "keep_ratio": keep_ratios}
     out: list[Setting] = []
     where = f" @ {','.join(map(str, layers))}" if layers is not None else ""
     extra: dict[str, Any] = {"layers": list(layers)} if layers is not None else {}
+    sweepable = [n for n, m in registry.METHODS.items() if m.sweep_option in values_of]
     for method in methods:
-        if method == "tome":
-            if not r_values:
-                raise TokenReduceError("--method tome needs --r R [R ...] (merges per block), e.g. --r 2 4 8")
-            for r in r_values:
-                if r < 1:
-                    raise TokenReduceError(f"ToMe r must be >= 1, got {r}")
-                opts = {"method": "tome", "r": int(r), "r_schedule": r_schedule, "clamp_r": clamp_r, **extra}
-                sched = " (decreasing)" if r_schedule == "decreasing" else ""
-                out.append(Setting(f"ToMe r={r}{sched}{where}", opts))
-        elif method == "evit":
-            if not keep_ratios:
-                raise TokenReduceError("--method evit needs --keep-ratio K [K ...], e.g. --keep-ratio 0.5 0.7")
-            for k in keep_ratios:
-                if not 0.0 < k < 1.0:
-                    raise TokenReduceError(f"EViT keep ratio must be in (0, 1), got {k}")
-                out.append(Setting(f"EViT keep {k:g}{where}", {"method": "evit", "keep_ratio": float(k), **extra}))
-        else:
-            raise TokenReduceError(f"unknown method {method!r}; choose tome or evit")
+        if method not in sweepable:
+            raise TokenReduceError(f"unknown method {method!r}; choose {' or '.join(sweepable)}")
+        m = registry.get(method)
+        key = m.sweep_option
+        assert key is not None
+        flag = "--" + key.replace("_", "-")
+        if not values_of[key]:
+            raise TokenReduceError(f"--method {method} needs {flag} V [V ...] ({key} values to sweep), e.g. "
+                                   + ("--r 2 4 8" if key == "r" else f"{flag} 0.5 0.7"))
+        names = set(m.options_type.names())
+        for value in values_of[key]:
+            opts: dict[str, Any] = {"method": method, key: value}
+            opts.update({k: v for k, v in (("r_schedule", r_schedule), ("clamp_r", clamp_r)) if k in names})
+            opts.update(extra)
+            why = m.identity_reason(opts)
+            if why is not None:
+                raise TokenReduceError(f"{m.label(opts)}: {why}", setting=key)
+            out.append(Setting(m.label(opts) + where, opts))
     if len({s.name for s in out}) != len(out):
         raise TokenReduceError("the sweep lists the same setting twice")
     return out

@@ -222,6 +222,23 @@ class Method:
     def check_common(self, options: Options, unmerge: bool) -> None:
         """Cross-checks between the method's options and the common settings."""
 
+    # What front ends (command line, sweeps, inspect) show of a method; the defaults suit most methods.
+    sweep_option: ClassVar[str | None] = None  # the option a quality/speed sweep varies (`r`, `keep_ratio`)
+
+    def label(self, values: Mapping[str, Any]) -> str:
+        """One-line name of a setting for tables ("ToMe r=13"); `values` are the user's option values."""
+        key = self.sweep_option
+        return f"{self.name} {key}={values[key]}" if key is not None and key in values else self.name
+
+    def identity_reason(self, values: Mapping[str, Any]) -> str | None:
+        """Why these option values would reduce nothing (a run a user did not mean), or None."""
+        return None
+
+    def inspect_values(self, analysis: ModelAnalysis, given: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+        """Option values `inspect` plans with where the user gave none (`given`: what they gave), and a note
+        saying what was chosen."""
+        return {}, ""
+
     def references(self) -> dict[Any, Callable[..., Any]]:
         """Custom ops of this method's own -> pure-torch implementation (inlined for ONNX)."""
         return {}

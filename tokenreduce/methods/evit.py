@@ -14,6 +14,7 @@ Refuses: models without a leading protected token (no CLS row to rank by), keep 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +75,7 @@ class Evit(EncoderMethod):
         if unmerge and not options.fuse:
             raise TokenReduceError(
                 "unmerge needs every original token to land in a kept slot; EViT with fuse=False drops "
-                "tokens. Use fuse=True or unmerge=False.", setting="unmerge")
+                "tokens. Use fuse=True or unmerge=False.", setting="unmerge", hint="fuse=True or unmerge=False")
 
     def plan_blocks(self, options: Options, analysis: ModelAnalysis) -> list[BlockPlan]:
         assert isinstance(options, EvitOptions)
@@ -86,7 +87,7 @@ class Evit(EncoderMethod):
             raise TokenReduceError(
                 "EViT ranks tokens by the CLS token's attention, and this model has no protected leading "
                 "token; pass protected_tokens=1 if its first token is a CLS token, or use method='tome'",
-                setting="protected_tokens")
+                setting="protected_tokens", hint="protected_tokens=1 or method='tome'")
 
         def reduce(b: Any, bp: BlockPlan) -> None:
             n = bp.tokens_in
@@ -115,6 +116,19 @@ class Evit(EncoderMethod):
 
     def action(self, bp: BlockPlan, analysis: ModelAnalysis) -> str:
         return f"evit keep {bp.keep}/{bp.tokens_in - analysis.num_protected}"
+
+    sweep_option = "keep_ratio"
+
+    def label(self, values: Mapping[str, Any]) -> str:
+        return f"EViT keep {values.get('keep_ratio', EvitOptions.keep_ratio):g}"
+
+    def identity_reason(self, values: Mapping[str, Any]) -> str | None:
+        if values.get("keep_ratio", EvitOptions.keep_ratio) >= 1.0:
+            return "keep_ratio=1 keeps every token: EViT needs a ratio below 1, e.g. keep_ratio=0.7"
+        return None
+
+    def inspect_values(self, analysis: ModelAnalysis, given: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+        return {"layers": default_layers(len(analysis.blocks))}, "default layers (depth x 1/4, 2/4, 3/4)"
 
 
 METHOD = Evit()

@@ -7,8 +7,9 @@ The baseline every benchmark compares against (same capture, same graph, same co
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from tokenreduce.analysis.encoder import ModelAnalysis
 from tokenreduce.methods.base import BlockPlan, DecoderMethod, EncoderMethod, Options, Placement, Stage, walk_blocks
@@ -27,6 +28,9 @@ class NoReduction(EncoderMethod, DecoderMethod):
 
     def plan_blocks(self, options: Options, analysis: ModelAnalysis) -> list[BlockPlan]:
         return walk_blocks(analysis, lambda b: False, lambda b, bp: None)
+
+    def label(self, values: Mapping[str, Any]) -> str:
+        return "no reduction"
 
     def default_layers(self, num_layers: int) -> tuple[int, ...]:
         return ()

@@ -207,6 +207,7 @@ class Pitome(Tome):
     name = "pitome"
     summary = "protect low-energy (isolated) tokens, merge r per block among the rest (Tran et al., NeurIPS 2024)"
     options_type = PitomeOptions
+    display_name = "PiToMe"
     merges = True
 
     def plan_blocks(self, options: Options, analysis: ModelAnalysis) -> list[BlockPlan]:

@@ -13,6 +13,7 @@ the largest valid constant r), unless `clamp_r=True`, and then the report names 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +83,7 @@ def r_schedule(r: int | tuple[int, ...], num_blocks: int, schedule: str = "const
 class TomeOptions(Options):
     r: Any = option(0, "tokens merged per block: one int for every block, or a per-block list (padded with 0)")
     r_schedule: str = option("constant", "'constant' or 'decreasing' (ToMe's (r, -0.5) schedule: more merging "
-                                         "early, same total)")
+                                         "early, same total)", choices=R_SCHEDULES)
     layers: tuple[int, ...] | None = option(None, "blocks (0-based) that merge; default: every block")
     prop_attn: bool = option(True, "add log(size) to the attention logits after a merge (proportional attention)")
     clamp_r: bool = option(False, "merge as many as a block can when r is too large (the report lists each "
@@ -128,7 +129,7 @@ class Tome(EncoderMethod):
                 raise TokenReduceError(
                     f"ToMe r={r} at block {b.index} ({b.name}) is too large: it has {n} tokens with {p} "
                     f"protected, so the largest valid r there is {limit}{hint} (or pass clamp_r=True to "
-                    "merge as many as possible and have the report say so)", setting="r")
+                    "merge as many as possible and have the report say so)", setting="r", hint="clamp_r=True")
             applied = min(r, limit)
             if applied < r:
                 bp.reason = f"clamped: asked r={r}, merged {applied} (block has {n} tokens)"
@@ -148,6 +149,30 @@ class Tome(EncoderMethod):
 
     def action(self, bp: BlockPlan, analysis: ModelAnalysis) -> str:
         return f"tome r={bp.r}"
+
+    sweep_option = "r"
+    display_name = "ToMe"
+    INSPECT_R = 13  # the ToMe paper's ViT-B/16 setting
+
+    def label(self, values: Mapping[str, Any]) -> str:
+        r = values.get("r", 0)
+        text = f"{self.display_name} r={','.join(map(str, r)) if isinstance(r, list | tuple) else r}"
+        return text + (" (decreasing)" if values.get("r_schedule") == "decreasing" else "")
+
+    def identity_reason(self, values: Mapping[str, Any]) -> str | None:
+        r = values.get("r", 0)
+        if r == 0 or (isinstance(r, list | tuple) and not any(r)):
+            return f"r=0 merges nothing: {self.name} needs r (merges per block), e.g. r=13"
+        return None
+
+    def inspect_values(self, analysis: ModelAnalysis, given: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+        n0 = next((b.num_tokens for b in analysis.blocks if b.reducible), 0)
+        layers = given.get("layers")
+        largest = largest_constant_r(n0, analysis.num_protected,
+                                     [b.reducible and (layers is None or b.index in layers) for b in analysis.blocks])
+        if largest >= self.INSPECT_R:
+            return {"r": self.INSPECT_R}, f"default r={self.INSPECT_R}"
+        return {"r": largest}, f"default r={self.INSPECT_R} capped at the largest valid constant r"
 
 
 METHOD = Tome()
