@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import disable_fake_tensor_cache
 
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.ir.graph import args_of, module_path, same_dim
@@ -140,7 +141,9 @@ def fix_token_shapes(gm: fx.GraphModule, ctx: PassContext | None = None) -> Pass
     if fake_mode is None:
         raise TokenReduceError("captured graph has no fake values; capture it with tokenreduce.compiler.capture")
     env: dict[fx.Node, Any] = {}
-    with fake_mode:
+    # FakeTensorMode's dispatch cache does not pay here: the reduced blocks all run on different token
+    # counts, so entries are rarely hit again, and building one costs as much as the op (half the pass)
+    with fake_mode, disable_fake_tensor_cache(fake_mode):
         for node in graph.nodes:
             if node.op == "placeholder":
                 env[node] = node.meta.get("val")
