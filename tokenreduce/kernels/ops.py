@@ -214,3 +214,163 @@ def _attention_with_scores_cuda(q, k, v, bias, scale, is_causal, row):
 def _attn_scores_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
     bsz, heads, n, d = k_shape
     return sdpa_flop_count(q_shape, k_shape, v_shape) + 2 * bsz * heads * n * d
+
+
+# ------------------------------------------------------------------------------ autograd (fine-tuning)
+# What is differentiable, and why (docs/design.md, "Autograd"):
+# - apply_plan: `x' = sum(w x) / sum(w)` per slot is linear in x and a ratio in the weights; `size' = sum of
+#   the sizes with w > 0` is linear in size and piecewise constant in w (derivative 0 almost everywhere).
+# - query_row_scores: a softmax of one query row, differentiable through q, k and an additive float bias.
+# - topk_plan: a pruned token's weight is its score (EViT fuses the pruned tokens by their attention), so the
+#   weight output is differentiable there; kept and protected tokens weigh a constant 1; slot/rep are indices.
+# - tome_plan: the matching is a discrete decision (slot/rep are indices, keep is 0/1): every output is
+#   non-differentiable, as in ToMe's own code, where the keys only order the tokens.
+# - attention_with_scores: SDPA plus query_row_scores; its backward re-runs the reference under autograd.
+# Backward formulas are plain torch, so they run on any device and torch.compile can trace them.
+
+
+def _pad_slot(t: torch.Tensor) -> torch.Tensor:
+    """Append the dump slot (index n_out, never an output) with zeros along dim 1."""
+    return torch.cat([t, t.new_zeros((t.shape[0], 1) + tuple(t.shape[2:]))], dim=1)
+
+
+def _apply_plan_setup(ctx, inputs, output):
+    x, slot, weight, size, n_out = inputs
+    ctx.n_out = n_out
+    ctx.has_weight, ctx.has_size = weight is not None, size is not None
+    ctx.save_for_backward(x, slot, weight, size, output[0])
+
+
+def _apply_plan_backward(ctx, grad_x_out, grad_size_out):
+    x, slot, weight, size, x_out = ctx.saved_tensors
+    bsz, n, c = x.shape
+    w = weight if ctx.has_weight else size if ctx.has_size else torch.ones(bsz, n, dtype=x.dtype, device=x.device)
+    w = w.to(x.dtype)
+    wsum = torch.zeros(bsz, ctx.n_out + 1, dtype=x.dtype, device=x.device).scatter_add(1, slot, w)[:, :ctx.n_out]
+    merged = wsum > 0
+    denom = torch.where(merged, wsum, torch.ones_like(wsum))
+    grad_x = grad_w = grad_weight = grad_size = None
+    if grad_x_out is not None:
+        g = _pad_slot(grad_x_out / denom[:, :, None]).gather(1, slot[:, :, None].expand(bsz, n, c))  # [B, N, C]
+        grad_x = g * w[:, :, None]
+        # d x'_s / d w_i = (x_i - x'_s) / sum(w) where the sum is positive, else x_i (the denominator is 1)
+        mean_term = torch.where(merged, (grad_x_out * x_out).sum(-1) / denom, torch.zeros_like(denom))
+        grad_w = (g * x).sum(-1) - _pad_slot(mean_term).gather(1, slot)
+    if ctx.has_size and grad_size_out is not None:
+        grad_size = (_pad_slot(grad_size_out).gather(1, slot) * (w > 0)).to(size.dtype)
+    if ctx.has_weight:
+        grad_weight = None if grad_w is None else grad_w.to(weight.dtype)
+    elif ctx.has_size and grad_w is not None:  # the sizes are the weights
+        grad_size = grad_w.to(size.dtype) if grad_size is None else grad_size + grad_w.to(size.dtype)
+    return grad_x, None, grad_weight, grad_size, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::apply_plan", _apply_plan_backward, setup_context=_apply_plan_setup)
+
+
+def _additive(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool (True = attend) or additive mask as an additive bias in `dtype` (as the reference reads it)."""
+    if bias.dtype == torch.bool:
+        return torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill(~bias, torch.finfo(dtype).min)
+    return bias.to(dtype)
+
+
+def _row_index(row: int, n: int) -> int:
+    return row if row >= 0 else n + row
+
+
+def _row_bias(bias: torch.Tensor, row: int) -> torch.Tensor:
+    return bias if bias.shape[-2] == 1 else bias[..., row : (row + 1) if row != -1 else None, :]
+
+
+def _query_row_scores_setup(ctx, inputs, output):
+    q, k, bias, scale, row = inputs
+    ctx.scale, ctx.row = scale, row
+    ctx.save_for_backward(q, k, bias)
+
+
+def _query_row_scores_backward(ctx, grad):
+    q, k, bias = ctx.saved_tensors
+    scale, r = ctx.scale, _row_index(ctx.row, q.shape[-2])
+    acc = torch.promote_types(q.dtype, torch.float32)  # the forward computes in (at least) float32
+    qr = q[:, :, r : r + 1, :].to(acc)
+    kf = k.to(acc)
+    logits = (qr @ kf.transpose(-1, -2)) * scale  # [B, H, 1, N]
+    if bias is not None:
+        logits = logits + _additive(_row_bias(bias, ctx.row), acc)
+    p = logits.softmax(dim=-1)
+    g = grad.to(acc)[:, None, None, :] / q.shape[1]  # the mean over heads
+    dlogits = p * (g - (p * g).sum(dim=-1, keepdim=True))  # softmax backward
+    grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
+    grad_q[:, :, r : r + 1, :] = (dlogits * scale) @ kf
+    grad_k = (dlogits * scale).transpose(-1, -2) @ qr
+    grad_bias = None
+    if bias is not None and bias.dtype.is_floating_point and ctx.needs_input_grad[2]:
+        sel = _row_bias(bias, ctx.row)
+        gsel = dlogits.sum_to_size(sel.shape)
+        if bias.shape[-2] == 1:
+            grad_bias = gsel.to(bias.dtype)
+        else:
+            grad_bias = torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device)
+            grad_bias[..., r : r + 1, :] = gsel.to(bias.dtype)
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_bias, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::query_row_scores", _query_row_scores_backward,
+                                setup_context=_query_row_scores_setup)
+
+
+def _topk_plan_setup(ctx, inputs, output):
+    _, keep, num_protected, _, _ = inputs
+    slot, _, rep = output
+    ctx.mark_non_differentiable(slot, rep)
+    ctx.pruned_slot = num_protected + keep  # the fused slot (or the dump slot without fusion)
+    ctx.save_for_backward(slot)
+
+
+def _topk_plan_backward(ctx, grad_slot, grad_weight, grad_rep):
+    (slot,) = ctx.saved_tensors
+    if grad_weight is None:
+        return None, None, None, None, None
+    # weight = score for a pruned token, the constant 1 for a kept or protected one
+    return torch.where(slot == ctx.pruned_slot, grad_weight, torch.zeros_like(grad_weight)), None, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::topk_plan", _topk_plan_backward, setup_context=_topk_plan_setup)
+
+
+def _tome_plan_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _tome_plan_backward(ctx, grad_slot, grad_rep, grad_keep):
+    return None, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::tome_plan", _tome_plan_backward, setup_context=_tome_plan_setup)
+
+
+def _attention_with_scores_setup(ctx, inputs, output):
+    q, k, v, bias, scale, is_causal, row = inputs
+    ctx.scale, ctx.is_causal, ctx.row = scale, is_causal, row
+    ctx.save_for_backward(q, k, v, bias)
+
+
+def _attention_with_scores_backward(ctx, grad_out, grad_rows):
+    q, k, v, bias = ctx.saved_tensors
+    with_bias = bias is not None and bias.dtype.is_floating_point and ctx.needs_input_grad[3]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        b = bias.detach().requires_grad_(True) if with_bias else bias
+        out, rows = kernel_reference.attention_with_row_scores(leaves[0], leaves[1], leaves[2], b, ctx.scale,
+                                                               ctx.is_causal, ctx.row)
+        outputs = [t for t, g in ((out, grad_out), (rows, grad_rows)) if g is not None]
+        grads_out = [g for g in (grad_out, grad_rows) if g is not None]
+        wrt = leaves + ([b] if with_bias else [])
+        grads = torch.autograd.grad(outputs, wrt, grads_out, allow_unused=True)
+    grad_bias = grads[3] if with_bias else None
+    return grads[0], grads[1], grads[2], grad_bias, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::attention_with_scores", _attention_with_scores_backward,
+                                setup_context=_attention_with_scores_setup)
