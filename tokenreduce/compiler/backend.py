@@ -5,26 +5,79 @@ importing tokenreduce. Dynamo hands over its graph; we re-export it to ATen (`ca
 the same pipeline as `tokenreduce.compile`, and compile the result with the inner compiler (inductor by
 default, or eager).
 
-Dynamic batch: the graph is specialised per input-shape signature at run time (a small cache), so a new
-batch size gets its own reduced, statically shaped graph instead of a wrong result. `last_report` of the
-returned callable holds the report of the latest specialisation.
+Per call signature: the graph is specialised per input signature (shapes, dtypes, devices, grad mode) at
+run time (a small cache), so a new batch size gets its own reduced, statically shaped graph instead of a
+wrong result. Inputs are made contiguous at the boundary, so a channels-last, permuted or sliced input
+reuses the graph of its shape instead of needing one per layout. Builds take Dynamo's compile lock
+(`capture.trace_lock`: torch.export and Dynamo share global tracer state), so concurrent first calls from
+several threads each get their result.
+
+Module state (parameters, buffers) is analysed as constants but read from the call's own inputs once the
+graph is built: the weights Dynamo passes at every call are used, and under grad mode the gradients reach
+them (the tokenreduce ops have autograd formulas; docs/design.md, "Autograd").
+
+Dynamo's recompile limit: once a function needed more graphs than `torch._dynamo.config.recompile_limit`,
+Dynamo runs it without compiling, i.e. the original, unreduced model. That cannot be seen from inside a
+compiled graph, so the backend listens for Dynamo's own notice, warns once per function, and records it in
+`stats().recompile_limit_hits`. `stats().last_report` holds the report of the latest specialisation.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import threading
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import fx
 
-from tokenreduce.compiler.capture import from_dynamo
+from tokenreduce.compiler.capture import from_dynamo, release_fake_caches, state_name, trace_lock
 from tokenreduce.compiler.pipeline import make_report, reduce_graph
+from tokenreduce.compiler.report import Report
 from tokenreduce.methods.settings import Settings
 from tokenreduce.targets import lower_eager, lower_inductor_static
 
 
+@dataclass
+class BackendStats:
+    """What the backend did in this process (`stats()` returns a copy)."""
+
+    graphs: int = 0  # graphs Dynamo handed over (one per compile or recompile of a function)
+    builds: int = 0  # reduced graphs built (one per input signature of a graph)
+    recompile_limit_hits: list[str] = field(default_factory=list)  # one line per function that hit the limit
+    last_report: Report | None = None
+
+
+_STATS = BackendStats()
+_STATS_LOCK = threading.Lock()
+_FRAMES: set[int] = set()  # Dynamo frame ids compiled with this backend
+_WARNED_FRAMES: set[int] = set()
+
+
+def stats() -> BackendStats:
+    """A snapshot of the backend's counters, recompile-limit hits and latest report."""
+    with _STATS_LOCK:
+        return replace(_STATS, recompile_limit_hits=list(_STATS.recompile_limit_hits))
+
+
+def _boundary(a: Any) -> Any:
+    """Inputs enter the built graph contiguous: one graph per shape, whatever the caller's layout."""
+    return a.contiguous() if isinstance(a, torch.Tensor) else a
+
+
+def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    sig: list[Any] = [torch.is_grad_enabled()]
+    for a in args:
+        sig.append((tuple(a.shape), a.dtype, a.device, a.requires_grad) if isinstance(a, torch.Tensor) else a)
+    return tuple(sig)
+
+
 def _flat(gm: fx.GraphModule) -> tuple[fx.GraphModule, Any]:
-    """Plain positional-in, flat-list-out copy of an unlifted export module (for compile_fx)."""
+    """Plain positional-in, flat-list-out copy of an unlifted export module (for compile_fx), without
+    export's input-spec hooks (the backend's cache key already fixes the shapes)."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and not node.users:
             gm.graph.erase_node(node)  # export's input-guard submodule
@@ -32,48 +85,139 @@ def _flat(gm: fx.GraphModule) -> tuple[fx.GraphModule, Any]:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     leaves, spec = torch.utils._pytree.tree_flatten(out.args[0])
     out.args = (tuple(leaves),)
+    return fx.GraphModule(gm, gm.graph), spec
+
+
+def _lift_state(gm: fx.GraphModule, kinds: list[Any]) -> list[int]:
+    """Turn the constants that hold Dynamo's module-state inputs into trailing placeholders.
+
+    The analysis needs parameters as constants (it tells the CLS token from the patches by what depends on
+    user inputs); the built graph must not: it reads the state Dynamo passes at every call, so reloaded
+    weights are used and gradients flow to the model's parameters. Returns the Dynamo input index of each
+    new placeholder, in order."""
+    names = {state_name(i): i for i, kind in enumerate(kinds) if kind == "state"}
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    lifted: dict[int, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or node.target not in names:
+            continue
+        i = names[str(node.target)]
+        if i not in lifted:
+            with gm.graph.inserting_after(last):
+                last = lifted[i] = gm.graph.placeholder(str(node.target))
+            lifted[i].meta.update(node.meta)
+        node.replace_all_uses_with(lifted[i])
+        gm.graph.erase_node(node)
+    for i in lifted:
+        delattr(gm, state_name(i))  # the constant copy is no longer read
     gm.recompile()
-    return gm, spec
+    return list(lifted)
 
 
 class _Specialised:
+    """What Dynamo calls for one of its graphs: builds (once per input signature) and runs reduced graphs."""
+
     def __init__(self, gm: fx.GraphModule, settings: Settings) -> None:
         self.gm = gm
         self.settings = settings
         self.cache: dict[tuple[Any, ...], Any] = {}
-        self.reports: dict[tuple[Any, ...], Any] = {}
-        self.last_report = None
+        self.reports: dict[tuple[Any, ...], Report] = {}
+        self.last_report: Report | None = None
 
     def _build(self, args: tuple[Any, ...]) -> Any:
+        args = tuple(_boundary(a) for a in args)
         captured, kinds = from_dynamo(self.gm, args, dynamic=False)
         red = reduce_graph(captured.gm, self.settings)
         report = make_report(red, self.settings)
         flat, spec = _flat(red.gm)
-        tensors = [a for a, k in zip(args, kinds) if k is None]
-        compiled = lower_inductor_static(flat, tensors) if self.settings.inner == "inductor" else lower_eager(flat)
+        state = _lift_state(flat, kinds)
+        users = [i for i, k in enumerate(kinds) if k is None]
+        example = [args[i] for i in users] + [args[i] for i in state]
+        compiled = lower_inductor_static(flat, example) if self.settings.inner == "inductor" else lower_eager(flat)
+        release_fake_caches(flat)
 
         def run(*call_args: Any) -> Any:
-            ts = [a for a, k in zip(call_args, kinds) if k is None]
-            out = compiled(*ts)
+            out = compiled(*[_boundary(call_args[i]) for i in users], *[call_args[i] for i in state])
             return torch.utils._pytree.tree_unflatten(list(out), spec)
 
         return run, report
 
     def __call__(self, *args: Any) -> Any:
-        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
-        # parameters are held as constants of the specialised graph: the cache key includes their identity
-        # through the module-state inputs' data pointers, so reloaded weights rebuild.
-        key = key + tuple(a.data_ptr() for a in args if isinstance(a, torch.nn.Parameter))
-        if key not in self.cache:
-            self.cache[key], self.reports[key] = self._build(args)
-        self.last_report = self.reports[key]
-        return self.cache[key](*args)
+        key = _signature(args)
+        run = self.cache.get(key)
+        if run is None:
+            with trace_lock():  # one trace at a time, process-wide, Dynamo's compiles included
+                run = self.cache.get(key)
+                if run is None:
+                    run, self.reports[key] = self._build(args)
+                    self.cache[key] = run
+                    with _STATS_LOCK:
+                        _STATS.builds += 1
+        report = self.reports[key]
+        self.last_report = report
+        with _STATS_LOCK:
+            _STATS.last_report = report
+        return run(*args)
+
+
+# ------------------------------------------------------------------------------- Dynamo's recompile limit
+_LIMIT_NOTICE = re.compile(r"torch\._dynamo hit config\.")
+
+
+class _RecompileLimitListener(logging.Filter):
+    """Sees Dynamo's "hit config.recompile_limit" notice; for a function this backend compiled, warns once
+    and records it (the notice itself is a log line a user rarely sees, and the calls fall back silently)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and _LIMIT_NOTICE.match(record.msg):
+            frame = _current_frame()
+            if frame is not None and frame in _FRAMES:
+                _limit_hit(frame, record)
+        return True
+
+
+def _current_frame() -> int | None:
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    return None if compile_id is None else compile_id.frame_id
+
+
+def _limit_hit(frame: int, record: logging.LogRecord) -> None:
+    args = record.args if isinstance(record.args, tuple) else ()
+    limit, value, function = (list(args) + ["recompile_limit", "?", "a function"])[:3]
+    line = f"torch._dynamo.config.{limit} ({value}) hit by {function}"
+    with _STATS_LOCK:
+        if frame in _WARNED_FRAMES:
+            return
+        _WARNED_FRAMES.add(frame)
+        _STATS.recompile_limit_hits.append(line)
+    warnings.warn(
+        f"tokenreduce backend: {line}. Dynamo now runs calls that need another graph (a new input dtype, "
+        f"device, rank or other guarded property) as the original, unreduced model, without tokenreduce. "
+        f"Raise torch._dynamo.config.{limit}, keep the inputs' dtypes stable, or reduce the model ahead of time "
+        f"with tokenreduce.compile(...).", RuntimeWarning, stacklevel=2)
+
+
+_LISTENER = _RecompileLimitListener()
+
+
+def _listen_for_recompile_limit() -> None:
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    if _LISTENER not in logger.filters:
+        logger.addFilter(_LISTENER)
 
 
 def tokenreduce_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None,
                         **_: Any) -> Any:
     """Dynamo backend entry point."""
     settings = Settings.from_options(options or {})
+    _listen_for_recompile_limit()
+    frame = _current_frame()
+    with _STATS_LOCK:
+        _STATS.graphs += 1
+        if frame is not None:
+            _FRAMES.add(frame)
     return _Specialised(gm, settings)
 
 
