@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from tokenreduce.compiler.capture import export_graph
+from tokenreduce.compiler.capture import export_graph, release_fake_caches
 from tokenreduce.compiler.pipeline import make_report, reduce_graph
 from tokenreduce.compiler.report import Report, count_flops
 from tokenreduce.errors import TokenReduceError
@@ -16,10 +16,21 @@ from tokenreduce.methods import registry
 from tokenreduce.methods.settings import Settings
 from tokenreduce.targets import lower_eager, lower_inductor
 
+MASK_INPUTS = ("attention_mask",)  # keyword inputs normalised at the module boundary (1 = token, 0 = padding)
+
 
 class ReducedModule(torch.nn.Module):
     """The token-reduced model: call it like the original. `.report` says what was reduced and why;
-    `.graph_module` is the rewritten (uncompiled) graph, the input of every target (eager, inductor, ONNX)."""
+    `.graph_module` is the rewritten (uncompiled) graph, the input of every target (eager, inductor, ONNX).
+
+    The captured graph is specialised to the example's attention mask: its dtype, and whether there was one.
+    Calls are normalised to it: a bool, integer or float 0/1 mask is converted to the traced dtype, a missing
+    mask is all ones, and a graph captured without a mask takes an all-ones mask (dropped). What cannot be
+    converted (an additive float mask, padding for a graph without a mask input) is refused by name.
+
+    Gradients: with `inner="eager"` they reach the model's own parameters. A runner that compiled a copy of
+    the weights (today inductor on CPU) refuses at `backward()` when a gradient reaches such a copy, instead
+    of leaving the model's parameters without gradients."""
 
     def __init__(self, graph_module: fx.GraphModule, runner: Any, report: Report, settings: Settings,
                  example_args: tuple[Any, ...], example_kwargs: dict[str, Any], dynamic_batch: bool = False) -> None:
@@ -31,9 +42,75 @@ class ReducedModule(torch.nn.Module):
         self.settings = settings
         self.example_args = example_args
         self.example_kwargs = example_kwargs
+        _guard_copied_parameters(graph_module, runner, settings.inner)
+        release_fake_caches(graph_module)  # compiling is over: what the fake tensors memoised is dead weight
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        for name in MASK_INPUTS:
+            _normalise_mask(name, self.example_args, self.example_kwargs, args, kwargs)
         return self._runner(*args, **kwargs)
+
+
+def _is_zero_one(t: torch.Tensor) -> bool:
+    return t.dtype == torch.bool or bool(((t == 0) | (t == 1)).all())
+
+
+def _mask_shape(traced: torch.Tensor, example_args: tuple[Any, ...], example_kwargs: dict[str, Any],
+                args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Size, torch.device] | None:
+    """Shape (and device) of an all-ones mask for this call: that of the input whose example had the traced
+    mask's shape (`input_ids` for a text model)."""
+    pairs = list(zip(example_args, args)) + [(v, kwargs.get(k)) for k, v in example_kwargs.items()
+                                             if k not in MASK_INPUTS]
+    for example, given in pairs:
+        if (isinstance(example, torch.Tensor) and isinstance(given, torch.Tensor) and example.shape == traced.shape
+                and given.dim() == traced.dim()):
+            return given.shape, given.device
+    return None
+
+
+def _normalise_mask(name: str, example_args: tuple[Any, ...], example_kwargs: dict[str, Any],
+                    args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Bring `kwargs[name]` to what the graph was traced with (in place; see ReducedModule)."""
+    traced = example_kwargs.get(name)
+    given = kwargs.get(name)
+    if given is not None and not isinstance(given, torch.Tensor):
+        raise TokenReduceError(f"{name} must be a tensor (1 = token, 0 = padding), got {type(given).__name__}")
+    if not isinstance(traced, torch.Tensor):
+        if given is not None and not bool((given != 0).all()):
+            raise TokenReduceError(
+                f"{name} has padding, but the example inputs given to tokenreduce.compile had no {name}, so the "
+                f"reduced graph has no padding input; compile with example_kwargs={{'{name}': <a mask>}}")
+        kwargs.pop(name, None)  # absent or all ones: what the graph computes
+        return
+    if given is None:
+        shape = _mask_shape(traced, example_args, example_kwargs, args, kwargs)
+        if shape is None:
+            raise TokenReduceError(f"{name} was part of the example inputs; pass it (1 = token, 0 = padding)")
+        kwargs[name] = torch.ones(shape[0], dtype=traced.dtype, device=shape[1])
+        return
+    if given.dtype == traced.dtype:
+        return
+    if not _is_zero_one(given):
+        raise TokenReduceError(f"{name} must hold 1 (token) and 0 (padding), as bool, integer or float; this "
+                               f"{given.dtype} mask has other values (an additive mask?); pass the 0/1 mask")
+    kwargs[name] = given.to(traced.dtype)
+
+
+def _guard_copied_parameters(graph_module: fx.GraphModule, runner: Any, inner: str) -> None:
+    """Refuse, at the first backward, gradients that reach a runner's copy of the weights instead of the
+    model's parameters (a silent detach otherwise: the model would get no gradients)."""
+    if not isinstance(runner, torch.nn.Module):
+        return
+    own = {id(p) for p in graph_module.parameters()}
+
+    def refuse(grad: torch.Tensor) -> torch.Tensor:
+        raise TokenReduceError(
+            f"gradients reached a copy of the weights that inner={inner!r} compiled, not the model's parameters; "
+            f"fine-tune with tokenreduce.compile(..., inner='eager'), or run inference under torch.no_grad()")
+
+    for p in runner.parameters():
+        if id(p) not in own and p.requires_grad:
+            p.register_hook(refuse)
 
 
 def split_inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
