@@ -202,10 +202,12 @@ class ReducedDecoder:
         if max_new_tokens <= 1:
             return ids
         mask = torch.cat([mask, torch.ones_like(first)], dim=-1)
+        from tokenreduce.runtime.kv_cache import cache_kwargs
+
         generate = getattr(self.model, "generate")  # noqa: B009 - transformers' GenerationMixin
         with pre.cache.activate(self.model):
-            out = generate(input_ids=ids, attention_mask=mask, past_key_values=pre.cache,
-                                      max_new_tokens=max_new_tokens - 1, do_sample=False, **generate_kwargs)
+            out = generate(input_ids=ids, attention_mask=mask, **cache_kwargs(self.model, pre.cache),
+                           max_new_tokens=max_new_tokens - 1, do_sample=False, **generate_kwargs)
         return out
 
     @torch.no_grad()
@@ -219,9 +221,11 @@ class ReducedDecoder:
         mask = torch.cat([mask, torch.ones_like(continuation)], dim=-1)
         n = input_ids.shape[1]
         pos = (mask.long().cumsum(-1) - 1)[:, n:]
+        from tokenreduce.runtime.kv_cache import cache_kwargs
+
         with pre.cache.activate(self.model):
             out = self.model(input_ids=continuation[:, :-1], attention_mask=mask[:, :-1],
-                             position_ids=pos[:, :-1], past_key_values=pre.cache, use_cache=True)
+                             position_ids=pos[:, :-1], **cache_kwargs(self.model, pre.cache), use_cache=True)
         return torch.cat([pre.logits[:, None], out.logits], dim=1)
 
 

@@ -15,13 +15,18 @@ implementation and restores it afterwards. Decoding steps are never reduced agai
 
 Refuses: `crop` (speculative / assisted decoding would need per-layer logical bookkeeping). Batch
 reordering (`reorder_cache`, `batch_select_indices`, `batch_repeat_interleave`) keeps positions in step.
+
+The cache is handed to the model under the keyword its transformers version takes (`cache_kwargs`):
+`cache` since transformers renamed `past_key_values` (which now warns on every call).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -123,6 +128,13 @@ def _tokenreduce_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         idx = pos[:, None, None, :].expand(max(b, pos.shape[0]), h, q, pos.shape[-1])
         attention_mask = attention_mask.expand(idx.shape[0], h, q, attention_mask.shape[-1]).gather(-1, idx)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Cache) -> dict[str, Any]:
+    """`{keyword: cache}` for `model(...)` and `model.generate(...)`: `cache` where the model's forward
+    takes it (transformers >= 5.2x deprecates `past_key_values` with a warning per call), else the old name."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def register() -> None:
