@@ -36,3 +36,4 @@ def test_recompile_limit_is_reported_once():
     assert "recompile_limit (2)" in after.recompile_limit_hits[-1]
     assert after.graphs - before.graphs == 2 and after.builds - before.builds == 2
     assert after.last_report is not None and after.last_report.blocks[0].tokens_out == 15
+    assert any("recompile_limit (2)" in note and "unreduced" in note for note in after.last_report.notes)

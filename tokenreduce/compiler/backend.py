@@ -54,6 +54,7 @@ class BackendStats:
 _STATS = BackendStats()
 _STATS_LOCK = threading.Lock()
 _FRAMES: set[int] = set()  # Dynamo frame ids compiled with this backend
+_FRAME_REPORTS: dict[int, list[Report]] = {}  # the reports built for each frame (noted when it hits the limit)
 _WARNED_FRAMES: set[int] = set()
 
 
@@ -117,9 +118,10 @@ def _lift_state(gm: fx.GraphModule, kinds: list[Any]) -> list[int]:
 class _Specialised:
     """What Dynamo calls for one of its graphs: builds (once per input signature) and runs reduced graphs."""
 
-    def __init__(self, gm: fx.GraphModule, settings: Settings) -> None:
+    def __init__(self, gm: fx.GraphModule, settings: Settings, frame: int | None = None) -> None:
         self.gm = gm
         self.settings = settings
+        self.frame = frame
         self.cache: dict[tuple[Any, ...], Any] = {}
         self.reports: dict[tuple[Any, ...], Report] = {}
         self.last_report: Report | None = None
@@ -153,6 +155,8 @@ class _Specialised:
                     self.cache[key] = run
                     with _STATS_LOCK:
                         _STATS.builds += 1
+                        if self.frame is not None:
+                            _FRAME_REPORTS.setdefault(self.frame, []).append(self.reports[key])
         report = self.reports[key]
         self.last_report = report
         with _STATS_LOCK:
@@ -192,6 +196,8 @@ def _limit_hit(frame: int, record: logging.LogRecord) -> None:
             return
         _WARNED_FRAMES.add(frame)
         _STATS.recompile_limit_hits.append(line)
+        for report in _FRAME_REPORTS.get(frame, []):  # last_report says so too
+            report.notes.append(f"{line}: calls needing another graph run the unreduced model")
     warnings.warn(
         f"tokenreduce backend: {line}. Dynamo now runs calls that need another graph (a new input dtype, "
         f"device, rank or other guarded property) as the original, unreduced model, without tokenreduce. "
@@ -218,7 +224,7 @@ def tokenreduce_backend(gm: fx.GraphModule, example_inputs: list[Any], options: 
         _STATS.graphs += 1
         if frame is not None:
             _FRAMES.add(frame)
-    return _Specialised(gm, settings)
+    return _Specialised(gm, settings, frame)
 
 
 def register() -> None:
