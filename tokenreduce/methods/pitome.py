@@ -2,19 +2,23 @@
 
 Source: Tran, Nguyen, Nguyen, Nguyen, Le, Xie, Sonntag, Zou, Nguyen, Niepert, "Accelerating Transformers with
 Spectrum-Preserving Token Merging", NeurIPS 2024, and the arithmetic of its official code (hchautran/PiToMe,
-`algo/pitome/merge.py`: `pitome_vision` for the energy, `pitome` for the merge; `algo/pitome/patch/deit.py`
-for the margin schedule; read, not copied). At a block that merges `r` tokens:
+`algo/pitome/merge.py`: `pitome_vision` for the energy, `pitome` and `pitome_bsm` for the merge;
+`algo/pitome/patch/deit.py` for the margin schedule and which layers use which merge; read, not copied).
+At a block that merges `r` tokens:
 
 1. `metric` = the attention keys averaged over heads, L2-normalised; `sim = metric @ metric^T` over the
    candidate tokens (every token after the `P` protected leading ones).
 2. Energy of token i: `mean_j elu(sim_ij - m, alpha)` over all candidates j (itself included, as the official
    code). The margin falls with depth: `m = 0.75 * (1 - l / L)` at block l of L (official ViT schedule), or one
    constant `margin` for every block (as the official `apply_patch(margin=...)`).
-3. Rank the candidates by energy, highest first. The `2r` highest are merge candidates, split alternately
-   (ranks 0, 2, 4, ... are set A, ranks 1, 3, 5, ... set B); the `N - P - 2r` lowest-energy (most isolated)
-   tokens are kept untouched.
-4. Every A token merges into its most similar B token (size-weighted average, as ToMe).
-5. Output order (official): the protected leading tokens, the kept tokens in energy order, the B tokens.
+3. Rank the candidates by energy, highest first; ranks 0, 2, 4, ... are set A, ranks 1, 3, 5, ... set B.
+4. Protect-and-merge (official `pitome`): only the `2r` highest ranks are split; every A token merges into its
+   most similar B token, and the `N - P - 2r` lowest-energy (most isolated) tokens are kept untouched. Output
+   order: protected leading tokens, kept tokens in energy order, B tokens.
+   Energy-ordered matching (official `pitome_bsm`, the blocks in `bsm_layers`; by default the first half, as
+   the official timm/DeiT patch): all candidates are split, and ToMe's matching merges the r most similar
+   A -> B pairs (`kernels.plans.plan_from_matches`). Output order: protected, unmerged A, B.
+5. Size-weighted average, as ToMe.
 
 The plan is a plain torch function (`pitome_plan`) emitted as one graph node: it traces into standard ops for
 eager, inductor and ONNX (top-k with constant k, gathers, no scatter, no data-dependent shapes). The per-block
@@ -22,17 +26,18 @@ r schedule, its limits and `clamp_r` are ToMe's (`Pitome` subclasses `Tome`), be
 block under the same bound `r <= (N - P) // 2`.
 
 Deliberate differences from the official code, each documented in docs/methods.md ("PiToMe"):
-* every reducing block runs the PiToMe merge; the official DeiT/MAE patches run plain bipartite matching
-  (`pitome_bsm`) in half of the layers, the text patches a Gaussian-kernel energy with a halves split;
+* one formula for every model: the official text patches use a Gaussian-kernel energy with a halves split,
+  and other official patches pick other layers for `pitome_bsm` (MAE: the second half; BLIP: none);
 * all `P` protected leading tokens are excluded (the official code excludes the CLS token only);
 * padding (the official vision code has none; its text code ignores the mask): energies are averaged over
-  real tokens, padding tokens are merge candidates before any real token, and merges never average real
-  tokens with padding (see `candidate_order`);
+  real tokens, padding tokens are ranked before any real token, and merges never average real tokens with
+  padding (see `candidate_order`);
 * proportional attention is on by default, as ToMe here (the official timm block never passes sizes to its
   attention; `prop_attn=False` matches it).
 
 Refuses: `r` larger than `(N - P) // 2` at a block (the error names the largest valid r; `clamp_r=True`
-merges as many as possible and the report says so); `margin` outside [-1, 1]; `alpha` not positive.
+merges as many as possible and the report says so); `margin` outside [-1, 1]; `alpha` not positive;
+`bsm_layers` outside the model's blocks.
 """
 
 from __future__ import annotations
@@ -47,8 +52,16 @@ import torch.nn.functional as F
 from tokenreduce.analysis.encoder import ModelAnalysis
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.kernels import reference as ref
-from tokenreduce.kernels.plans import max_r
-from tokenreduce.methods.base import BlockPlan, Options, PlanNodes, Site, fail, option
+from tokenreduce.kernels.plans import max_r, plan_from_matches
+from tokenreduce.methods.base import (
+    BlockPlan,
+    Options,
+    PlanNodes,
+    Site,
+    check_int_list,
+    fail,
+    option,
+)
 from tokenreduce.methods.tome import Tome, TomeOptions
 
 MARGIN_START = 0.75  # official ViT schedule (patch/deit.py, patch/mae.py): m_l = 0.75 - 0.75 * l / L
@@ -86,9 +99,10 @@ def candidate_order(energy: torch.Tensor, valid: torch.Tensor | None) -> tuple[t
     position (merge candidates first), `pos [B, M]` each candidate's position (the inverse).
 
     Without padding the order is by energy, highest first. With padding (`valid [B, M]`) a row's padding
-    tokens come first (by index), then its real tokens by energy: padding, which costs compute and carries
-    nothing, is merged away before any real token, and a real A token always has a real B token right after
-    it, so a real token is never merged into padding.
+    tokens come first (by index), then its real tokens by energy. At a protect-and-merge step padding, which
+    costs compute and carries nothing, is merged away before any real token, and a real A token always has a
+    real B token right after it, so a real token is never merged into padding; the energy-ordered matching
+    treats padding as ToMe does (cross-padding pairs last, merged with weight 0).
     """
     m = energy.shape[-1]
     if valid is None:
@@ -108,6 +122,7 @@ def pitome_plan(
     margin: float,
     alpha: float = 1.0,
     valid: torch.Tensor | None = None,
+    bsm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plan one PiToMe merge step (same contract as `kernels.plans.bipartite_plan`).
 
@@ -118,16 +133,19 @@ def pitome_plan(
         margin: energy margin `m` of this block.
         alpha: ELU alpha of the energy.
         valid: optional `[B, N]` bool, False for padding. Real and padding tokens never average together.
+        bsm: False: protect the `N - P - 2r` lowest-energy tokens and merge every A of the `2r` highest into its
+            best B (official `pitome`). True: split all candidates A/B by energy rank and merge the r most
+            similar A -> B pairs, ToMe's matching (official `pitome_bsm`).
 
     Returns:
         slot: `[B, N]` int64, output slot of each input token.
         rep: `[B, N - r]` int64, representative input token of each output slot (the B token of a merge).
-        keep: `[B, N]` merge-weight multiplier (metric dtype): 1, or 0 for a padding token merged into a real
-            one (a row's only remaining padding token, which has no padding partner).
+        keep: `[B, N]` merge-weight multiplier (metric dtype): 1, or 0 for a source merged across padding
+            (a padding token with no padding partner; with `bsm`, also a real one when r leaves no choice).
     """
     if metric.dim() == 4:
         metric = metric.mean(dim=1)
-    bsz, n, d = metric.shape
+    bsz, n, _ = metric.shape
     p = num_protected
     if r < 0 or r > max_r(n, p):
         raise TokenReduceError(f"PiToMe r={r} is too large for {n} tokens with {p} protected; "
@@ -137,34 +155,64 @@ def pitome_plan(
     if r == 0:
         ident = torch.arange(n, device=device).expand(bsz, n)
         return ident, ident, torch.ones(bsz, n, dtype=metric.dtype, device=device)
-    m = n - p
     cand = F.normalize(metric[:, p:], p=2.0, dim=-1)  # [B, M, d]
     vc = valid[:, p:] if valid is not None else None
     order, pos = candidate_order(energy_score(cand, margin, alpha, vc), vc)
+    step = _energy_bipartite if bsm else _protect_and_merge
+    slot_c, rep_c, keep_c = step(cand, order, pos, r, vc)
+    slot = torch.cat([prot, p + slot_c], dim=1)
+    keep = torch.cat([torch.ones(bsz, p, dtype=keep_c.dtype, device=device), keep_c], dim=1)
+    return slot, torch.cat([prot, p + rep_c], dim=1), keep
+
+
+def _cross_padding(scores: torch.Tensor, va: torch.Tensor | None, vb: torch.Tensor | None) -> torch.Tensor:
+    """A -> B scores `[B, nA, nB]` with cross-padding pairs below every cosine: -2 for padding into a real
+    token, -3 for a real token into padding (as ToMe, `kernels.plans.bipartite_plan`)."""
+    if va is None or vb is None:
+        return scores
+    scores = scores.masked_fill(~va[:, :, None] & vb[:, None, :], -2.0)
+    return scores.masked_fill(va[:, :, None] & ~vb[:, None, :], -3.0)
+
+
+def _protect_and_merge(cand: torch.Tensor, order: torch.Tensor, pos: torch.Tensor, r: int,
+                       vc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Official `pitome`: every A of the 2r first-ordered candidates merges into its best B; the rest are kept.
+    Candidate-space `slot [B, M]`, `rep [B, M - r]`, `keep [B, M]`; output order: kept, then B."""
+    bsz, m, _ = cand.shape
     a_idx, b_idx, kept = order[:, 0:2 * r:2], order[:, 1:2 * r:2], order[:, 2 * r:]  # [B, r], [B, r], [B, M-2r]
-
-    scores = _rows(cand, a_idx) @ _rows(cand, b_idx).transpose(-1, -2)  # [B, r, r] cosine A -> B
-    keep_a = torch.ones(bsz, r, dtype=metric.dtype, device=device)
-    if vc is not None:  # a same-kind B always beats a cross-padding one (cosines are >= -1)
-        va, vb = vc.gather(1, a_idx), vc.gather(1, b_idx)
-        scores = scores.masked_fill(~va[:, :, None] & vb[:, None, :], -2.0)
-        scores = scores.masked_fill(va[:, :, None] & ~vb[:, None, :], -3.0)
-    dst = scores.argmax(dim=-1)  # [B, r] best B (index into b_idx) of each A
+    va = vb = None
     if vc is not None:
+        va, vb = vc.gather(1, a_idx), vc.gather(1, b_idx)
+    scores = _cross_padding(_rows(cand, a_idx) @ _rows(cand, b_idx).transpose(-1, -2), va, vb)  # [B, r, r]
+    dst = scores.argmax(dim=-1)  # [B, r] best B (index into b_idx) of each A
+    keep_a = torch.ones(bsz, r, dtype=cand.dtype, device=cand.device)
+    if va is not None and vb is not None:
         keep_a = keep_a.masked_fill(va != vb.gather(1, dst), 0.0)
-
-    # Output slot of each candidate from its position q: kept tokens (q >= 2r) follow the protected ones in
-    # energy order; B tokens (odd q) come last, in rank order; an A token (even q < 2r) goes to its B's slot.
-    first_b = p + m - 2 * r
+    # Slot of each candidate from its position q: kept tokens (q >= 2r) first, in order; B tokens (odd q) last,
+    # in rank order; an A token (even q < 2r) goes to its B's slot.
     is_a = (pos < 2 * r) & (pos % 2 == 0)
     a_of = torch.clamp(pos // 2, max=r - 1)  # A index of an A token (clamped for the others)
     b_of = torch.where(is_a, dst.gather(1, a_of), pos // 2)
-    slot_c = torch.where(pos >= 2 * r, p + pos - 2 * r, first_b + b_of)
-    keep_c = torch.where(is_a, keep_a.gather(1, a_of), torch.ones_like(keep_a[:, :1]))
-    slot = torch.cat([prot, slot_c], dim=1)
-    keep = torch.cat([torch.ones(bsz, p, dtype=metric.dtype, device=device), keep_c], dim=1)
-    rep = torch.cat([prot, p + kept, p + b_idx], dim=1)
-    return slot, rep, keep
+    slot = torch.where(pos >= 2 * r, pos - 2 * r, m - 2 * r + b_of)
+    keep = torch.where(is_a, keep_a.gather(1, a_of), torch.ones_like(keep_a[:, :1]))
+    return slot, torch.cat([kept, b_idx], dim=1), keep
+
+
+def _energy_bipartite(cand: torch.Tensor, order: torch.Tensor, pos: torch.Tensor, r: int,
+                      vc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Official `pitome_bsm`: ToMe's bipartite matching over the candidates in energy order (A = even ranks,
+    B = odd ranks), through `kernels.plans.plan_from_matches` on that order. Output order: the unmerged A
+    tokens (most similar edge first, as the official code), then B in rank order."""
+    m = cand.shape[1]
+    a_idx, b_idx = order[:, 0::2], order[:, 1::2]
+    va = vb = v_ord = None
+    if vc is not None:
+        v_ord = vc.gather(1, order)
+        va, vb = v_ord[:, 0::2], v_ord[:, 1::2]
+    scores = _cross_padding(_rows(cand, a_idx) @ _rows(cand, b_idx).transpose(-1, -2), va, vb)  # [B, nA, nB]
+    node_max, node_idx = scores.max(dim=-1)
+    slot_o, rep_o, keep_o = plan_from_matches(node_max, node_idx, r, 0, v_ord, m, cand.dtype)  # in `order` space
+    return slot_o.gather(1, pos), order.gather(1, rep_o), keep_o.gather(1, pos)
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -177,6 +225,10 @@ class PitomeOptions(TomeOptions):
     margin: float | None = option(None, "energy margin m for every block; default: the official ViT schedule "
                                         "0.75 * (1 - l / L) at block l of L (high early, falling with depth)")
     alpha: float = option(1.0, "ELU alpha of the energy score (official default 1.0)")
+    bsm_layers: tuple[int, ...] | None = option(
+        None, "blocks (0-based) that merge by bipartite matching over all candidates split by energy rank "
+              "(official pitome_bsm) instead of protecting the low-energy tokens; default: the first half, "
+              "ceil(L / 2), as the official timm/DeiT patch; [] for the protect-and-merge step everywhere")
 
     def validate(self) -> None:
         super().validate()
@@ -188,6 +240,13 @@ class PitomeOptions(TomeOptions):
         self.set("alpha", _finite("alpha", self.alpha))
         if self.alpha <= 0.0:
             raise fail("alpha", f"alpha must be > 0, got {self.alpha}")
+        if self.bsm_layers is not None:
+            self.set("bsm_layers", check_int_list("bsm_layers", self.bsm_layers, lo=None))
+
+
+def bsm_blocks(num_blocks: int, bsm_layers: tuple[int, ...] | None) -> set[int]:
+    """Blocks that use the energy-ordered bipartite matching: `bsm_layers`, else the first ceil(L / 2)."""
+    return set(range(math.ceil(num_blocks / 2))) if bsm_layers is None else set(bsm_layers)
 
 
 def _finite(name: str, value: Any) -> float:
@@ -198,9 +257,11 @@ def _finite(name: str, value: Any) -> float:
 
 @dataclass
 class PitomePlan(BlockPlan):
-    """ToMe's block plan plus this block's energy margin (a constant argument of the plan node)."""
+    """ToMe's block plan plus this block's constant arguments of the plan node: the energy margin, and
+    whether the block merges by energy-ordered bipartite matching (`bsm`)."""
 
     margin: float = 0.0
+    bsm: bool = False
 
 
 class Pitome(Tome):
@@ -213,14 +274,19 @@ class Pitome(Tome):
     def plan_blocks(self, options: Options, analysis: ModelAnalysis) -> list[BlockPlan]:
         assert isinstance(options, PitomeOptions)
         nb = len(analysis.blocks)
-        return [PitomePlan(**vars(bp), margin=margin_schedule(bp.index, nb, options.margin))
+        bad = [i for i in options.bsm_layers or () if not 0 <= i < nb]
+        if bad:  # check_layers would name `layers` as the setting at fault
+            raise fail("bsm_layers", f"bsm_layers {bad} out of range: the model has {nb} transformer blocks "
+                                     f"(valid 0..{nb - 1})")
+        bsm = bsm_blocks(nb, options.bsm_layers)
+        return [PitomePlan(**vars(bp), margin=margin_schedule(bp.index, nb, options.margin), bsm=bp.index in bsm)
                 for bp in super().plan_blocks(options, analysis)]
 
     def emit(self, options: Options, site: Site) -> PlanNodes:
         assert isinstance(options, PitomeOptions) and isinstance(site.plan, PitomePlan)
         b = site.builder
         plan = b.add(pitome_plan, (site.k, site.plan.r, site.num_protected, site.plan.margin, options.alpha,
-                                   site.valid))
+                                   site.valid, site.plan.bsm))
         slot, rep = b.item(plan, 0), b.item(plan, 1)
         weight = None  # sizes; with padding, sizes times the plan's keep (a padding source into a real B drops)
         if site.valid is not None:
@@ -228,8 +294,9 @@ class Pitome(Tome):
         return PlanNodes(slot, weight, rep)
 
     def action(self, bp: BlockPlan, analysis: ModelAnalysis) -> str:
-        margin = f" m={bp.margin:.3g}" if isinstance(bp, PitomePlan) else ""
-        return f"pitome r={bp.r}{margin}"
+        if not isinstance(bp, PitomePlan):
+            return f"pitome r={bp.r}"
+        return f"pitome r={bp.r} m={bp.margin:.3g}" + (" bsm" if bp.bsm else "")
 
 
 METHOD = Pitome()
