@@ -18,10 +18,11 @@ settings for both merging methods:
   sentence-weighted total over all lengths.
 
 Each row also gives the report's FLOPs ratio (counted with `torch.utils.flop_counter` at the evaluation
-shape; it includes each method's own matching/energy matmuls) and the token counts. With `--official`,
-PiToMe also runs with `prop_attn=False`, which is what the official timm patch computes.
+shape; it includes each method's own matching/energy matmuls) and the token counts. `--variants` adds
+PiToMe without proportional attention (what the official timm patch computes) and PiToMe with its
+protect-and-merge step at every block (`bsm_layers=[]`).
 
-    .venv/bin/python benchmarks/pitome_quality.py dinov2 --r 8 16 --limit 200 --out out/pitome/dinov2.json
+    .venv/bin/python benchmarks/pitome_quality.py dinov2 --r 8 16 --limit 200 --variants tome pitome pitome-protect
     .venv/bin/python benchmarks/pitome_quality.py minilm --r 2 3 --out out/pitome/minilm.json
     .venv/bin/python benchmarks/pitome_quality.py minilm --r 2 3 --unpadded --out out/pitome/minilm_unpadded.json
 """
@@ -42,14 +43,23 @@ import torch
 
 from tokenreduce.evaluate.sweep import FAMILY_CLASSES, EvalConfig, QualityRow, Setting
 
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (table label, compile options besides r)
+    "tome": ("ToMe", {"method": "tome"}),
+    "pitome": ("PiToMe", {"method": "pitome"}),  # defaults: official timm split (pitome_bsm in the first half)
+    "pitome-noprop": ("PiToMe prop_attn=False", {"method": "pitome", "prop_attn": False}),
+    "pitome-protect": ("PiToMe bsm_layers=[]", {"method": "pitome", "bsm_layers": []}),
+    "pitome-protect-noprop": ("PiToMe bsm_layers=[] prop_attn=False",
+                              {"method": "pitome", "bsm_layers": [], "prop_attn": False}),
+}
 
-def settings(r_values: list[int], official: bool) -> list[Setting]:
+
+def settings(r_values: list[int], variants: list[str]) -> list[Setting]:
     out = []
     for r in r_values:
-        out.append(Setting(f"ToMe r={r}", {"method": "tome", "r": r}))
-        out.append(Setting(f"PiToMe r={r}", {"method": "pitome", "r": r}))
-        if official:
-            out.append(Setting(f"PiToMe r={r} prop_attn=False", {"method": "pitome", "r": r, "prop_attn": False}))
+        for v in variants:
+            label, opts = VARIANTS[v]
+            name, _, rest = label.partition(" ")
+            out.append(Setting(f"{name} r={r}" + (f" {rest}" if rest else ""), {**opts, "r": r}))
     return out
 
 
@@ -136,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--r", type=int, nargs="+", required=True, help="merges per block, same for both methods")
     p.add_argument("--limit", type=int, default=None, help="dinov2: images per split; minilm: STS-B pairs "
                                                           "(default: all)")
-    p.add_argument("--official", action="store_true", help="also PiToMe with prop_attn=False (official timm patch)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["tome", "pitome"],
+                   help="settings per r: ToMe, PiToMe (defaults), PiToMe without proportional attention (what "
+                        "the official timm patch computes), PiToMe with protect-and-merge at every block")
     p.add_argument("--unpadded", action="store_true", help="minilm: every sentence at its own length")
     p.add_argument("--data-dir", type=Path, default=None, help="default: tokenreduce.evaluate.data's default")
     p.add_argument("--threads", type=int, default=None)
@@ -145,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = EvalConfig(family=args.family, settings=settings(args.r, args.official), data_dir=args.data_dir,
+    cfg = EvalConfig(family=args.family, settings=settings(args.r, args.variants), data_dir=args.data_dir,
                      limit=args.limit, splits=("test",), speed=False, progress=False)
     if args.unpadded and args.family != "minilm":
         p.error("--unpadded applies to minilm only")
