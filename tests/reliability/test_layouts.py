@@ -4,11 +4,18 @@ captured graph is not a tensor dimension" once Dynamo made a stride symbolic).""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch._dynamo
 from conftest import bert_batch, images, make_timm_vit
 from reference import hf_bert_forward, timm_vit_forward
 
 TOL = dict(atol=1e-4, rtol=1e-4)
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Other tests compiled the same `forward`: start below Dynamo's recompile limit for it."""
+    torch._dynamo.reset()
 
 
 def test_vit_layouts_in_sequence():

@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 import torch._dynamo
 from conftest import images, make_timm_vit
 from reference import timm_vit_forward
 
 from tokenreduce.compiler import backend
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Other tests compiled the same `forward`: start below Dynamo's recompile limit for it."""
+    torch._dynamo.reset()
 
 
 def test_recompile_limit_is_reported_once():

@@ -6,9 +6,17 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
+import torch._dynamo
 from conftest import images, make_timm_vit
 from reference import timm_vit_forward
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Other tests compiled the same `forward`: start below Dynamo's recompile limit for it."""
+    torch._dynamo.reset()
 
 
 def test_concurrent_first_calls_at_new_batch_sizes():

@@ -53,7 +53,8 @@ class BackendStats:
 
 _STATS = BackendStats()
 _STATS_LOCK = threading.Lock()
-_FRAMES: set[int] = set()  # Dynamo frame ids compiled with this backend
+_FRAMES: dict[int, str] = {}  # Dynamo frame id compiled with this backend -> "name file:line" ("" if unknown)
+_FRAME_COMPILES: dict[int, int] = {}  # frame id -> its latest compile number (a smaller one: Dynamo was reset)
 _FRAME_REPORTS: dict[int, list[Report]] = {}  # the reports built for each frame (noted when it hits the limit)
 _WARNED_FRAMES: set[int] = set()
 
@@ -174,17 +175,34 @@ class _RecompileLimitListener(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and _LIMIT_NOTICE.match(record.msg):
-            frame = _current_frame()
-            if frame is not None and frame in _FRAMES:
+            frame = _current_compile()[0]
+            if frame is not None and frame in _FRAMES and _same_function(_FRAMES[frame], record):
                 _limit_hit(frame, record)
         return True
 
 
-def _current_frame() -> int | None:
+def _current_compile() -> tuple[int | None, int | None]:
+    """(frame id, compile number of that frame) of the Dynamo compile running in this thread."""
     from torch._guards import CompileContext
 
     compile_id = CompileContext.current_compile_id()
-    return None if compile_id is None else compile_id.frame_id
+    return (None, None) if compile_id is None else (compile_id.frame_id, compile_id.frame_compile_id)
+
+
+def _frame_location() -> str:
+    """"name file:line" of the code Dynamo is compiling in this thread ("" if this torch does not say)."""
+    from torch._dynamo import convert_frame
+
+    infos = getattr(getattr(convert_frame, "dynamo_tls", None), "traced_frame_infos", None)
+    return str(infos[-1]) if infos else ""
+
+
+def _same_function(location: str, record: logging.LogRecord) -> bool:
+    """Whether Dynamo's notice (function "'name' (file:line)") is about the code at `location`: frame ids
+    restart after torch._dynamo.reset()."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    match = re.fullmatch(r"'(.*)' \((.*)\)", str(args[2])) if len(args) > 2 else None
+    return not location or match is None or f"{match.group(1)} {match.group(2)}" == location
 
 
 def _limit_hit(frame: int, record: logging.LogRecord) -> None:
@@ -219,11 +237,15 @@ def tokenreduce_backend(gm: fx.GraphModule, example_inputs: list[Any], options: 
     """Dynamo backend entry point."""
     settings = Settings.from_options(options or {})
     _listen_for_recompile_limit()
-    frame = _current_frame()
+    frame, number = _current_compile()
     with _STATS_LOCK:
         _STATS.graphs += 1
         if frame is not None:
-            _FRAMES.add(frame)
+            if number is not None and number <= _FRAME_COMPILES.get(frame, -1):  # after torch._dynamo.reset()
+                _WARNED_FRAMES.discard(frame)
+                _FRAME_REPORTS.pop(frame, None)
+            _FRAME_COMPILES[frame] = number if number is not None else -1
+            _FRAMES[frame] = _frame_location()
     return _Specialised(gm, settings, frame)
 
 
