@@ -8,13 +8,14 @@ from typing import Any
 import torch
 from torch import fx
 
+from tokenreduce import targets
 from tokenreduce.compiler.capture import export_graph, release_fake_caches
 from tokenreduce.compiler.pipeline import make_report, reduce_graph
 from tokenreduce.compiler.report import Report, count_flops
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.methods import registry
 from tokenreduce.methods.settings import Settings
-from tokenreduce.targets import lower_eager, lower_inductor
+from tokenreduce.targets import TargetOptions
 
 MASK_INPUTS = ("attention_mask",)  # keyword inputs normalised at the module boundary (1 = token, 0 = padding)
 
@@ -158,5 +159,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     if count_model_flops:
         report.flops_before = count_flops(model, args, kwargs)
         report.flops_after = count_flops(gm, args, kwargs)
-    runner = lower_inductor(gm, captured.dynamic_batch, list(args) + list(kwargs.values())) if cfg.inner == "inductor" else lower_eager(gm)
+    if captured.static_batch_reason:
+        report.notes.append(captured.static_batch_reason)
+    runner = targets.get(cfg.inner).lower(gm, args, kwargs, TargetOptions(dynamic_batch=captured.dynamic_batch)).runner
     return ReducedModule(gm, runner, report, cfg, args, kwargs, captured.dynamic_batch)
