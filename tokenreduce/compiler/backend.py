@@ -140,7 +140,7 @@ class _Specialised:
         release_fake_caches(flat)
 
         def run(*call_args: Any) -> Any:
-            out = compiled(*[_boundary(call_args[i]) for i in users], *[call_args[i] for i in state])
+            out = compiled(*[_boundary(call_args[i]) for i in users + state])
             return torch.utils._pytree.tree_unflatten(list(out), spec)
 
         return run, report
