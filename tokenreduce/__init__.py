@@ -11,13 +11,15 @@ or, without importing anything: `torch.compile(model, backend="tokenreduce", opt
 
 from tokenreduce.compiler.api import ReducedModule, compile
 from tokenreduce.compiler.backend import register as _register_backend
+from tokenreduce.compiler.backend import stats as backend_stats
 from tokenreduce.compiler.decoder_api import ReducedDecoder, reduce_decoder
 from tokenreduce.compiler.report import Report
-from tokenreduce.methods.settings import Settings
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce.*)
+from tokenreduce.methods.settings import Settings
 
 _register_backend()
 
-__all__ = ["ReducedDecoder", "ReducedModule", "Report", "Settings", "TokenReduceError", "compile", "reduce_decoder"]
+__all__ = ["ReducedDecoder", "ReducedModule", "Report", "Settings", "TokenReduceError", "backend_stats", "compile",
+           "reduce_decoder"]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from tokenreduce import targets
-from tokenreduce.compiler.capture import export_graph, release_fake_caches
+from tokenreduce.compiler.capture import export_graph, release_fake_caches, trace_lock
 from tokenreduce.compiler.pipeline import make_report, reduce_graph
 from tokenreduce.compiler.report import Report, count_flops
 from tokenreduce.errors import TokenReduceError
@@ -152,14 +152,15 @@ def compile(  # noqa: A001 - mirrors torch.compile
     cfg = Settings.from_options(settings)
     registry.encoder(cfg.method)  # a decoder method is refused before the (slow) capture
     args, kwargs = split_inputs(example_inputs, example_kwargs)
-    captured = export_graph(model, args, kwargs, dynamic_batch=cfg.dynamic_batch)
-    red = reduce_graph(captured.gm, cfg)
-    report = make_report(red, cfg)
-    gm = red.gm
-    if count_model_flops:
-        report.flops_before = count_flops(model, args, kwargs)
-        report.flops_after = count_flops(gm, args, kwargs)
-    if captured.static_batch_reason:
-        report.notes.append(captured.static_batch_reason)
-    runner = targets.get(cfg.inner).lower(gm, args, kwargs, TargetOptions(dynamic_batch=captured.dynamic_batch)).runner
+    with trace_lock():  # concurrent compiles in threads share tracing state (compiler/capture.py)
+        captured = export_graph(model, args, kwargs, dynamic_batch=cfg.dynamic_batch)
+        red = reduce_graph(captured.gm, cfg)
+        report = make_report(red, cfg)
+        gm = red.gm
+        if count_model_flops:
+            report.flops_before = count_flops(model, args, kwargs)
+            report.flops_after = count_flops(gm, args, kwargs)
+        if captured.static_batch_reason:
+            report.notes.append(captured.static_batch_reason)
+        runner = targets.get(cfg.inner).lower(gm, args, kwargs, TargetOptions(dynamic_batch=captured.dynamic_batch)).runner
     return ReducedModule(gm, runner, report, cfg, args, kwargs, captured.dynamic_batch)

@@ -34,11 +34,12 @@ from typing import Any
 import torch
 from torch import fx
 
+from tokenreduce import targets
 from tokenreduce.compiler.capture import from_dynamo, release_fake_caches, state_name, trace_lock
 from tokenreduce.compiler.pipeline import make_report, reduce_graph
 from tokenreduce.compiler.report import Report
 from tokenreduce.methods.settings import Settings
-from tokenreduce.targets import lower_eager, lower_inductor_static
+from tokenreduce.targets import TargetOptions
 
 
 @dataclass
@@ -136,7 +137,8 @@ class _Specialised:
         state = _lift_state(flat, kinds)
         users = [i for i, k in enumerate(kinds) if k is None]
         example = [args[i] for i in users] + [args[i] for i in state]
-        compiled = lower_inductor_static(flat, example) if self.settings.inner == "inductor" else lower_eager(flat)
+        compiled = targets.get(self.settings.inner).lower(
+            flat, tuple(example), {}, TargetOptions(dynamic_batch=False, inside_torch_compile=True)).runner
         release_fake_caches(flat)
 
         def run(*call_args: Any) -> Any:

@@ -24,11 +24,10 @@ import warnings
 import torch
 from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 
-from tokenreduce.kernels import dispatch, reference
+from tokenreduce.kernels import dispatch, plans, reference
 from tokenreduce.kernels import triton as _triton
 from tokenreduce.kernels.triton import KernelLimitError
 from tokenreduce.kernels.triton import reference as kernel_reference
-from tokenreduce.kernels import plans
 
 NAMESPACE = "tokenreduce"
 

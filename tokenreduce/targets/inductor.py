@@ -34,7 +34,9 @@ def _for_device(gm: Any, inputs: Sequence[Any], device: torch.device | None = No
         isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
     if on_cuda or not isinstance(gm, fx.GraphModule):
         return gm
-    gm = copy.deepcopy(gm)
+    # A private graph to inline into, sharing the model's weights (not copies), so gradients of a
+    # compiled model reach the parameters the user optimises.
+    gm = copy.deepcopy(gm, memo={id(t): t for t in [*gm.parameters(), *gm.buffers()]})
     inline_reference_ops(gm)
     return gm
 
