@@ -40,7 +40,9 @@ batch size to the next (and the two targets start with different versions), so n
 the one built second.
 Every onnxruntime session that is timed is opened by this script with one set of options (intra-op threads
 = `--threads`, one inter-op thread, all graph optimisations, CPU provider), so the two versions' files run
-under identical session settings; the new target's own session is only part of its compile time.
+under identical session settings. The old path's session is that one (the old `bench` opened its session
+itself, with these options); the new target opens its own session inside `lower`, which counts in its
+compile time, and the second session opened here to time it is left out (`session_reopen_s` in the JSON).
 
 Timing: `--warmup` untimed rounds, then `--repeats` rounds of unreduced, old, new, unreduced, old, new, ...
 (`interleaved_rounds` below: `tokenreduce.bench.interleaved` times two callables, this extends it to three
@@ -267,6 +269,7 @@ class Built:
     flops_after: int | None = None
     pass_seconds: dict[str, float] = field(default_factory=dict)
     onnx_dynamic_batch: bool | None = None
+    session_reopen_s: float = 0.0  # the timed session opened beside the path's own one; not in construct_s
     keep: list[Any] = field(default_factory=list, repr=False)  # modules / sessions the call needs alive
 
     @property
@@ -302,6 +305,17 @@ def as_tensor(out: Any) -> torch.Tensor:
     raise fail(f"cannot read a tensor from a {type(out).__name__} output")
 
 
+@dataclass
+class Made:
+    """What a builder returns: the bound call, the objects it needs alive, the compile report (reduced
+    models), and seconds spent inside the builder that are not the version's own cost (`reopen_s`)."""
+
+    call: Call
+    keep: list[Any]
+    report: Any
+    reopen_s: float = 0.0
+
+
 class Builders:
     """How each (version, target) is built; `old` and `new` are the two imported packages."""
 
@@ -310,18 +324,19 @@ class Builders:
         self.old, self.new, self.model, self.options = old, new, model, options
         self.threads, self.atol, self.scratch = threads, atol, scratch
 
-    def inductor(self, version: str, x: torch.Tensor) -> tuple[Call, list[Any], Any]:
+    def inductor(self, version: str, x: torch.Tensor) -> Made:
         if version == "unreduced":
             bench = importlib.import_module(f"{NEW_NAME}.bench")
             lowered = bench.prepare_baseline(self.model, (x,), {}, "inductor", dynamic_batch=True,
                                              threads=self.threads)
-            return lowered.bind((x,), {}), [lowered], None
+            return Made(lowered.bind((x,), {}), [lowered], None)
         pkg = self.old if version == "old" else self.new
         red = pkg.compile(self.model, (x,), **self.options)
-        return (lambda: red(x)), [red], red.report
+        return Made(lambda: red(x), [red], red.report)
 
-    def onnxruntime(self, version: str, x: torch.Tensor) -> tuple[Call, list[Any], Any]:
+    def onnxruntime(self, version: str, x: torch.Tensor) -> Made:
         path = self.scratch / f"{version}-b{x.shape[0]}.onnx"
+        reopen_s = 0.0
         if version == "old":
             red = self.old.compile(self.model, (x,), inner="eager", **self.options)
             onnx_mod = importlib.import_module(f"{OLD_NAME}.targets.onnx")
@@ -335,10 +350,13 @@ class Builders:
             options = targets.TargetOptions(threads=self.threads, atol=self.atol, output=path, verify=True)
             lowered = targets.by_runtime("onnxruntime").lower(red.graph_module, red.example_args,
                                                                red.example_kwargs, options)
-            del lowered  # its session is part of the new path's cost; the timed one is opened below
-        sess = ort_session(path, self.threads)
+            del lowered  # its own session is part of the new path's cost; the timed one is opened below
+        t0 = time.perf_counter()
+        sess = ort_session(path, self.threads)  # old: its path's session (as the old bench opened it)
+        if version != "old":  # new / unreduced: a second session, opened only to share options with old
+            reopen_s = time.perf_counter() - t0
         call, _ = session_call(sess, x)
-        return call, [sess], red.report if version != "unreduced" else None
+        return Made(call, [sess], red.report if version != "unreduced" else None, reopen_s)
 
     def build(self, version: str, target: str, x: torch.Tensor, cache_root: Path) -> Built:
         from torch._inductor.utils import fresh_cache
@@ -348,17 +366,18 @@ class Builders:
         with fresh_cache(dir=str(cache_root), delete=False):
             t0 = time.perf_counter()
             with torch.no_grad():
-                call, keep, report = getattr(self, target)(version, x)
+                made: Made = getattr(self, target)(version, x)
             t1 = time.perf_counter()
             with torch.inference_mode():
-                out = call()
+                out = made.call()
             t2 = time.perf_counter()
-        built = Built(version, call, t1 - t0, t2 - t1, as_tensor(out), before, keep=keep)
-        if report is not None:
-            built.flops_after = report.flops_after
-            built.pass_seconds = dict(getattr(report, "pass_seconds", {}) or {})
+        built = Built(version, made.call, t1 - t0 - made.reopen_s, t2 - t1, as_tensor(out), before,
+                      session_reopen_s=made.reopen_s, keep=made.keep)
+        if made.report is not None:
+            built.flops_after = made.report.flops_after
+            built.pass_seconds = dict(getattr(made.report, "pass_seconds", {}) or {})
         if target == "onnxruntime":
-            built.onnx_dynamic_batch = session_call(keep[0], x)[1]
+            built.onnx_dynamic_batch = session_call(made.keep[0], x)[1]
         return built
 
 
@@ -399,6 +418,7 @@ class Row:
     max_abs_diff_new_vs_old: float
     flops_after: dict[str, int | None]
     onnx_dynamic_batch: dict[str, bool | None]
+    session_reopen_s: dict[str, float]
     pass_seconds: dict[str, dict[str, float]]
     load_before_build: dict[str, list[float]]
     load_timing: list[list[float]]  # before and after the timed rounds
@@ -424,6 +444,7 @@ def make_row(target: str, batch: int, order: list[str], built: dict[str, Built],
         first_call_s={v: b.first_call_s for v, b in built.items()},
         max_abs_diff_new_vs_old=diff, flops_after={v: b.flops_after for v, b in built.items()},
         onnx_dynamic_batch={v: b.onnx_dynamic_batch for v, b in built.items()},
+        session_reopen_s={v: b.session_reopen_s for v, b in built.items()},
         pass_seconds={v: b.pass_seconds for v, b in built.items() if b.pass_seconds},
         load_before_build={v: b.load_before for v, b in built.items()}, load_timing=load_timing,
         repeats=len(samples[0]), samples_ms=by,
