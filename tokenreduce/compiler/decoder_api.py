@@ -13,8 +13,9 @@ shape. Decoding then continues in the user's own model through transformers' `ge
 The span -- the tokens a method may drop -- is, in order of precedence: the `span` argument (a `[B, N]`
 bool mask or a `(start, end)` range applied to every row), or, for a VLM, the positions of the model's
 image token id. Tokens outside the span (system prompt, the question at the end, padding) are always
-kept. Every row must have the same number of span tokens (the keep counts are static); rows that differ
-are refused with the counts, never silently trimmed.
+kept, and so is the last prompt token (the query that ranks the span and whose logits are returned): a span
+that covers it is clipped and the report says so. Every row must have the same number of span tokens (the
+keep counts are static); rows that differ are refused with the counts, never silently trimmed.
 
 Refuses (TokenReduceError): models without causal self-attention, a text model without a span, spans of
 unequal size, keep counts or layers out of range.
@@ -36,6 +37,9 @@ from tokenreduce.errors import TokenReduceError
 from tokenreduce.methods import registry
 from tokenreduce.methods.settings import Settings
 from tokenreduce.targets import TargetOptions
+
+CLIPPED_NOTE = ("the span covered the last prompt token (the query that ranks the span and whose logits are "
+                "returned); it was taken out of the span and kept")
 
 
 class _Prefill(torch.nn.Module):
@@ -79,6 +83,7 @@ class ReducedDecoder:
         self.count_model_flops = count_model_flops
         self._cache: dict[tuple, _Compiled] = {}
         self.report: Report | None = None
+        self.clipped = False  # a span covered the last prompt token and was clipped
 
     # ------------------------------------------------------------------------------------------- inputs
     def _image_token_id(self) -> int | None:
@@ -121,6 +126,14 @@ class ReducedDecoder:
             if span_mask.shape != input_ids.shape:
                 raise TokenReduceError(f"span mask {tuple(span_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
         span_mask = span_mask & attention_mask.bool()
+        # The last real token is the query every method ranks with and whose logits are returned: it is never
+        # droppable. A span that covers it is clipped, and the report says so (`CLIPPED_NOTE`).
+        rows = torch.arange(bsz, device=input_ids.device)
+        last = n - 1 - attention_mask.long().flip(-1).argmax(-1)
+        if bool(span_mask[rows, last].any()):
+            span_mask = span_mask.clone()
+            span_mask[rows, last] = False
+            self.clipped = True
         counts = span_mask.sum(-1).tolist()
         if len(set(counts)) != 1:
             raise TokenReduceError(
@@ -169,6 +182,8 @@ class ReducedDecoder:
         """The rewritten prefill graph for these inputs and its flat positional inputs (ONNX export)."""
         mask, pos, span_mask, span_size = self.prepare(input_ids, attention_mask, span)
         c = self._compile(input_ids, mask, pos, span_mask, span_size, extra)
+        if self.clipped and CLIPPED_NOTE not in c.report.notes:
+            c.report.notes.append(CLIPPED_NOTE)
         return c, self._flat(c.names, input_ids, mask, pos, span_mask, extra)
 
     # --------------------------------------------------------------------------------------------- run
