@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from tokenreduce.evaluate.data import resolve_data
 from tokenreduce.evaluate.models import ModelMissing
+from tokenreduce.util import files
 
 if TYPE_CHECKING:  # pragma: no cover
     import transformers
@@ -543,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         report[f"prefill_{length}_s"] = times
         print(f"prefill {length}: median {statistics.median(times):.3f} s ({', '.join(f'{t:.3f}' for t in times)})")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        files.write_text(args.json, json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

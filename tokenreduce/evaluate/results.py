@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from tokenreduce.evaluate.sweep import EvalResult
 from tokenreduce.jsonable import jsonable
+from tokenreduce.util import files
 
 
 def _f(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
@@ -129,7 +131,7 @@ def plot(result: EvalResult, out: Path) -> list[Path]:
         fig.suptitle(f"{result.family}: quality vs measured speedup")
         fig.tight_layout()
         written.append(out / "quality_vs_speedup.png")
-        fig.savefig(written[-1], dpi=120)
+        _save(fig, written[-1])
         plt.close(fig)
     if reduced:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -150,7 +152,7 @@ def plot(result: EvalResult, out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(out / "quality_vs_flops.png")
-        fig.savefig(written[-1], dpi=120)
+        _save(fig, written[-1])
         plt.close(fig)
     if result.speed:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -166,9 +168,14 @@ def plot(result: EvalResult, out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(out / "speedup_vs_flops.png")
-        fig.savefig(written[-1], dpi=120)
+        _save(fig, written[-1])
         plt.close(fig)
     return written
+
+
+def _save(fig: Any, path: Path) -> None:
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 def write_results(result: EvalResult, out: Path | str) -> list[Path]:
@@ -176,9 +183,9 @@ def write_results(result: EvalResult, out: Path | str) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "results.md"
-    md.write_text(markdown(result))
+    files.write_text(md, markdown(result))
     js = out / "results.json"
-    js.write_text(json.dumps(jsonable(result.to_dict()), indent=1))
+    files.write_text(js, json.dumps(jsonable(result.to_dict()), indent=1))
     return [md, js, *plot(result, out)]
 
 
