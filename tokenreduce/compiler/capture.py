@@ -30,6 +30,7 @@ from torch.fx.traceback import preserve_node_meta
 from torch.utils import _pytree as pytree
 
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.util.batch import batch_of, repeat_batch
 
 
 @dataclass
@@ -109,22 +110,6 @@ def _constraint_why(exc: BaseException) -> str:
     head = lines[0] if lines else type(exc).__name__
     item = next((ln.lstrip("- ").split(". ")[0] for ln in lines[1:] if ln.startswith("-")), "")
     return f"{head} {item}".strip()
-
-
-def batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    for leaf in pytree.tree_leaves((args, kwargs)):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            return int(leaf.shape[0])
-    return None
-
-
-def repeat_batch(tree: Any, batch: int) -> Any:
-    def rep(t: Any) -> Any:
-        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch:
-            return torch.cat([t, t], dim=0)
-        return t
-
-    return pytree.tree_map(rep, tree)
 
 
 def _dynamic_spec(args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> tuple[Any, Any]:
