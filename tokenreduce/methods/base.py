@@ -188,12 +188,14 @@ class PlanNodes:
     rep: fx.Node
 
 
-def check_layers(layers: Sequence[int], num_blocks: int, what: str = "transformer blocks") -> None:
+def check_layers(layers: Sequence[int], num_blocks: int, what: str = "transformer blocks",
+                 setting: str = "layers") -> None:
+    """Every block index in `layers` exists; the error names the valid range and the `setting` at fault."""
     bad = [i for i in layers if not 0 <= i < num_blocks]
     if bad:
         raise TokenReduceError(
             f"layer(s) {bad} out of range: the model has {num_blocks} {what} (valid layers 0..{num_blocks - 1})",
-            setting="layers")
+            setting=setting)
 
 
 # ------------------------------------------------------------------------------------------------ methods

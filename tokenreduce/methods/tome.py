@@ -127,7 +127,7 @@ class Tome(EncoderMethod):
                 best = largest_constant_r(n0, p, active)
                 hint = f"; the largest constant r for this model is {best}" if isinstance(options.r, int) else ""
                 raise TokenReduceError(
-                    f"ToMe r={r} at block {b.index} ({b.name}) is too large: it has {n} tokens with {p} "
+                    f"{self.display_name} r={r} at block {b.index} ({b.name}) is too large: it has {n} tokens with {p} "
                     f"protected, so the largest valid r there is {limit}{hint} (or pass clamp_r=True to "
                     "merge as many as possible and have the report say so)", setting="r", hint="clamp_r=True")
             applied = min(r, limit)
