@@ -82,9 +82,9 @@ def test_flag_for_another_method_is_refused_with_its_spelling(tmp_path: Path, ca
 
 
 def test_inspect_without_method_gives_each_method_its_flags() -> None:
-    from tokenreduce.cli.methods import inspect_setting
-
     from types import SimpleNamespace
+
+    from tokenreduce.cli.methods import inspect_setting
 
     args = build_parser()[0].parse_args(["inspect", "m:f", "--r", "4", "--keep-ratio", "0.5", "--no-fuse"])
     blocks = [SimpleNamespace(index=i, num_tokens=17, reducible=True) for i in range(12)]
