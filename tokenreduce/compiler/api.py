@@ -143,7 +143,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
         model: an unmodified PyTorch model (timm / Hugging Face ViT, DeiT, DINOv2, CLIP vision, BERT ...).
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
         example_kwargs: keyword inputs in addition to positional ones (e.g. `attention_mask`).
-        count_model_flops: count FLOPs before/after for the report (runs the model twice).
+        count_model_flops: count FLOPs before/after for the report (the model and the reduced graph each
+            traced once on fake tensors: shapes only, no arithmetic).
         **settings: fields of `tokenreduce.Settings` (method, r, keep_ratio, layers, ...).
 
     Returns:
