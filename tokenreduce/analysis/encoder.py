@@ -19,7 +19,7 @@ axis 1 of a `[B, N, C]` hidden state, no residual add after attention.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,11 +32,44 @@ from tokenreduce.ir.graph import (
     ancestors,
     args_of,
     const_scalar,
+    descendants,
     module_path,
+    nodes_between,
     reaches_matmul,
     shape,
     static_dim,
 )
+
+
+@dataclass
+class ScoreMod:
+    """One thing done to the attention logits between q @ k^T and softmax (in graph order).
+
+    kind: "scale" (value = the factor), "softcap" (value = c in `tanh(x / c) * c`), "bias" (an additive
+    term that is not a mask: relative-position bias, disentangled c2p/p2c terms; operand = the tensor
+    added), "mask" (an additive mask; operand = the mask), "masked_fill" (operand = the boolean condition,
+    value = the fill value), "talking-heads" (a linear over the head axis; operand = its weight).
+    `nodes` are the ops that apply it (for SDPA: the SDPA node itself).
+    """
+
+    kind: str
+    nodes: tuple[fx.Node, ...]
+    operand: fx.Node | None = None
+    value: float | None = None
+
+
+@dataclass
+class SideInput:
+    """A tensor entering a block's q/k/v path or its attention logits from outside the hidden-state stream
+    that carries the token axis/axes (`axes`, negative indices): rotary cos/sin ("rotary", (-2,)), relative
+    position biases / index matrices ("relative-bias", (-2, -1)), position ids ("positions", (-1,)).
+    A pass reducing tokens gathers it along `axes` by the representatives' original positions; `users`
+    are the nodes of this block that read it (rewire those, not other blocks' uses)."""
+
+    node: fx.Node
+    axes: tuple[int, ...]
+    kind: str
+    users: tuple[fx.Node, ...] = ()
 
 
 @dataclass
@@ -54,6 +87,9 @@ class Attention:
     output: fx.Node  # the attention result [B, H, N, d]
     mask_add: fx.Node | None = None  # explicit: the add that applies the mask
     spelling: str = ""
+    score_mods: list[ScoreMod] = field(default_factory=list)  # logits -> softmax, in order
+    softcap: float | None = None  # c of `tanh(logits / c) * c` when the logits are soft-capped
+    window: int | None = None  # sliding-window / local attention size; None for global attention
 
 
 @dataclass
@@ -69,6 +105,8 @@ class Block:
     layout: str = "?"  # "pre-ln" | "post-ln"
     num_tokens: int = 0
     skip_reason: str | None = None
+    side_inputs: list[SideInput] = field(default_factory=list)
+    qkv_path: set[fx.Node] = field(default_factory=set)  # nodes from the q/k/v projections to the attention
 
     @property
     def reducible(self) -> bool:
@@ -114,8 +152,11 @@ def _match_sdpa(node: fx.Node, sp: P.SdpaSpelling) -> Attention:
     if sp.tuple_output:
         outs = [u for u in node.users if u.target is P.GETITEM and args_of(u)[1] == 0]
         output = outs[0] if outs else node
-    return Attention("sdpa", node, q, k, v, float(scale), mask if isinstance(mask, fx.Node) else None,
-                     causal, output, spelling=sp.origin)
+    mask = mask if isinstance(mask, fx.Node) else None
+    mods = [ScoreMod("scale", (node,), value=float(scale))]
+    if mask is not None:
+        mods.append(ScoreMod("mask", (node,), operand=mask))
+    return Attention("sdpa", node, q, k, v, float(scale), mask, causal, output, spelling=sp.origin, score_mods=mods)
 
 
 def _match_explicit(softmax: fx.Node) -> Attention | None:
@@ -125,6 +166,7 @@ def _match_explicit(softmax: fx.Node) -> Attention | None:
     if sm_shape is None or len(sm_shape) < 3 or dim not in (-1, len(sm_shape) - 1):
         return None
     scale, mask, mask_add = 1.0, None, None
+    mods: list[ScoreMod] = []  # collected walking up from softmax: reversed at the end
     node = args_of(softmax)[0]
     for _ in range(8):
         if not isinstance(node, fx.Node):
@@ -140,12 +182,15 @@ def _match_explicit(softmax: fx.Node) -> Attention | None:
                 mask, node = a, b
             else:
                 return None
+            if isinstance(mask, fx.Node):
+                mods.append(ScoreMod("mask", (mask_add,), operand=mask))
             continue
         if node.target in P.SCALE_MUL | P.SCALE_DIV:
             c = const_scalar(args_of(node)[1])
             if c is None:
                 return None
             scale = scale * c if node.target in P.SCALE_MUL else scale / c
+            mods.append(ScoreMod("scale", (node,), value=c if node.target in P.SCALE_MUL else 1.0 / c))
             node = args_of(node)[0]
             continue
         return None
@@ -160,6 +205,7 @@ def _match_explicit(softmax: fx.Node) -> Attention | None:
     if isinstance(q, fx.Node) and q.target in P.SCALE_MUL | P.SCALE_DIV and const_scalar(args_of(q)[1]) is not None:
         c = const_scalar(args_of(q)[1])
         scale = scale * c if q.target in P.SCALE_MUL else scale / c  # type: ignore[operator]
+        mods.append(ScoreMod("scale", (q,), value=c if q.target in P.SCALE_MUL else 1.0 / c))  # type: ignore[operator]
         q = args_of(q)[0]
     # follow softmax -> dropout* -> matmul(p, v)
     p = softmax
@@ -171,7 +217,7 @@ def _match_explicit(softmax: fx.Node) -> Attention | None:
             return Attention("explicit", softmax, q, k, args_of(out)[1], scale,
                              mask if isinstance(mask, fx.Node) else None, False, out,
                              mask_add=mask_add if isinstance(mask, fx.Node) else None,
-                             spelling="matmul-softmax-matmul (eager attention)")
+                             spelling="matmul-softmax-matmul (eager attention)", score_mods=mods[::-1])
         drops = [u for u in users if u.target in P.DROPOUT]
         if not drops:
             return None
@@ -298,6 +344,7 @@ def analyse_block(index: int, att: Attention) -> Block:
         blk.skip_reason = f"block input has shape {xs}; expected [B, {n}, C] with tokens on axis 1"
         return blk
     blk.x_in, blk.residual_add = x_in, add
+    _find_side_inputs(blk)
     if pre_ln:
         blk.layout, blk.reduce_at = "pre-ln", add
     else:
@@ -311,6 +358,29 @@ def analyse_block(index: int, att: Attention) -> Block:
     if name:
         blk.name = name
     return blk
+
+
+def _find_side_inputs(blk: Block) -> None:
+    """Tensors entering the q/k/v paths from outside the hidden-state stream that carry the token axis
+    (rotary cos/sin: `q * cos + rotate_half(q) * sin`), and non-mask logit biases with two token axes."""
+    att, n = blk.attention, blk.num_tokens
+    assert blk.x_in is not None
+    stream = descendants([blk.x_in])
+    side: dict[fx.Node, list[fx.Node]] = {}
+    for operand in (att.q, att.k, att.v):
+        proj = ancestor_linear(operand, 16)
+        if proj is None:
+            continue
+        path = nodes_between([proj], [operand])
+        blk.qkv_path |= path
+        for node in path:
+            for inp in node.all_input_nodes:
+                if inp not in stream and inp.op == "call_function" and isinstance(inp.meta.get("val"), torch.Tensor):
+                    side.setdefault(inp, []).append(node)
+    for inp, users in side.items():
+        s = shape(inp)
+        if s is not None and len(s) >= 2 and s[-2] == n:
+            blk.side_inputs.append(SideInput(inp, (-2,), "rotary", tuple(users)))
 
 
 def _user_input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
