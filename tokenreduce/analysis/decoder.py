@@ -6,20 +6,29 @@ Builds on `analysis/encoder.py` (attention spellings, block input, residual add)
 * `kv`: the key and value tensors a KV cache stores (`[B, H_kv, N, d]`, after rotary, before the
   grouped-query `repeat_kv` expansion), found by walking back from the attention's k/v operands through
   pure layout ops.
-* `per_token`: operands of the q/k/v paths that come from outside the hidden-state stream, i.e. the
-  rotary `cos`/`sin` tables (`q * cos + rotate_half(q) * sin`, Llama). Their axis -2 is the token axis
-  by the attention contract (`[B, H|1, N, d]`), so a pass gathers them there.
-* the attention mask (`[B|1, 1, N, N]`): both trailing axes are token axes (SDPA contract).
+* `side_inputs()`: tensors entering the q/k/v path from outside the hidden-state stream that carry the
+  token axis -- the rotary `cos`/`sin` tables (`q * cos + rotate_half(q) * sin`, Llama; only the rotated
+  part of a partial rotary, GPT-NeoX / Phi-3; after q/k norms, Qwen3 / OLMo2 / Gemma 3; mRoPE's tables
+  after its 3-axis sections are combined, Qwen2-VL). The block analysis (`Block.side_inputs`) names
+  them with their token axes; for blocks it found none on, this module's own walk is the fallback: an
+  operand of the path from the block input to q/k/v, not computed from the hidden-state stream, whose
+  axis -2 has the token count (`[B, H|1, N, d]`, the attention contract).
+* the attention mask (`[B|1, 1, N, N]`): both trailing axes are token axes (SDPA contract). A sliding
+  window (Gemma 2/3 local layers, Mistral) is part of the mask, so gathering it by kept original
+  positions keeps the window in original positions.
 
 Causality is read from the graph: SDPA's `is_causal`, or a mask built by comparing two position ranges
 (`kv_idx <= q_idx` in transformers' `sdpa_mask`; `tril`/`triu` in older code).
 
 Refuses (TokenReduceError): graphs without causal self-attention; blocks whose hidden state is not
-`[B, N, C]`. Non-causal blocks (a VLM's vision tower) are listed with the reason they are not pruned.
+`[B, N, C]`. Non-causal blocks (a VLM's vision tower) are listed with the reason they are not pruned;
+causal blocks the block analysis could not take apart are listed with its reason (the construct),
+prefixed by the block name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +36,7 @@ from torch import fx
 
 from tokenreduce.analysis.encoder import Attention, Block, analyse_block, find_attention, mask_is_causal
 from tokenreduce.errors import TokenReduceError
-from tokenreduce.ir.graph import ancestor_linear, args_of, descendants, nodes_between, shape
+from tokenreduce.ir.graph import args_of, descendants, nodes_between, shape
 
 aten = torch.ops.aten
 # Pure layout ops between the cached k/v and the attention operand (repeat_kv: unsqueeze+expand+reshape).
@@ -46,6 +55,15 @@ class DecoderBlock:
     @property
     def attention(self) -> Attention:
         return self.block.attention
+
+    def side_inputs(self) -> list[tuple[fx.Node, tuple[int, ...], list[fx.Node]]]:
+        """(tensor, its token axes, the nodes of this block that read it) for every per-token side input:
+        the block analysis's `Block.side_inputs` where it found some, else this module's `per_token`."""
+        found = getattr(self.block, "side_inputs", None) or []
+        if found:
+            return [(si.node, tuple(si.axes), list(si.users) or [u for u in si.node.users if u in self.qkv_path])
+                    for si in found]
+        return [(n, (-2,), [u for u in n.users if u in self.qkv_path]) for n in self.per_token]
 
 
 @dataclass
@@ -95,25 +113,28 @@ def analyse_decoder(gm: fx.GraphModule) -> DecoderAnalysis:
         k_src, v_src = _cache_source(att.k), _cache_source(att.v)
         if k_src is not None and v_src is not None and shape(k_src) is not None and len(shape(k_src) or ()) == 4:
             db.kv = (k_src, v_src)
+        x_in = db.block.x_in
+        assert x_in is not None
+        db.qkv_path = nodes_between([x_in], [att.q, att.k, att.v])
         side: dict[fx.Node, None] = {}
-        for operand in (att.q, att.k, att.v):
-            proj = ancestor_linear(operand, 16)
-            if proj is None:
-                continue
-            path = nodes_between([proj], [operand])
-            db.qkv_path |= path
-            for n in path:
-                for inp in n.all_input_nodes:
-                    if inp not in stream and inp.op == "call_function" and isinstance(inp.meta.get("val"), torch.Tensor):
-                        side[inp] = None
+        n = db.block.num_tokens
+        for node in db.qkv_path - {x_in}:
+            for inp in node.all_input_nodes:
+                if inp in stream or inp.op != "call_function":
+                    continue
+                s = shape(inp)
+                if s is not None and len(s) >= 2 and s[-2] == n:
+                    side[inp] = None
         db.per_token = list(side)
     return DecoderAnalysis(blocks=decoder, skipped=skipped, num_tokens=decoder[0].block.num_tokens)
 
 
 def _decoder_block(index: int, att: Attention) -> Block:
-    """`analyse_block` without its causal refusal (which is there for the encoder methods)."""
-    causal_free = Attention(att.kind, att.node, att.q, att.k, att.v, att.scale, None, False, att.output,
-                            att.mask_add, att.spelling)
-    blk = analyse_block(index, causal_free)
+    """`analyse_block` without its causal and window refusals (which are there for the encoder methods:
+    a decoder method keeps the causal, windowed mask and gathers it by kept original positions)."""
+    free = dataclasses.replace(att, mask=None, is_causal=False)
+    if hasattr(free, "window"):
+        free = dataclasses.replace(free, window=None)
+    blk = analyse_block(index, free)
     blk.attention = att
     return blk

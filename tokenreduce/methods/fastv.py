@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenreduce.methods.base import DecoderMethod, Options, Stage, fail
-from tokenreduce.methods.prefill import RatioOptions, checked_layers, ratio_stages
+from tokenreduce.methods.base import Options, Stage, fail
+from tokenreduce.methods.prefill import PrefillMethod, RatioOptions, checked_layers, ratio_stages
 
 FASTV_LAYER = 2  # "after layer 2" (the paper's K)
 
@@ -25,7 +25,7 @@ class FastvOptions(RatioOptions):
                                  "(several stages are method='pyramiddrop')")
 
 
-class Fastv(DecoderMethod):
+class Fastv(PrefillMethod):
     name = "fastv"
     summary = "after layer K, keep the span tokens layer K-1's last query attends to most (Chen et al., ECCV 2024)"
     options_type = FastvOptions

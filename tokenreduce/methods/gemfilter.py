@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tokenreduce.methods.base import DecoderMethod, Options, Stage, check_int, fail, option
-from tokenreduce.methods.prefill import SpanOptions, checked_layers
+from tokenreduce.methods.base import Options, Stage, check_int, fail, option
+from tokenreduce.methods.prefill import PrefillMethod, SpanOptions, checked_layers
 
 GEMFILTER_FRACTION = 13 / 32  # the paper's filter layer for LLaMA-3.1-8B (32 layers)
 GEMFILTER_KEEP_TOKENS = 1024
@@ -33,7 +33,7 @@ class GemfilterOptions(SpanOptions):
             raise fail("layers", f"gemfilter uses one filter layer, got layers={list(self.layers)}")
 
 
-class Gemfilter(DecoderMethod):
+class Gemfilter(PrefillMethod):
     name = "gemfilter"
     summary = "rank the span with an early layer's last query, run every layer on the top-k (Shi et al., 2024)"
     options_type = GemfilterOptions

@@ -17,9 +17,11 @@ Refuses: layers out of order or out of range, keep counts outside `1 .. span`, a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from tokenreduce.kernels import decoder_ops
 from tokenreduce.methods.base import (
     DecoderMethod,
     Options,
@@ -31,6 +33,14 @@ from tokenreduce.methods.base import (
     fail,
     option,
 )
+
+
+class PrefillMethod(DecoderMethod):
+    """What the three prefill methods share beyond options: the soft-capped scoring op's reference (a
+    Gemma 2 graph ranks with `tokenreduce::capped_row_scores`, which ONNX export inlines)."""
+
+    def references(self) -> dict[Any, Callable[..., Any]]:
+        return dict(decoder_ops.REFERENCES)
 
 
 @dataclass(frozen=True)

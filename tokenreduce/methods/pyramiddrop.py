@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenreduce.methods.base import DecoderMethod, Options, Stage
-from tokenreduce.methods.prefill import RatioOptions, checked_layers, ratio_stages
+from tokenreduce.methods.base import Options, Stage
+from tokenreduce.methods.prefill import PrefillMethod, RatioOptions, checked_layers, ratio_stages
 
 PYRAMID_FRACTIONS = (8 / 32, 16 / 32, 24 / 32)  # stage layers of the 32-layer LLaVA-1.5 setting
 
@@ -21,7 +21,7 @@ class PyramidDropOptions(RatioOptions):
     pass
 
 
-class PyramidDrop(DecoderMethod):
+class PyramidDrop(PrefillMethod):
     name = "pyramiddrop"
     summary = "prune the span in stages, keeping a fraction at each (Xing et al., 2024)"
     options_type = PyramidDropOptions

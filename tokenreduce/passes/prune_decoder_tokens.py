@@ -4,6 +4,7 @@ Adds one graph input, `span [B, N]` bool (True = the token may be dropped: image
 user marked), and for every stage the method planned (`methods/fastv.py`, `pyramiddrop.py`, `gemfilter.py`):
 
     scores = tokenreduce.query_row_scores(q_L, k_L, mask_L, scale, -1)   # last query row, mean over heads
+                                                                          # (capped_row_scores if soft-capped)
     scores = pool_scores(scores, w)                                       # only with score_pool=w > 1
     keep   = tokenreduce.keep_plan(scores, span_now, k, S)                # ascending indices, static length
     x'     = gather(x_first_reduced_block, keep)
@@ -11,8 +12,11 @@ user marked), and for every stage the method planned (`methods/fastv.py`, `pyram
 Every block from the stage on then reads `x'`, and its per-token side inputs are gathered by the
 composition of all keeps so far (`kept [B, M]`, original positions):
 
-* the rotary `cos`/`sin` operands of q/k along axis -2: a kept token keeps its original position;
-* the attention mask along both token axes (so causality and padding follow the original positions).
+* every per-token side input of the block's q/k/v path along its token axes (rotary `cos`/`sin` along
+  axis -2, mRoPE's too, since its 3-axis tables are combined before they reach q/k): a kept token keeps
+  its original position, nothing is renumbered;
+* the attention mask along both token axes, so causality, padding and a sliding window follow the
+  original positions (a kept token's window is `window` original positions, not `window` kept tokens).
 
 For GemFilter the ranking layer L comes *after* the first pruned block (block 0): the nodes computing
 layer L's q and k from the embeddings are cloned, so the filter pass runs on all tokens and the original
@@ -29,7 +33,7 @@ from torch import fx
 from torch._guards import detect_fake_mode
 
 from tokenreduce.ir.graph import call, nodes_between, stable_toposort
-from tokenreduce.kernels import decoder_ops as _dops  # noqa: F401  (registers tokenreduce::keep_plan)
+from tokenreduce.kernels import decoder_ops as _dops  # noqa: F401  (registers keep_plan, capped_row_scores)
 from tokenreduce.kernels import ops as _ops  # noqa: F401
 from tokenreduce.kernels import reference as ref
 from tokenreduce.kernels.plans import pool_scores
@@ -98,7 +102,11 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
                 clones = _clone_path(graph, [h], [q, k])
                 q, k = clones.get(q, q), clones.get(k, k)
             with graph.inserting_after(k):
-                scores = call(graph, tr.query_row_scores.default, (q, k, mask, scorer.scale, -1), scorer.node)
+                if scorer.softcap is None:
+                    scores = call(graph, tr.query_row_scores.default, (q, k, mask, scorer.scale, -1), scorer.node)
+                else:  # score with the logits the model's attention computes (Gemma 2's tanh cap)
+                    scores = call(graph, tr.capped_row_scores.default,
+                                  (q, k, mask, scorer.scale, scorer.softcap, -1), scorer.node)
             if ctx.score_pool > 1:
                 with graph.inserting_after(scores):
                     scores = call(graph, pool_scores, (scores, ctx.score_pool), scorer.node)
@@ -118,17 +126,20 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
         if kept is None:
             continue
         att = db.attention
-        for side in db.per_token:
-            g = gather(side, kept, side.meta["val"].dim() - 2, att.node)
-            for user in list(side.users):
-                if user is not g and user in db.qkv_path:
+        for side, axes, users in db.side_inputs():
+            g = side
+            for axis in axes:
+                g = gather(g, kept, axis % side.meta["val"].dim(), att.node)
+            for user in users:
+                if user is not g:
                     user.replace_input_with(side, g)
         if att.mask is not None:
             key = (att.mask, kept)
             if key not in gathered:
                 with graph.inserting_after(kept):
                     gathered[key] = call(graph, ref.reduce_mask, (att.mask, kept, ctx.analysis.num_tokens), att.node)
-            att.node.replace_input_with(att.mask, gathered[key])
+            consumer = att.mask_add if att.kind != "sdpa" and att.mask_add is not None else att.node
+            consumer.replace_input_with(att.mask, gathered[key])
         result.rewrites += 1
     stable_toposort(graph)
     result.changed = True

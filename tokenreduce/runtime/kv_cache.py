@@ -7,13 +7,18 @@ tokens plus the generated ones. `PrunedLayer` therefore reports the logical leng
 (`get_seq_length`, `get_mask_sizes`), stores keys/values physically compacted, and remembers the logical
 position of every stored key.
 
-The masks transformers builds are then logical (`[B, 1, q, N + t]`); the `tokenreduce_sdpa` attention
+The masks transformers builds are then logical (`[B, 1, q, N + t]`); the `tokenreduce_<impl>` attention
 function (registered with `transformers.AttentionInterface`, an official extension point, so no model
-code is patched) gathers each layer's columns by its stored positions before calling the stock SDPA
-attention. It is active only inside `ReducedCache.activate(model)`, which switches the model's attention
-implementation and restores it afterwards. Decoding steps are never reduced again.
+code is patched) gathers each layer's columns by its stored positions, then calls the model's own
+attention implementation `<impl>`: the stock SDPA function, or for "eager" the `eager_attention_forward`
+of the model's own modeling module (Gemma 2's applies the logit soft-cap there, which SDPA cannot). The
+mask builder is the one `<impl>` uses (bool for SDPA, additive float for eager), so sliding-window layers
+get their band over *logical* positions and a kept token's window is measured in original positions. It
+is active only inside `ReducedCache.activate(model)`, which switches the model's attention implementation
+and restores it afterwards. Decoding steps are never reduced again.
 
-Refuses: `crop` (speculative / assisted decoding would need per-layer logical bookkeeping). Batch
+Refuses: `crop` (speculative / assisted decoding would need per-layer logical bookkeeping); attention
+implementations other than "sdpa" and "eager" (flash / flex attention take no 4-D mask to gather). Batch
 reordering (`reorder_cache`, `batch_select_indices`, `batch_repeat_interleave`) keeps positions in step.
 
 The cache is handed to the model under the keyword its transformers version takes (`cache_kwargs`):
@@ -25,18 +30,21 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import eager_mask, sdpa_mask
 
 from tokenreduce.errors import TokenReduceError
 
-ATTENTION_NAME = "tokenreduce_sdpa"
+ATTENTION_PREFIX = "tokenreduce_"
+# The model's attention implementation -> the mask builder transformers pairs with it.
+_MASKS: dict[str, Callable[..., Any]] = {"sdpa": sdpa_mask, "eager": eager_mask}
 _ACTIVE: contextvars.ContextVar[ReducedCache | None] = contextvars.ContextVar("tokenreduce_cache", default=None)
 
 
@@ -99,13 +107,12 @@ class ReducedCache(DynamicCache):
 
     @contextlib.contextmanager
     def activate(self, model: torch.nn.Module) -> Iterator[None]:
-        """Decode with this cache: switch `model` to the `tokenreduce_sdpa` attention for the duration."""
-        register()
+        """Decode with this cache: switch `model` to the `tokenreduce_<impl>` attention for the duration."""
         config = model.config
         configs = [config] + [getattr(config, n) for n in ("text_config",) if getattr(config, n, None) is not None]
         before = [c._attn_implementation for c in configs]  # noqa: SLF001 - transformers' documented switch
-        for c in configs:
-            c._attn_implementation = ATTENTION_NAME  # noqa: SLF001
+        for c, impl in zip(configs, before):
+            c._attn_implementation = register(impl)  # noqa: SLF001
         token = _ACTIVE.set(self)
         try:
             yield
@@ -115,19 +122,39 @@ class ReducedCache(DynamicCache):
                 c._attn_implementation = b  # noqa: SLF001
 
 
-def _tokenreduce_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, **kwargs):  # type: ignore[no-untyped-def]
+def _gather_columns(module: torch.nn.Module, key: torch.Tensor, attention_mask: torch.Tensor | None
+                    ) -> torch.Tensor | None:
+    """The logical mask `[B, 1|H, q, N + t]` restricted to the keys layer `module.layer_idx` stores."""
     cache = _ACTIVE.get()
-    if attention_mask is not None and cache is not None and attention_mask.shape[-1] != key.shape[-2]:
-        layer = cache.pruned_layers[module.layer_idx]  # type: ignore[index]
-        pos = layer.positions  # [B, M]
-        if pos.shape[-1] != key.shape[-2]:
-            raise TokenReduceError(f"layer {module.layer_idx}: cache positions ({pos.shape[-1]}) do not match "
-                                   f"its keys ({key.shape[-2]})")
-        b, h, q, _ = attention_mask.shape
-        idx = pos[:, None, None, :].expand(max(b, pos.shape[0]), h, q, pos.shape[-1])
-        attention_mask = attention_mask.expand(idx.shape[0], h, q, attention_mask.shape[-1]).gather(-1, idx)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is None or cache is None or attention_mask.shape[-1] == key.shape[-2]:
+        return attention_mask
+    layer = cache.pruned_layers[module.layer_idx]  # type: ignore[index]
+    pos = layer.positions  # [B, M]
+    if pos.shape[-1] != key.shape[-2]:
+        raise TokenReduceError(f"layer {module.layer_idx}: cache positions ({pos.shape[-1]}) do not match "
+                               f"its keys ({key.shape[-2]})")
+    b, h, q, _ = attention_mask.shape
+    idx = pos[:, None, None, :].expand(max(b, pos.shape[0]), h, q, pos.shape[-1])
+    return attention_mask.expand(idx.shape[0], h, q, attention_mask.shape[-1]).gather(-1, idx)
+
+
+def _sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+          attention_mask: torch.Tensor | None, **kwargs):  # type: ignore[no-untyped-def]
+    return sdpa_attention_forward(module, query, key, value, _gather_columns(module, key, attention_mask), **kwargs)
+
+
+def _eager(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           attention_mask: torch.Tensor | None, **kwargs):  # type: ignore[no-untyped-def]
+    """The eager attention of the module's own modeling file (soft-cap, scaling, sinks as the model does)."""
+    owner = sys.modules.get(type(module).__module__)
+    fn = getattr(owner, "eager_attention_forward", None)
+    if fn is None:
+        raise TokenReduceError(f"{type(module).__name__}: its modeling module has no eager_attention_forward to "
+                               "decode with; load the model with attn_implementation='sdpa'")
+    return fn(module, query, key, value, _gather_columns(module, key, attention_mask), **kwargs)
+
+
+_FUNCTIONS: dict[str, Callable[..., Any]] = {"sdpa": _sdpa, "eager": _eager}
 
 
 def cache_kwargs(model: torch.nn.Module, cache: Cache) -> dict[str, Any]:
@@ -137,7 +164,17 @@ def cache_kwargs(model: torch.nn.Module, cache: Cache) -> dict[str, Any]:
     return {name: cache}
 
 
-def register() -> None:
-    """Register the attention (and its mask builder, the stock SDPA one) with transformers."""
-    AttentionInterface.register(ATTENTION_NAME, _tokenreduce_sdpa)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+def register(impl: str | None) -> str:
+    """Register `tokenreduce_<impl>` (attention + its mask builder) with transformers; returns the name.
+    `impl` is the model's attention implementation ("sdpa" or "eager"; None is transformers' default, eager)."""
+    impl = impl or "eager"
+    if impl.startswith(ATTENTION_PREFIX):
+        raise TokenReduceError("a pruned cache is already active on this model (nested ReducedCache.activate)")
+    if impl not in _FUNCTIONS:
+        raise TokenReduceError(f"decoding after a pruned prefill needs attn_implementation 'sdpa' or 'eager', the "
+                               f"model uses {impl!r} (its masks cannot be gathered by kept positions); load the "
+                               "model with attn_implementation='sdpa'")
+    name = ATTENTION_PREFIX + impl
+    AttentionInterface.register(name, _FUNCTIONS[impl])
+    AttentionMaskInterface.register(name, _MASKS[impl])
+    return name
