@@ -1,27 +1,54 @@
-"""Independent eager reference for the decoder methods (FastV, PyramidDrop, GemFilter) on Llama-style
-models, written from the papers for the tests. It does not import tokenreduce.
+"""Independent eager reference for the decoder methods (FastV, PyramidDrop, GemFilter), written from the
+papers and the model families' published arithmetic for the tests. It does not import tokenreduce.
 
-A hand-written Llama forward (RMSNorm, rotary, grouped-query attention, SwiGLU MLP) that reads the
-weights of a `transformers` `LlamaForCausalLM` (or the language model of a LLaVA), prunes the hidden
-states at the stage layers, and keeps per layer the keys/values and the original positions of the
-tokens it saw, so greedy decoding can continue from exactly that cache.
+A hand-written decoder forward that reads the weights of a `transformers` causal LM (or the language model
+of a VLM), prunes the hidden states at the stage layers, and keeps per layer the keys/values and the
+original positions of the tokens it saw, so greedy decoding can continue from exactly that cache. It
+covers the arithmetic of these families (`config.model_type`):
+
+* llama / qwen2 / mistral (RMSNorm, rotary, grouped-query attention with optional q/k/v bias, SwiGLU);
+* qwen3 (per-head q/k RMSNorm before rotary); olmo2 (q/k RMSNorm over the whole projection, no input
+  norm, norms after attention and MLP); phi3 (fused qkv and gate_up, partial rotary);
+* gemma2 / gemma3_text (`(1 + w)` RMSNorm, sqrt(hidden) embedding scale, `query_pre_attn_scalar`,
+  tanh soft-capped attention logits and final logits, sandwich norms, GeGLU, sliding-window layers with
+  their own rotary base, per-head q/k norm for Gemma 3);
+* gpt2 (LayerNorm, Conv1D `x @ W + b` fused qkv, learned positions, GELU MLP);
+* gpt_neox (fused per-head qkv, partial rotary `rotary_pct`, parallel residual);
+* qwen2_vl / qwen2_5_vl language models (mRoPE: 3-axis positions, frequency sections per axis).
+
+A sliding window is measured in original sequence positions: a query at sequence index i sees keys j
+with `i - window < j <= i`, whatever was pruned in between.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     x32 = x.float()
-    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:  # Gemma: (x_hat * (1 + w)) computed in float32
+        return (normed * (offset + w.float())).to(x.dtype)
+    return w * normed.to(x.dtype)
 
 
-def _rotary(pos: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    f = pos[..., None].float() * inv
-    emb = torch.cat([f, f], dim=-1)
-    return emb.cos(), emb.sin()
+def _ln(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).pow(2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def _lin(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    y = x @ module.weight.T
+    return y + module.bias if getattr(module, "bias", None) is not None else y
+
+
+def _conv1d(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:  # GPT-2's Conv1D: weight [in, out]
+    return x @ module.weight + module.bias
 
 
 def _rot_half(x: torch.Tensor) -> torch.Tensor:
@@ -29,65 +56,195 @@ def _rot_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
 
 
-class RefLlama:
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+class RefDecoder:
     def __init__(self, causal_lm: torch.nn.Module) -> None:
         lm = causal_lm
-        inner = lm.model
+        inner = getattr(lm, "model", None) or getattr(lm, "transformer", None) or lm.gpt_neox
         self.text = getattr(inner, "language_model", inner)
-        self.lm_head = lm.lm_head
+        self.lm_head = getattr(lm, "lm_head", None) or lm.embed_out
         cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-        self.h, self.hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.cfg = cfg
+        self.family = cfg.model_type.removesuffix("_text")
+        self.h = cfg.num_attention_heads
+        self.hkv = getattr(cfg, "num_key_value_heads", None) or self.h
         self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.eps = cfg.rms_norm_eps
+        self.eps = getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "layer_norm_eps", 1e-5)
+        self.gemma = self.family in ("gemma2", "gemma3")
+        self.layers = list(getattr(self.text, "layers", None) or getattr(self.text, "h", None))
         rp = getattr(cfg, "rope_parameters", None) or {}
-        self.theta = float(rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+        self.layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(self.layers)
+        self.theta, self.rot_dim = {}, {}
+        for lt in set(self.layer_types):
+            p = rp.get(lt, rp) if isinstance(rp.get(lt), dict) else rp
+            assert p.get("rope_type", "default") == "default", "the reference implements default rotary only"
+            self.theta[lt] = float(p.get("rope_theta", 10000.0))
+            self.rot_dim[lt] = int(self.d * float(p.get("partial_rotary_factor", 1.0)))
+        self.mrope = rp.get("mrope_section")
+        if self.gemma:
+            self.scaling = cfg.query_pre_attn_scalar ** -0.5
+        elif self.family == "gpt2":
+            self.scaling = self.d ** -0.5 if cfg.scale_attn_weights else 1.0
+        else:
+            self.scaling = self.d ** -0.5
+        self.softcap = getattr(cfg, "attn_logit_softcapping", None)
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
 
-    def _layer_qkv(self, layer, x, pos):  # type: ignore[no-untyped-def]
-        a = layer.self_attn
-        b, n, _ = x.shape
-        xn = _rms(x, layer.input_layernorm.weight, self.eps)
-        q = (xn @ a.q_proj.weight.T).view(b, n, self.h, self.d).transpose(1, 2)
-        k = (xn @ a.k_proj.weight.T).view(b, n, self.hkv, self.d).transpose(1, 2)
-        v = (xn @ a.v_proj.weight.T).view(b, n, self.hkv, self.d).transpose(1, 2)
-        cos, sin = _rotary(pos, self.d, self.theta)
-        cos, sin = cos[:, None], sin[:, None]
-        return q * cos + _rot_half(q) * sin, k * cos + _rot_half(k) * sin, v
+    # ------------------------------------------------------------------------------------------ pieces
+    def window(self, li: int) -> int | None:
+        return self.cfg.sliding_window if self.layer_types[li] == "sliding_attention" else None
 
-    def _attend(self, q, k, v, allowed):  # type: ignore[no-untyped-def]
+    def norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.family in ("gpt2", "gpt_neox"):
+            return _ln(x, module)
+        return _rms(x, module.weight, self.eps, 1.0 if self.gemma else 0.0)
+
+    def embed(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        if self.family == "gpt2":
+            return self.text.wte.weight[ids] + self.text.wpe.weight[position_ids]
+        table = (self.text.embed_in if self.family == "gpt_neox" else self.text.embed_tokens).weight
+        x = table[ids]
+        if self.gemma:
+            x = x * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=x.dtype)
+        return x
+
+    def _rotary(self, pos: torch.Tensor, li: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin `[B, 1, n, rot]` for position ids `[B, n]` (or mRoPE `[3, B, n]`)."""
+        lt = self.layer_types[li]
+        dim = self.rot_dim[lt]
+        inv = 1.0 / (self.theta[lt] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        if self.mrope is not None:
+            pos3 = pos if pos.dim() == 3 else pos[None].expand(3, *pos.shape)
+            f3 = pos3[..., None].float() * inv  # [3, B, n, dim/2]
+            axis = torch.cat([torch.full((s,), i % 3) for i, s in enumerate(self.mrope)])  # axis of each freq
+            f = f3.gather(0, axis.view(1, 1, 1, -1).expand(1, *f3.shape[1:]))[0]
+        else:
+            f = pos[..., None].float() * inv
+        emb = torch.cat([f, f], dim=-1)
+        return emb.cos()[:, None], emb.sin()[:, None]
+
+    def _rope(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        r = cos.shape[-1]
+        rot, rest = t[..., :r], t[..., r:]
+        return torch.cat([rot * cos + _rot_half(rot) * sin, rest], dim=-1)
+
+    def qkv(self, li: int, x: torch.Tensor, pos: torch.Tensor):  # type: ignore[no-untyped-def]
+        """q `[B, H, n, d]`, and k, v as a cache stores them (`[B, H_kv, n, d]`, after rotary)."""
+        layer, b, n = self.layers[li], x.shape[0], x.shape[1]
+
+        def heads(t: torch.Tensor, h: int) -> torch.Tensor:
+            return t.view(b, n, h, self.d).transpose(1, 2)
+
+        if self.family == "gpt2":
+            q, k, v = _conv1d(_ln(x, layer.ln_1), layer.attn.c_attn).split(self.cfg.hidden_size, dim=-1)
+            return heads(q, self.h), heads(k, self.h), heads(v, self.h)  # learned positions: no rotary
+        if self.family == "gpt_neox":
+            a = layer.attention
+            qkv = _lin(_ln(x, layer.input_layernorm), a.query_key_value).view(b, n, self.h, 3 * self.d)
+            q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)
+        elif self.family == "phi3":
+            a = layer.self_attn
+            qkv = _lin(self.norm(layer.input_layernorm, x), a.qkv_proj)
+            qd, kd = self.h * self.d, self.hkv * self.d
+            q, k, v = heads(qkv[..., :qd], self.h), heads(qkv[..., qd:qd + kd], self.hkv), heads(qkv[..., qd + kd:], self.hkv)
+        else:
+            a = layer.self_attn
+            xn = x if self.family == "olmo2" else self.norm(layer.input_layernorm, x)
+            q, k, v = _lin(xn, a.q_proj), _lin(xn, a.k_proj), _lin(xn, a.v_proj)
+            if self.family == "olmo2":  # norm over the whole projection, before the head split
+                q, k = self.norm(a.q_norm, q), self.norm(a.k_norm, k)
+            q, k, v = heads(q, self.h), heads(k, self.hkv), heads(v, self.hkv)
+            if self.family in ("qwen3", "gemma3"):  # per-head norm
+                q, k = self.norm(a.q_norm, q), self.norm(a.k_norm, k)
+        cos, sin = self._rotary(pos, li)
+        return self._rope(q, cos, sin), self._rope(k, cos, sin), v
+
+    def attend(self, li: int, q, k, v, allowed):  # type: ignore[no-untyped-def]
         rep = self.h // self.hkv
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-        logits = (q @ k.transpose(-1, -2)) / self.d ** 0.5
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        logits = (q @ k.transpose(-1, -2)) * self.scaling
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         logits = logits.masked_fill(~allowed[:, None], torch.finfo(logits.dtype).min)
-        p = logits.softmax(-1)
+        p = logits.float().softmax(-1).to(q.dtype)
         return p @ v, p
 
-    def _finish(self, layer, x, out):  # type: ignore[no-untyped-def]
-        b, _, n, _ = out.shape
-        x = x + out.transpose(1, 2).reshape(b, n, -1) @ layer.self_attn.o_proj.weight.T
+    def finish(self, li: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        layer, (b, _, n, _) = self.layers[li], out.shape
+        o = out.transpose(1, 2).reshape(b, n, -1)
+        if self.family == "gpt2":
+            h = x + _conv1d(o, layer.attn.c_proj)
+            m = layer.mlp
+            act = F.gelu(_conv1d(_ln(h, layer.ln_2), m.c_fc), approximate="tanh")
+            return h + _conv1d(act, m.c_proj)
+        if self.family == "gpt_neox":
+            attn = _lin(o, layer.attention.dense)
+            m = layer.mlp
+            src = x if self.cfg.use_parallel_residual else x + attn
+            mlp = _lin(F.gelu(_lin(_ln(src, layer.post_attention_layernorm), m.dense_h_to_4h)), m.dense_4h_to_h)
+            return x + attn + mlp if self.cfg.use_parallel_residual else src + mlp
+        attn = _lin(o, layer.self_attn.o_proj)
         m = layer.mlp
-        xn = _rms(x, layer.post_attention_layernorm.weight, self.eps)
-        return x + (torch.nn.functional.silu(xn @ m.gate_proj.weight.T) * (xn @ m.up_proj.weight.T)) @ m.down_proj.weight.T
+        if self.gemma:
+            h = x + self.norm(layer.post_attention_layernorm, attn)
+            xn = self.norm(layer.pre_feedforward_layernorm, h)
+            mlp = _lin(_gelu_tanh(_lin(xn, m.gate_proj)) * _lin(xn, m.up_proj), m.down_proj)
+            return h + self.norm(layer.post_feedforward_layernorm, mlp)
+        if self.family == "olmo2":
+            h = x + self.norm(layer.post_attention_layernorm, attn)
+            mlp = _lin(F.silu(_lin(h, m.gate_proj)) * _lin(h, m.up_proj), m.down_proj)
+            return h + self.norm(layer.post_feedforward_layernorm, mlp)
+        h = x + attn
+        xn = self.norm(layer.post_attention_layernorm, h)
+        if self.family == "phi3":
+            gate, up = _lin(xn, m.gate_up_proj).chunk(2, dim=-1)
+            return h + _lin(F.silu(gate) * up, m.down_proj)
+        return h + _lin(F.silu(_lin(xn, m.gate_proj)) * _lin(xn, m.up_proj), m.down_proj)
 
+    def logits(self, x_last: torch.Tensor) -> torch.Tensor:
+        final = {"gpt2": "ln_f", "gpt_neox": "final_layer_norm"}.get(self.family, "norm")
+        out = self.norm(getattr(self.text, final), x_last) @ self.lm_head.weight.T
+        if self.final_softcap is not None:
+            out = torch.tanh(out / self.final_softcap) * self.final_softcap
+        return out
+
+    def allowed(self, li: int, q_idx: torch.Tensor, k_idx: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
+        """`[B, nq, nk]`: causal in original sequence positions, padding, and the layer's window."""
+        ok = (k_idx[:, None, :] <= q_idx[:, :, None]) & key_ok[:, None, :]
+        w = self.window(li)
+        if w is not None:
+            ok &= k_idx[:, None, :] > q_idx[:, :, None] - w
+        return ok
+
+    # ------------------------------------------------------------------------------------------ methods
     @torch.no_grad()
     def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, span: torch.Tensor,
-                stages: list[tuple[int, int, int]], pool: int = 1):  # type: ignore[no-untyped-def]
+                stages: list[tuple[int, int, int]], pool: int = 1, position_ids: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
         """stages: (score_layer, first_pruned_layer, keep) as in the papers (FastV: (K-1, K, keep);
-        GemFilter: (L, 0, k)). Returns last logits [B, V] and per layer (k, v, original positions)."""
+        GemFilter: (L, 0, k)). `position_ids`: `[B, N]` (default: from the padding mask) or mRoPE
+        `[3, B, N]`. Returns last logits [B, V] and per layer (k, v, original positions)."""
         b, n, _ = embeds.shape
-        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        layers = list(self.text.layers)
+        if position_ids is None:
+            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+        def pos_of(idx: torch.Tensor) -> torch.Tensor:
+            if position_ids.dim() == 3:
+                return position_ids.gather(2, idx[None].expand(3, *idx.shape))
+            return position_ids.gather(1, idx)
+
         idx = torch.arange(n).expand(b, n)
         gem = [s for s in stages if s[0] >= s[1]]
         if gem:  # GemFilter: a filter pass over the first L+1 layers on all tokens
             score_layer, _, keep = gem[0]
             x = embeds
             for li in range(score_layer + 1):
-                q, k, v = self._layer_qkv(layers[li], x, position_ids)
-                allowed = (idx[:, None, :] <= idx[:, :, None]) & mask.bool()[:, None, :]
-                out, p = self._attend(q, k, v, allowed)
-                x = self._finish(layers[li], x, out)
-            keep_idx = _select(_pool(p[:, :, -1].mean(1), pool), span, keep)
+                q, k, v = self.qkv(li, x, position_ids)
+                out, p = self.attend(li, q, k, v, self.allowed(li, idx, idx, mask.bool()))
+                x = self.finish(li, x, out)
+            keep_idx = _select(_pool(p[:, :, -1].float().mean(1), pool), span, keep)
             x, idx = _take(embeds, keep_idx), keep_idx
             stages = []
         else:
@@ -95,44 +252,49 @@ class RefLlama:
         droppable = span.gather(1, idx)
         cache, last_scores = [], None
         by_first = {s[1]: s for s in stages}
-        for li, layer in enumerate(layers):
+        for li in range(len(self.layers)):
             if li in by_first:
                 keep_idx = _select(_pool(last_scores, pool), droppable, by_first[li][2])
                 x = _take(x, keep_idx)
                 idx = idx.gather(1, keep_idx)
                 droppable = droppable.gather(1, keep_idx)
-            q, k, v = self._layer_qkv(layer, x, position_ids.gather(1, idx))
-            allowed = (idx[:, None, :] <= idx[:, :, None]) & mask.bool().gather(1, idx)[:, None, :]
-            out, p = self._attend(q, k, v, allowed)
-            last_scores = p[:, :, -1].mean(1)
+            q, k, v = self.qkv(li, x, pos_of(idx))
+            out, p = self.attend(li, q, k, v, self.allowed(li, idx, idx, mask.bool().gather(1, idx)))
+            last_scores = p[:, :, -1].float().mean(1)
             cache.append([k, v, idx.clone()])
-            x = self._finish(layer, x, out)
-        logits = _rms(x, self.text.norm.weight, self.eps)[:, -1] @ self.lm_head.weight.T
-        return logits, cache
+            x = self.finish(li, x, out)
+        return self.logits(x[:, -1]), cache
 
     @torch.no_grad()
-    def decode(self, first_logits, cache, mask, steps: int, embed):  # type: ignore[no-untyped-def]
-        """Greedy decoding from a prefill cache; returns the `steps` generated ids [B, steps]."""
-        layers = list(self.text.layers)
+    def decode(self, first_logits, cache, mask, steps: int, embed=None, next_pos=None):  # type: ignore[no-untyped-def]
+        """Greedy decoding from a prefill cache; returns the `steps` generated ids [B, steps]. `embed`
+        maps token ids to input embeddings (default: this reference's own `embed`); `next_pos` is the
+        next position id per row (default: the number of real prompt tokens; mRoPE: the rope delta added)."""
         b, n = mask.shape
-        next_pos = mask.sum(-1)  # next position id per row (left padding)
+        if next_pos is None:
+            next_pos = mask.sum(-1)
         tok = first_logits.argmax(-1)
         out_ids = [tok]
         key_ok = [mask.bool().gather(1, c[2]) for c in cache]
+        key_idx = [c[2] for c in cache]
         for t in range(steps - 1):
-            x = embed(tok)[:, None]
             pos = (next_pos + t)[:, None]
-            for li, layer in enumerate(layers):
-                q, k, v = self._layer_qkv(layer, x, pos)
+            x = self.embed(tok[:, None], pos) if embed is None else embed(tok)[:, None]
+            q_idx = torch.full((b, 1), n + t)
+            for li in range(len(self.layers)):
+                q, k, v = self.qkv(li, x, pos)
                 cache[li][0] = torch.cat([cache[li][0], k], dim=2)
                 cache[li][1] = torch.cat([cache[li][1], v], dim=2)
                 key_ok[li] = torch.cat([key_ok[li], torch.ones(b, 1, dtype=torch.bool)], dim=1)
-                out, _ = self._attend(q, cache[li][0], cache[li][1], key_ok[li][:, None, :])
-                x = self._finish(layer, x, out)
-            logits = _rms(x, self.text.norm.weight, self.eps)[:, -1] @ self.lm_head.weight.T
-            tok = logits.argmax(-1)
+                key_idx[li] = torch.cat([key_idx[li], q_idx], dim=1)
+                out, _ = self.attend(li, q, cache[li][0], cache[li][1], self.allowed(li, q_idx, key_idx[li], key_ok[li]))
+                x = self.finish(li, x, out)
+            tok = self.logits(x[:, -1]).argmax(-1)
             out_ids.append(tok)
         return torch.stack(out_ids, dim=1)
+
+
+RefLlama = RefDecoder  # the name the Llama / LLaVA tests use
 
 
 def _select(scores: torch.Tensor, droppable: torch.Tensor, keep: int) -> torch.Tensor:
