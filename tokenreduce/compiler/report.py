@@ -43,6 +43,7 @@ class Report:
     protected_reason: str = ""
     flops_before: int | None = None
     flops_after: int | None = None
+    flops_unavailable: str = ""  # why FLOPs were not counted (counting never fails a compile)
     passes: list[str] = field(default_factory=list)  # "name: N rewrites", in order
     pass_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -98,18 +99,25 @@ class Report:
             assert self.flops_before is not None and self.flops_after is not None
             lines.append(f"FLOPs: {self.flops_before / 1e9:.3f} G -> {self.flops_after / 1e9:.3f} G "
                          f"(ratio {ratio:.3f}, {1 / ratio:.2f}x fewer)")
+        elif self.flops_unavailable:
+            lines.append(f"FLOPs unavailable: {self.flops_unavailable}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
 
 def count_flops(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> int:
-    """Total FLOPs of one call, counted by torch.utils.flop_counter (matmuls, attention, our ops).
+    """Total FLOPs of one call, counted with torch.utils.flop_counter's formulas (matmuls, attention, our ops).
 
     The call runs on fake tensors (shapes and dtypes only, no arithmetic; the parameters are converted on
     first use): every FLOP formula reads only shapes, so the count is the same as a real run's, at the cost
     of a trace instead of a full forward pass (seconds of eager ViT-B at batch 8, twice per compile). A
     model whose Python reads tensor values (`.item()`, `if mask.all()`, data-dependent output shapes) cannot
     run on fake tensors; it is then counted on the real inputs.
+
+    Only the total is kept, so `FlopCounterMode`'s per-module tracker is left out: it hooks every module
+    input that requires grad to follow backward, and asserts on a view of a parameter made under no_grad
+    (`requires_grad` without a `grad_fn`: CaiT's `cls_token.expand`, SigLIP's attention-pool latent).
+    Raises whatever the call raises; `flops_or_reason` turns that into a reason for the report.
     """
     kwargs = kwargs or {}
     try:
@@ -119,12 +127,38 @@ def count_flops(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = 
         return _run_counted(fn, fake_args, fake_kwargs, mode)
     except Exception as exc:  # noqa: BLE001 - data-dependent Python; the real run below raises real errors
         log.debug("FLOPs counted on real tensors: %s cannot run on fake tensors (%s)",
-                  type(fn).__name__, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                  type(fn).__name__, first_line(exc))
     return _run_counted(fn, args, kwargs, None)
+
+
+def flops_or_reason(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> tuple[int | None, str]:
+    """`count_flops`, or None and why it could not count: FLOP counting never breaks a compile."""
+    try:
+        return count_flops(fn, args, kwargs), ""
+    except Exception as exc:  # noqa: BLE001 - any failure of the count is reported, not raised
+        return None, f"{type(fn).__name__} could not be counted ({type(exc).__name__}: {first_line(exc)})"
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _TotalsOnly:
+    """Stands in for FlopCounterMode's module tracker: every FLOP goes to the one "Global" total."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _TotalsOnly:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def _run_counted(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], mode: FakeTensorMode | None) -> int:
     counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _TotalsOnly()  # type: ignore[assignment]
     with torch.no_grad(), mode if mode is not None else contextlib.nullcontext(), counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())

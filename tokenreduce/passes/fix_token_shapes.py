@@ -6,9 +6,15 @@ order with fake tensors, and wherever an op's input shape differs from the one r
 rewrites the op's shape argument *from the reduced tensor*: the dimensions that changed are found by
 comparing the new input shape with the captured one (never by searching for ints equal to N, which breaks
 when N equals another size), mapped through the op (contiguous dimension groups for view/reshape,
-right-alignment for expand), and written as `-1` (or the new static size when `-1` is taken).
+right-alignment for expand), and written as `-1` (or the new static size when `-1` is taken). A rewritten
+`view` becomes a `reshape` (the same view where one is possible; a copy where the reduced graph's producer
+has other strides than at capture).
 
 Every node's `meta["val"]` is refreshed; the captured value is kept in `meta["tokenreduce_orig_val"]`.
+
+Propagation runs under `torch.no_grad()`, as capture does, whatever the caller's grad mode: under grad mode
+some composite ops pick another kernel on fake tensors whose outputs have other strides (SDPA on CPU: the
+math path instead of the fused one), so a `view` that was valid at capture fails (Data2Vec-vision).
 
 Refuses (TokenReduceError naming the node and module): an op that fails on the reduced shapes (e.g. a
 constant-size tensor broadcast against the tokens), and a reshape that splits a token-carrying dimension
@@ -100,6 +106,11 @@ def _fix_view(node: fx.Node, old_in: torch.Size, new_in: torch.Size, old_out: to
     if sum(1 for v in new_arg if isinstance(v, int) and v == -1) > 1:
         raise TokenReduceError(f"{node.name}: cannot express the reduced shape of this reshape")
     node.args = (args_of(node)[0], new_arg, *args_of(node)[2:])
+    if node.target is not aten.reshape.default:
+        # the captured `view` was valid for the captured strides; the reduced graph may run its producer on
+        # another kernel (SDPA under grad mode with the size bias picks the math path on CPU, whose output
+        # is laid out differently), and `reshape` is the same view wherever a view is possible
+        node.target = aten.reshape.default
     return True
 
 
@@ -143,7 +154,7 @@ def fix_token_shapes(gm: fx.GraphModule, ctx: PassContext | None = None) -> Pass
     env: dict[fx.Node, Any] = {}
     # FakeTensorMode's dispatch cache does not pay here: the reduced blocks all run on different token
     # counts, so entries are rarely hit again, and building one costs as much as the op (half the pass)
-    with fake_mode, disable_fake_tensor_cache(fake_mode):
+    with fake_mode, disable_fake_tensor_cache(fake_mode), torch.no_grad():
         for node in graph.nodes:
             if node.op == "placeholder":
                 env[node] = node.meta.get("val")

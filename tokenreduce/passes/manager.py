@@ -6,7 +6,8 @@ Every pass has the signature `(gm, ctx) -> PassResult`. The manager times each p
 seconds), and, when `$TOKENREDUCE_DUMP_GRAPHS` names a folder, writes the graph before the first pass and
 after every pass that changed it (`<pipeline>/<NN>_<pass>.txt`, FX's readable form with shapes) for
 debugging. Dead-code elimination, lint and recompile run once at the end, and only if a pass changed the
-graph (`cleanup`).
+graph (`cleanup`). Passes run under `torch.no_grad()`: a rewrite never needs autograd, and the fake-tensor
+propagation some passes do must see the grad mode capture saw, whatever the caller's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import fx
 
 from tokenreduce.passes.common import PassContext, PassResult
@@ -53,7 +55,8 @@ def run_passes(pipeline: str, passes: Sequence[tuple[str, Pass]], gm: fx.GraphMo
     changed = False
     for i, (name, fn) in enumerate(passes, start=1):
         t0 = time.perf_counter()
-        res = fn(gm, ctx)
+        with torch.no_grad():
+            res = fn(gm, ctx)
         res.seconds = time.perf_counter() - t0
         log.debug("%s pass %s: changed=%s rewrites=%d (%.2f s)", pipeline, name, res.changed, res.rewrites,
                   res.seconds)
