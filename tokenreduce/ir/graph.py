@@ -103,15 +103,106 @@ def reach(roots: list[fx.Node], edges: str, limit: int | None) -> dict[fx.Node, 
 
 
 
-def ancestor_linear(node: object, limit: int = 12) -> fx.Node | None:
-    """First `linear` on the first-argument chain above `node` (q -> reshape/permute/unbind -> linear)."""
-    for _ in range(limit):
-        if not isinstance(node, fx.Node) or node.op != "call_function":
-            return None
-        if node.target in P.LINEAR:
-            return node
+def _is_parameter(node: object) -> bool:
+    """A module parameter/buffer, possibly transposed or cast (`get_attr`, `t(get_attr)`, ...)."""
+    for _ in range(4):
+        if not isinstance(node, fx.Node):
+            return False
+        if node.op == "get_attr":
+            return True
+        if node.op != "call_function" or node.target not in P.TRANSPOSE | P.PERMUTE | P.LOGIT_LAYOUT:
+            return False
         node = args_of(node)[0]
+    return False
+
+
+def is_projection(node: object) -> bool:
+    """`linear`, or a matrix product of an activation with a 2-D parameter (`addmm(b, x, W)`, `mm`, `matmul`)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in P.PROJECTION_OPERANDS:
+        return False
+    if node.target in P.LINEAR:
+        return True
+    _, w_pos = P.PROJECTION_OPERANDS[node.target]
+    w = args_of(node)[w_pos] if len(node.args) > w_pos else None
+    ws = shape(w)
+    return ws is not None and len(ws) == 2 and _is_parameter(w)
+
+
+def projection_input(proj: fx.Node) -> fx.Node | None:
+    """The activation a projection reads, looked through flattening views to the `[B, N, C]` tensor (GPT-2's
+    Conv1D reads `x.view(-1, C)`)."""
+    node = args_of(proj)[P.PROJECTION_OPERANDS[proj.target][0]]
+    while isinstance(node, fx.Node) and len(shape(node) or ()) < 3 and node.target in P.FLATTEN:
+        node = args_of(node)[0]
+    return node if isinstance(node, fx.Node) else None
+
+
+def ancestor_linear(node: object, limit: int = 12) -> fx.Node | None:
+    """The nearest projection (`is_projection`) above `node`, searched breadth-first over all inputs so the
+    q/k path may pass through q/k norms, rotary (`q * cos + rotate_half(q) * sin`, partial rotary `cat`),
+    fused-qkv splits (`unbind`, `split`, `chunk`, `slice`) and casts. It never looks past another projection,
+    an attention op or a parameter; at most `max(limit, 24)` steps deep."""
+    if not isinstance(node, fx.Node):
+        return None
+    frontier, seen = [node], {node}
+    for _ in range(max(limit, 24)):
+        nxt: list[fx.Node] = []
+        for n in frontier:
+            if n.op != "call_function":
+                continue
+            if is_projection(n):
+                return n
+            if n.target in P.SOFTMAX or n.target in P.SDPA_SPELLINGS:
+                continue
+            for a in n.all_input_nodes:
+                if a not in seen:
+                    seen.add(a)
+                    nxt.append(a)
+        if not nxt:
+            return None
+        frontier = nxt
     return None
+
+
+def evaluate_constant(node: fx.Node, limit: int = 60) -> torch.Tensor | None:
+    """The value of `node` when it is computed from constants, `arange`s and buffers only (no graph input,
+    at most `limit` ancestors), evaluated on real tensors; None otherwise."""
+    anc = ancestors(node, limit)
+    if len(anc) >= limit or any(a.op not in ("call_function", "get_attr") for a in anc):
+        return None
+    gm = node.graph.owning_module
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    env: dict[fx.Node, Any] = {}
+    try:
+        for a in sorted(anc, key=order.__getitem__):
+            if a.op == "get_attr":
+                obj: Any = gm
+                for part in str(a.target).split("."):
+                    obj = getattr(obj, part)
+                env[a] = obj.detach().clone() if isinstance(obj, torch.Tensor) else obj
+                continue
+            fn: Any = a.target
+            args = fx.node.map_arg(a.args, lambda x: env[x])
+            kwargs = fx.node.map_arg(a.kwargs, lambda x: env[x])
+            with torch.no_grad():
+                env[a] = fn(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - anything not evaluable on constants is simply not a constant
+        return None
+    out = env[node]
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def constant_scalar(node: object, limit: int = 24) -> float | None:
+    """A Python number, or a one-element tensor node computed from constants only (DeBERTa's scale
+    `sqrt(tensor(d) * 3)`); None when it depends on an input or a parameter."""
+    c = const_scalar(node)
+    if c is not None or not isinstance(node, fx.Node):
+        return c
+    v = val(node)
+    if not isinstance(v, torch.Tensor) or v.numel() != 1:
+        return None
+    out = evaluate_constant(node, limit)
+    return float(out.item()) if out is not None and out.numel() == 1 else None
 
 
 def call(graph: fx.Graph, target: Any, args: tuple[Any, ...], like: fx.Node | None = None) -> fx.Node:

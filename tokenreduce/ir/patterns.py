@@ -40,18 +40,44 @@ SDPA_SPELLINGS: dict[object, SdpaSpelling] = {
 
 # Explicit attention: matmul(q, k^T) -> (scale, mask add)* -> softmax -> (dropout)* -> matmul(., v).
 # Seen in timm with fused_attn=False, HF "eager" attention, ToMe/EViT-era model code.
+# `bmm` is the [B*H, N, d] spelling (DeBERTa, older HF code). In-place variants appear in training-IR graphs
+# (MPNet `scores += bias`, `masked_fill_`): each set below lists both.
 MATMUL = {aten.matmul.default, aten.bmm.default}
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
-SCALE_MUL = {aten.mul.Tensor, aten.mul.Scalar}
-SCALE_DIV = {aten.div.Tensor, aten.div.Scalar}
-ADD = {aten.add.Tensor}
+SCALE_MUL = {aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.mul_.Scalar}
+SCALE_DIV = {aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div_.Scalar}
+ADD = {aten.add.Tensor, aten.add_.Tensor}
 TRANSPOSE = {aten.transpose.int, aten.t.default}
+PERMUTE = {aten.permute.default}
+# Score modifiers between q @ k^T and softmax besides scale and additive terms.
+MASKED_FILL = {aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.masked_fill_.Scalar, aten.masked_fill_.Tensor}
+TANH = {aten.tanh.default}  # soft-capping: tanh(logits / c) * c (Gemma 2)
+# Ops on the logits (or probabilities) that move no value between query/key positions: views between the
+# [B*H, N, N] and [B, H, N, N] spellings, dtype casts, copies.
+LOGIT_LAYOUT = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default,
+                aten.clone.default, aten.alias.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
+                aten.type_as.default}
+SLIDING_COMPARE = {aten.le.Tensor, aten.lt.Tensor, aten.ge.Tensor, aten.gt.Tensor,
+                   aten.le.Scalar, aten.lt.Scalar, aten.ge.Scalar, aten.gt.Scalar}
 # Between softmax and the value matmul: dropout, and dtype casts (HF eager attention computes softmax
 # in float32 and casts back: softmax -> to(dtype) -> dropout -> matmul).
 DROPOUT = {aten.dropout.default, aten.native_dropout.default, aten.clone.default, aten.alias.default,
            aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default}
 
 LINEAR = {aten.linear.default}
+# Projections: `linear`, and matrix products with a parameter (GPT-2's Conv1D: `addmm(bias, x2d, W)`;
+# `mm(x2d, W)`; `matmul(x, W)`). The operand positions of the activation and the weight per spelling.
+PROJECTION_OPERANDS: dict[object, tuple[int, int]] = {
+    aten.linear.default: (0, 1), aten.addmm.default: (1, 2), aten.mm.default: (0, 1), aten.matmul.default: (0, 1),
+}
+# Ops a projection's activation passes through between the [B, N, C] hidden state and a 2-D matrix product.
+FLATTEN = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+           aten.contiguous.default}
+# Ops that shrink a token grid (PVT's spatial-reduction attention computes keys from a strided conv / pool).
+SPATIAL_REDUCE = {aten.convolution.default, aten.conv2d.default, aten.avg_pool2d.default,
+                  aten.adaptive_avg_pool2d.default, aten.max_pool2d.default}
+# Statistics that only a normalisation computes (RMSNorm / LayerNorm spelled out as elementwise ops).
+NORM_STATS = {aten.rsqrt.default, aten.var_mean.correction, aten.var_mean.dim, aten.var.correction}
 LAYER_NORM = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
 EMBEDDING = {aten.embedding.default}
 CAT = {aten.cat.default}
@@ -71,7 +97,8 @@ GETITEM = operator.getitem
 ATTN_OUT_CHAIN = {
     aten.transpose.int, aten.permute.default, aten.reshape.default, aten.view.default, aten._unsafe_view.default,
     aten.contiguous.default, aten.clone.default, aten.linear.default, aten.dropout.default, aten.mul.Tensor,
-    aten.flatten.using_ints, aten.layer_norm.default,
+    aten.flatten.using_ints, aten.layer_norm.default, aten.addmm.default, aten.mm.default, aten.rms_norm.default,
+    aten.to.dtype, aten._to_copy.default, aten.type_as.default,
 }
 
 # Ops that read only a tensor's size: the value-dependence analysis does not follow them.
