@@ -59,11 +59,12 @@ class DecoderBlock:
     def side_inputs(self) -> list[tuple[fx.Node, tuple[int, ...], list[fx.Node]]]:
         """(tensor, its token axes, the nodes of this block that read it) for every per-token side input:
         the block analysis's `Block.side_inputs` where it found some, else this module's `per_token`."""
-        found = getattr(self.block, "side_inputs", None) or []
-        if found:
-            return [(si.node, tuple(si.axes), list(si.users) or [u for u in si.node.users if u in self.qkv_path])
-                    for si in found]
-        return [(n, (-2,), [u for u in n.users if u in self.qkv_path]) for n in self.per_token]
+        found = [(si.node, tuple(si.axes), list(si.users)) for si in self.block.side_inputs]
+        if not found:
+            found = [(n, (-2,), []) for n in self.per_token]
+        # every reader on this block's q/k/v path (q's and k's rotary muls alike), plus any the analysis named
+        return [(n, axes, list(dict.fromkeys(users + [u for u in n.users if u in self.qkv_path])))
+                for n, axes, users in found]
 
 
 @dataclass

@@ -38,7 +38,6 @@ from tokenreduce.kernels import ops as _ops  # noqa: F401
 from tokenreduce.kernels import reference as ref
 from tokenreduce.kernels.plans import pool_scores
 from tokenreduce.passes.common import DecoderContext, PassResult
-from tokenreduce.passes.insert_reductions import current_mask_arg
 
 tr = torch.ops.tokenreduce
 
@@ -82,6 +81,7 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
     num_droppable = ctx.span_size
     kept: fx.Node | None = None
     gathered: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
+    mask_now: dict[int, fx.Node] = {}  # block -> its gathered mask
 
     def gather(node: fx.Node, index: fx.Node, dim: int, like: fx.Node) -> fx.Node:
         key = (node, index)
@@ -94,7 +94,8 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
         stage = by_first.get(db.index)
         if stage is not None:
             scorer = blocks[stage.score_block].attention
-            q, k, mask = scorer.q, scorer.k, current_mask_arg(blocks[stage.score_block].block)
+            # the mask the scoring block's attention reads now (gathered if that block already runs pruned)
+            q, k, mask = scorer.q, scorer.k, mask_now.get(stage.score_block, scorer.mask)
             h = db.block.x_in
             assert h is not None
             clones: dict[fx.Node, fx.Node] = {}
@@ -140,6 +141,7 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
                     gathered[key] = call(graph, ref.reduce_mask, (att.mask, kept, ctx.analysis.num_tokens), att.node)
             consumer = att.mask_add if att.kind != "sdpa" and att.mask_add is not None else att.node
             consumer.replace_input_with(att.mask, gathered[key])
+            mask_now[db.index] = gathered[key]
         result.rewrites += 1
     stable_toposort(graph)
     result.changed = True
