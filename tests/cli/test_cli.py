@@ -33,6 +33,9 @@ VIT = "tiny_models:vit"  # 32x32 images, 8x8 patches: 17 tokens (CLS + 16), 4 bl
 TWO_BLOCKS = ["--model-arg", "depth=2"]  # exports are the slow part: fewer blocks, same code paths
 ONE_BLOCK = ["--model-arg", "depth=1"]
 WORKERS = 2  # the machine has 2 cores
+# a tiny random CaiT: 2 self-attention blocks on 16 patch tokens, then 1 class-attention block (CLS over the tokens)
+CAIT = [a for kv in ("img_size=32", "patch_size=8", "depth=2", "embed_dim=64", "num_heads=2", "depth_token_only=1")
+        for a in ("--model-arg", kv)]
 
 # test id -> command line; "{out}" is a fresh directory of that test (checked for leftovers)
 CASES: dict[str, list[str]] = {
@@ -40,6 +43,8 @@ CASES: dict[str, list[str]] = {
     "test_inspect_model": ["inspect", VIT],
     "test_inspect_json_with_keyword_inputs": ["inspect", "tiny_models:bert", "--model-arg", "seq_len=12",
                                               "--method", "tome", "--r", "2", "--json"],
+    "test_inspect_names_the_reason_a_block_is_skipped": ["inspect", "timm:cait_xxs24_224", *CAIT, "--method", "tome",
+                                                         "--r", "2", "--json"],
     "test_bench_eager_prints_the_ratio_table": ["bench", VIT, "--method", "tome", "--r", "2", "--target", "eager",
                                                 "--batch", "1,2", "--repeats", "2", "--warmup", "0"],
     "test_bench_json": ["bench", VIT, "--method", "evit", "--target", "eager", "--batch", "2", "--repeats", "2",
@@ -190,6 +195,62 @@ def test_inspect_json_with_keyword_inputs(runs: Runs) -> None:
     assert [(b["tokens_in"], b["tokens_out"]) for b in tome["blocks"]] == [(12, 10), (10, 8)]
     assert 0 < tome["flops"] < data["flops"]
     assert tome["flops_ratio"] == pytest.approx(tome["flops"] / data["flops"])
+
+
+def test_inspect_names_the_reason_a_block_is_skipped(runs: Runs) -> None:
+    """CaiT's class-attention block (one CLS query over the patch tokens) cannot be reduced: inspect says so,
+    by name, for that block, and plans ToMe on the self-attention blocks only."""
+    proc = runs("test_inspect_names_the_reason_a_block_is_skipped")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    blocks = data["blocks"]
+    assert [b["reducible"] for b in blocks] == [True, True, False]
+    assert [b["skip_reason"] for b in blocks[:2]] == [None, None]
+    assert "class attention" in blocks[2]["skip_reason"] and "only self-attention is reduced" in blocks[2]["skip_reason"]
+    tome = data["methods"]["tome"]
+    assert [(b["tokens_in"], b["tokens_out"]) for b in tome["blocks"][:2]] == [(16, 14), (14, 12)]
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LLaVA saved as a folder (CLIP vision tower of 2 blocks, Llama of 3), as `hf:` reads it."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8)
+    tc = transformers.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=150, vision_feature_layer=-2,
+                                   vision_feature_select_strategy="default")
+    path = tmp_path_factory.mktemp("tinyllava")
+    transformers.LlavaForConditionalGeneration(cfg).save_pretrained(path)
+    return path
+
+
+def test_inspect_decoder_lists_every_block_and_why_it_is_not_pruned(llava_dir: Path, capfd: pytest.CaptureFixture[str]
+                                                                    ) -> None:
+    """Decoder inspect (in-process): the vision tower's blocks are listed as not pruned with the analysis'
+    reason, the language model's blocks as decoder blocks with their token counts."""
+    from tokenreduce.cli import main
+
+    assert main(["inspect", f"hf:{llava_dir}", "--seq-len", "8", "--method", "fastv", "--layers", "1", "--json"]) == 0
+    data = json.loads(capfd.readouterr().out)
+    blocks = data["blocks"]
+    skipped = [b for b in blocks if not b["reducible"]]
+    decoder_blocks = [b for b in blocks if b["reducible"]]
+    assert len(skipped) == 2 and all("bidirectional attention" in b["skip_reason"] for b in skipped)
+    assert all("vision_tower" in b["name"] for b in skipped)
+    assert [b["index"] for b in decoder_blocks] == [0, 1, 2]
+    assert all(b["tokens"] == 8 + 16 and "language_model" in b["name"] for b in decoder_blocks)  # 16 image tokens
+    (fastv,) = data["methods"]
+    assert fastv["applicable"] and fastv["tokens_per_block"] == [24, 16, 16]  # half of the 16 image tokens kept
+    assert main(["inspect", f"hf:{llava_dir}", "--seq-len", "8", "--method", "fastv", "--layers", "1",
+                 "--no-progress"]) == 0
+    text = capfd.readouterr().out
+    assert "5 attention blocks, 3 decoder blocks" in text and "skip: bidirectional attention" in text
 
 
 def test_bench_eager_prints_the_ratio_table(runs: Runs) -> None:

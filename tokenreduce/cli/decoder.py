@@ -184,44 +184,6 @@ def blocks_text(tokens: list[int]) -> str:
     return ", ".join(parts)
 
 
-# ============================================================================================ inspect
-def inspect(args: argparse.Namespace, ui: UI, folder: Path, methods: list[str]) -> int:
-    import tokenreduce
-
-    results = []
-    with ui.steps(1 + len(methods), "loading model") as steps:
-        with steps.stage(f"loading {args.model}"):
-            p = load(args, folder, args.batch or 1)
-        for method in methods:
-            with steps.stage(f"{method}: capturing, pruning, counting FLOPs"):
-                dec = tokenreduce.reduce_decoder(p.model, method, count_model_flops=True,
-                                                 **settings_from_args(args, method, strict=args.method is not None))
-                dec.prefill(p.input_ids, None, p.span, **p.extra)
-                results.append(summary(dec))
-    payload = {"command": "inspect", "model": p.description, "decoder": True, "span": p.span_text,
-               "inputs": {"input_ids": list(p.input_ids.shape), **{k: list(v.shape) for k, v in p.extra.items()}},
-               "methods": results}
-    if ui.json_mode:
-        ui.emit_json(payload)
-        return EXIT_OK
-    ui.print(f"model: {p.description}")
-    ui.print(f"span (droppable): {p.span_text}; everything else is kept")
-    for r in results:
-        ui.print("")
-        opts = " ".join(f"{k}={v}" for k, v in r["settings"].items())
-        ui.print(f"{r['method']} {opts}: {r['span_tokens']} of {r['prompt_tokens']} prompt tokens in the span")
-        for s in r["stages"]:
-            ui.print(f"  rank with block {s['score_block']}'s last-query attention; from block "
-                     f"{s['first_reduced_block']} keep {s['keep']} span tokens")
-        ui.print(f"  tokens per block: {blocks_text(r['tokens_per_block'])}")
-        if r["flops_ratio"] is not None:
-            ui.print(f"  prefill FLOPs: {r['flops_before'] / 1e9:.2f} G -> {r['flops_after'] / 1e9:.2f} G "
-                     f"(x{r['flops_ratio']:.3f}, {1 / r['flops_ratio']:.2f}x fewer)")
-    for nr in results[0]["not_pruned"] if results else []:
-        ui.print(f"not pruned: {nr['block']}: {nr['reason']}")
-    return EXIT_OK
-
-
 # ============================================================================================ bench
 def prefill_call(dec: Any, ids: torch.Tensor, span: tuple[int, int] | None, extra: dict[str, torch.Tensor]
                  ) -> Callable[[], Any]:

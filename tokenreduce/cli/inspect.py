@@ -5,6 +5,11 @@ protected tokens, each method's plan per block (`cli/methods.py` says which meth
 defaults) and the FLOPs of each, counted on rewritten copies of one captured graph. A setting the user
 asked for that is impossible is an error; a default that does not apply is shown as not applicable.
 
+For a decoder LLM / VLM (an `hf:` folder, `cli/decoder.py`): every attention block of the captured prefill,
+each either a decoder block a method can prune from or not, with the analysis' reason (a VLM's vision
+tower, a block the analysis cannot follow), then each decoder method's stages and tokens per block. A
+model whose analysis finds no decoder block is an error that names why.
+
 For an `.onnx` file: inputs, outputs, op counts, the static check and the TensorRT compatibility check.
 Refuses: a file that does not parse, and one with no graph, no opset import or no outputs (an empty or
 truncated copy), which is an error exit even without `--strict` (a CI gate must not pass it).
@@ -26,7 +31,7 @@ from tokenreduce.cli.args import (
     encoder_and_decoder_choices,
     load_source,
 )
-from tokenreduce.cli.methods import inspect_methods, inspect_setting, setting_name
+from tokenreduce.cli.methods import inspect_methods, inspect_setting, setting_name, settings_from_args
 from tokenreduce.cli.ui import EXIT_ERROR, EXIT_OK, UI, fmt_float, fmt_flops, inputs_text
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.methods.tome import Tome
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace, ui: UI) -> int:
     if args.model.endswith(".onnx"):
         return inspect_onnx(args, ui)
     if (folder := decoder.route(args)) is not None:
-        return decoder.inspect(args, ui, folder, inspect_methods(args, "decoder"))
+        return inspect_decoder(args, ui, folder)
     return inspect_model(args, ui)
 
 
@@ -208,6 +213,89 @@ def plan_cell(method: dict[str, Any], index: int) -> Any:
     if bp["tokens_out"] != bp["tokens_in"]:
         return f"{bp['tokens_in']} -> {bp['tokens_out']}"
     return Text(bp["reason"], style="yellow") if bp["reason"] else "-"
+
+
+# ============================================================================================ decoders
+def decoder_blocks(p: decoder.DecoderPrompt) -> list[dict[str, Any]]:
+    """Every attention block of the prefill graph: the decoder blocks (prunable) and the others with the
+    analysis' reason. Captured once through `reduce_decoder(model, "none")`, which prunes nothing."""
+    import tokenreduce
+
+    dec = tokenreduce.reduce_decoder(p.model, "none")
+    dec.prefill(p.input_ids, None, p.span, **p.extra)
+    rep = dec.report
+    assert rep is not None
+    rows: list[dict[str, Any]] = [{"index": None, "name": name, "tokens": None, "reducible": False, "skip_reason": why}
+            for name, why in rep.skipped]
+    rows += [{"index": b.index, "name": b.name, "tokens": b.tokens_in, "reducible": True, "skip_reason": None}
+             for b in rep.blocks]
+    return rows
+
+
+def inspect_decoder(args: argparse.Namespace, ui: UI, folder: Path) -> int:
+    import tokenreduce
+
+    methods = inspect_methods(args, "decoder")
+    results: list[dict[str, Any]] = []
+    with ui.steps(2 + len(methods), "loading model") as steps:
+        with steps.stage(f"loading {args.model}"):
+            p = decoder.load(args, folder, args.batch or 1)
+        with steps.stage("capturing the prefill and finding its blocks"):
+            blocks = decoder_blocks(p)
+        for method in methods:
+            explicit = args.method is not None
+            with steps.stage(f"{method}: capturing, pruning, counting FLOPs"):
+                try:
+                    dec = tokenreduce.reduce_decoder(p.model, method, count_model_flops=True,
+                                                     **settings_from_args(args, method, strict=explicit))
+                    dec.prefill(p.input_ids, None, p.span, **p.extra)
+                except TokenReduceError as exc:
+                    if explicit:
+                        raise
+                    results.append({"method": method, "applicable": False, "error": str(exc)})
+                    continue
+                results.append({**decoder.summary(dec), "applicable": True})
+    payload = {"command": "inspect", "model": p.description, "decoder": True, "span": p.span_text,
+               "inputs": {"input_ids": list(p.input_ids.shape), **{k: list(v.shape) for k, v in p.extra.items()}},
+               "blocks": blocks, "methods": results}
+    if ui.json_mode:
+        ui.emit_json(payload)
+        return EXIT_OK
+    print_decoder(ui, payload)
+    return EXIT_OK
+
+
+def print_decoder(ui: UI, payload: dict[str, Any]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    ui.print(f"model: {payload['model']}")
+    ui.print(f"span (droppable): {payload['span']}; everything else is kept")
+    blocks = payload["blocks"]
+    n_dec = sum(b["reducible"] for b in blocks)
+    table = Table(title=f"{len(blocks)} attention blocks, {n_dec} decoder blocks", title_justify="left")
+    for col, just in (("#", "right"), ("block", "left"), ("tokens", "right"), ("status", "left")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for b in blocks:
+        status = (Text("decoder block (prunable)", style="green") if b["reducible"]
+                  else Text(f"skip: {b['skip_reason']}", style="yellow"))
+        table.add_row("-" if b["index"] is None else str(b["index"]), b["name"],
+                      "-" if b["tokens"] is None else str(b["tokens"]), status)
+    ui.print(table)
+    for r in payload["methods"]:
+        ui.print("")
+        if not r["applicable"]:
+            ui.print(Text(f"{r['method']}: not applicable: {r['error']}", style="yellow"))
+            continue
+        opts = " ".join(f"{k}={v}" for k, v in r["settings"].items())
+        ui.print(f"{r['method']} {opts}: {r['span_tokens']} of {r['prompt_tokens']} prompt tokens in the span")
+        for s in r["stages"]:
+            ui.print(f"  rank with block {s['score_block']}'s last-query attention; from block "
+                     f"{s['first_reduced_block']} keep {s['keep']} span tokens")
+        ui.print(f"  tokens per block: {decoder.blocks_text(r['tokens_per_block'])}")
+        if r["flops_ratio"] is not None:
+            ui.print(f"  prefill FLOPs: {r['flops_before'] / 1e9:.2f} G -> {r['flops_after'] / 1e9:.2f} G "
+                     f"(x{r['flops_ratio']:.3f}, {1 / r['flops_ratio']:.2f}x fewer)")
 
 
 # ============================================================================================ ONNX files
