@@ -124,11 +124,13 @@ def load(args: argparse.Namespace, folder: Path, batch: int = 1) -> DecoderPromp
         cls = transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
     torch.manual_seed(args.seed)
     weights = any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
+    # SDPA where the model class has it; Gemma 2 does not (its attention soft-capping runs in eager attention)
+    attn = "sdpa" if getattr(cls, "_supports_sdpa", True) else "eager"
     try:
         if weights:
-            model = cls.from_pretrained(str(folder), local_files_only=True, attn_implementation="sdpa")
+            model = cls.from_pretrained(str(folder), local_files_only=True, attn_implementation=attn)
         else:
-            cfg._attn_implementation = "sdpa"
+            cfg._attn_implementation = attn
             model = cls._from_config(cfg) if hasattr(cls, "_from_config") else cls.from_config(cfg)
     except Exception as exc:  # noqa: BLE001
         raise TokenReduceError(f"transformers could not load {folder}: {str(exc).splitlines()[0]}") from exc
