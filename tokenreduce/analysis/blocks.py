@@ -9,7 +9,7 @@ it reads (pre-LN; the norm as an op or spelled out, RMSNorm). A norm between the
 (Gemma 2/3 and OLMo2 "sandwich"/post-attention norms) is allowed and recorded in the layout.
 
 Layouts: "pre-ln" (x + attn(norm(x))), "parallel" (x + attn(norm(x)) + mlp(norm'(x)), GPT-NeoX), "sandwich" (x + norm(attn(norm(x)))), "post-attn-norm"
-(x + norm(attn(x)), OLMo2), "no-pre-norm" (x + attn(x) feeding more than a norm, ModernBERT layer 0),
+(x + norm(attn(x)), OLMo2), "no-pre-norm" (x + attn(x) not followed by a norm op alone, ModernBERT layer 0),
 "post-ln" (norm(x + attn(x)), BERT).
 
 Per block it records a skip reason instead of failing, naming the construct: attention operands that are not
@@ -73,6 +73,7 @@ class Block:
     skip_reason: str | None = None
     side_inputs: list[SideInput] = field(default_factory=list)
     qkv_path: set[fx.Node] = field(default_factory=set)  # nodes from the q/k/v projections to the attention
+    projections: tuple[fx.Node | None, fx.Node | None, fx.Node | None] = (None, None, None)  # q, k, v (fused: same)
 
     @property
     def reducible(self) -> bool:
@@ -156,13 +157,15 @@ def _cross_reason(att: Attention, n: object, m: object) -> str:
         return (f"spatial-reduction attention ({n} queries over {m} keys computed from a downsampled copy of the "
                 "tokens, PVT-style); token reduction would change the keys' spatial grid, so it is not reduced")
     if n == 1:
-        return (f"class attention (1 query over {m} keys: a class token attending to the patch tokens, "
-                "CaiT-style); only self-attention is reduced")
+        return (f"class attention / attention pooling (1 query over {m} keys: a class token or a learned probe "
+                "attending to the tokens, CaiT class blocks, SigLIP's MAP head); only self-attention is reduced")
     return f"cross-attention ({n} queries over {m} keys); only self-attention is reduced"
 
 
 # ----------------------------------------------------------------------------------------------- block
-def analyse_block(index: int, att: Attention) -> Block:
+def analyse_block(index: int, att: Attention, causal_ok: bool = False) -> Block:
+    """The block around `att`. Causal attention is a skip reason (the encoder methods need bidirectional
+    attention) unless `causal_ok` (decoder analysis)."""
     blk = Block(index=index, name=f"block{index}", attention=att)
     qs, ks = shape(att.q), shape(att.k)
     if qs is None or ks is None or len(qs) not in (3, 4):
@@ -176,7 +179,7 @@ def analyse_block(index: int, att: Attention) -> Block:
     if ks[-2] != n:
         blk.skip_reason = _cross_reason(att, n, ks[-2])
         return blk
-    if att.is_causal or mask_is_causal(att.mask):
+    if not causal_ok and (att.is_causal or mask_is_causal(att.mask)):
         blk.skip_reason = "causal attention (decoder); encoder methods (ToMe/EViT) need bidirectional attention"
         return blk
     lin = ancestor_linear(att.q)
@@ -209,11 +212,8 @@ def analyse_block(index: int, att: Attention) -> Block:
         blk.layout, blk.reduce_at = "post-ln", norms_after[0]
     elif post_attn_norm:
         blk.layout, blk.reduce_at = "post-attn-norm", add
-    elif len(add.users) > 1:
-        blk.layout, blk.reduce_at = "no-pre-norm", add
     else:
-        blk.skip_reason = "post-LN block without a norm op after the attention residual add"
-        return blk
+        blk.layout, blk.reduce_at = "no-pre-norm", add
     _find_side_inputs(blk)
     mlp_add = [u for u in blk.reduce_at.users if u.target in P.ADD]
     other = parallel if parallel is not None else (mlp_add[-1] if mlp_add else add)
@@ -280,8 +280,9 @@ def _find_side_inputs(blk: Block) -> None:
     stream = descendants([blk.x_in])
     before = set(reach([blk.x_in], "all_input_nodes", None))
     seen: set[fx.Node] = set()
-    for operand in (att.q, att.k, att.v):
-        proj = ancestor_linear(operand, 16)
+    projs = tuple(ancestor_linear(o, 16) for o in (att.q, att.k, att.v))
+    blk.projections = projs  # type: ignore[assignment]
+    for operand, proj in zip((att.q, att.k, att.v), projs):
         if proj is None:
             continue
         path = nodes_between([proj], [operand])
