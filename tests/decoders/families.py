@@ -55,7 +55,30 @@ def _llama() -> torch.nn.Module:
     return T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, **_COMMON))
 
 
+IMAGE, VIDEO, VISION_START, VISION_END = 120, 121, 122, 123  # token ids of the tiny VLMs
+_VL_TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+_VL_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
+               vision_end_token_id=VISION_END)
+
+
+def _qwen2_vl() -> torch.nn.Module:
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    return T.Qwen2VLForConditionalGeneration(T.Qwen2VLConfig(vision_config=vision, text_config=_VL_TEXT, **_VL_IDS))
+
+
+def _qwen2_5_vl() -> torch.nn.Module:
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, fullatt_block_indexes=[1],
+                  window_size=56)
+    return T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(vision_config=vision, text_config=_VL_TEXT,
+                                                                   **_VL_IDS))
+
+
 BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
+    "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl,
     "llama": _llama, "qwen3": _qwen3, "gemma2": _gemma2, "gemma3": _gemma3, "phi3": _phi3, "olmo2": _olmo2,
     "gpt_neox": _gpt_neox, "gpt2": _gpt2,
 }

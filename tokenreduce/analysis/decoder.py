@@ -59,7 +59,9 @@ class DecoderBlock:
     def side_inputs(self) -> list[tuple[fx.Node, tuple[int, ...], list[fx.Node]]]:
         """(tensor, its token axes, the nodes of this block that read it) for every per-token side input:
         the block analysis's `Block.side_inputs` where it found some, else this module's `per_token`."""
-        found = [(si.node, tuple(si.axes), list(si.users)) for si in self.block.side_inputs]
+        # weights are never per-token (a [C, C] projection weight can look like one when N == C)
+        found = [(si.node, tuple(si.axes), list(si.users)) for si in self.block.side_inputs
+                 if si.node.op == "call_function"]
         if not found:
             found = [(n, (-2,), []) for n in self.per_token]
         # every reader on this block's q/k/v path (q's and k's rotary muls alike), plus any the analysis named

@@ -10,15 +10,23 @@ is specialised to the input shapes and the span size (the keep counts are consta
 shape. Decoding then continues in the user's own model through transformers' `generate()`, with a
 `ReducedCache` holding only the kept tokens (see `runtime/kv_cache.py`).
 
+Model inputs beyond the prompt (`pixel_values`, `image_sizes`, `image_grid_thw`, `pixel_values_videos`,
+`video_grid_thw`, `mm_token_type_ids`, `second_per_grid_ts`) are passed through to the model. A VLM
+whose vision token count depends on grid *values* (Qwen2-VL / Qwen2.5-VL) first runs its own vision
+encoder, placeholder scatter and mRoPE position code eagerly (a forward pre-hook on its language model
+takes the embeddings and 3-axis position ids the model built, and stops the run there); the captured
+graph starts at those embeddings, and decoding continues from the model's own `rope_deltas`.
+
 The span -- the tokens a method may drop -- is, in order of precedence: the `span` argument (a `[B, N]`
 bool mask or a `(start, end)` range applied to every row), or, for a VLM, the positions of the model's
-image token id. Tokens outside the span (system prompt, the question at the end, padding) are always
+image and video token ids (`config.image_token_id` / `video_token_id`). Tokens outside the span (system prompt, the question at the end, padding) are always
 kept, and so is the last prompt token (the query that ranks the span and whose logits are returned): a span
 that covers it is clipped and the report says so. Every row must have the same number of span tokens (the
 keep counts are static); rows that differ are refused with the counts, never silently trimmed.
 
 Refuses (TokenReduceError): models without causal self-attention, a text model without a span, spans of
-unequal size, keep counts or layers out of range.
+unequal size, keep counts or layers out of range, model inputs it does not know (named), a grid-input VLM
+without `model.language_model`.
 """
 
 from __future__ import annotations
@@ -42,19 +50,49 @@ CLIPPED_NOTE = ("the span covered the last prompt token (the query that ranks th
                 "returned); it was taken out of the span and kept")
 
 
+# Model inputs that carry images / videos: passed through to the model, never to `generate`'s decode steps.
+MULTIMODAL_INPUTS = ("pixel_values", "image_sizes", "pixel_values_videos", "image_grid_thw", "video_grid_thw",
+                     "mm_token_type_ids", "second_per_grid_ts")
+# Inputs whose *values* decide how many vision tokens there are (Qwen2-VL's grids): torch.export cannot
+# specialise a graph on them, so the model's own multimodal embedding runs eagerly before the graph.
+GRID_INPUTS = ("image_grid_thw", "video_grid_thw")
+EAGER_VISION_NOTE = ("the vision encoder and the multimodal position ids (mRoPE) ran eagerly in the model's own code "
+                     "(its token count depends on image_grid_thw/video_grid_thw values); the captured prefill starts "
+                     "at the language model's input embeddings")
+
+
 class _Prefill(torch.nn.Module):
-    """What is captured: one prefill call returning the last position's logits, without a cache."""
+    """What is captured: one prefill call returning the last position's logits, without a cache. Every other
+    model input (`pixel_values`, `image_sizes`, ...) is passed through by name."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        extra = {} if pixel_values is None else {"pixel_values": pixel_values}
+                **extra: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False, logits_to_keep=1, **extra)
         return out.logits
+
+
+class _EmbedsPrefill(torch.nn.Module):
+    """The prefill from the language model's input embeddings (vision tokens already scattered in) and the
+    model's own position ids (mRoPE: `[3, B, N]`)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+                ) -> torch.Tensor:
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False, logits_to_keep=1)
+        return out.logits
+
+
+class _Stop(Exception):
+    """Raised by the language-model pre-hook once its inputs are known (the model's own run stops there)."""
 
 
 @dataclass
@@ -84,15 +122,76 @@ class ReducedDecoder:
         self._cache: dict[tuple, _Compiled] = {}
         self.report: Report | None = None
         self.clipped = False  # a span covered the last prompt token and was clipped
+        self._rope_deltas: torch.Tensor | None = None  # mRoPE offset of the last prompt (see _restore_rope_deltas)
 
     # ------------------------------------------------------------------------------------------- inputs
-    def _image_token_id(self) -> int | None:
+    def _config_token_id(self, *names: str) -> int | None:
         cfg = getattr(self.model, "config", None)
-        for name in ("image_token_id", "image_token_index"):
+        for name in names:
             v = getattr(cfg, name, None)
             if isinstance(v, int):
                 return v
         return None
+
+    def _vision_token_ids(self) -> list[int]:
+        """The config's image and video placeholder token ids (the span of a VLM)."""
+        ids = [self._config_token_id("image_token_id", "image_token_index"),
+               self._config_token_id("video_token_id", "video_token_index")]
+        return [i for i in ids if i is not None]
+
+    def _graph_inputs(self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                      extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The captured prefill's inputs by name. A model whose vision token count depends on grid values
+        (`GRID_INPUTS`) first runs its own multimodal embedding and position code eagerly (the vision encoder
+        is not pruned anyway); the graph then starts at the language model's embeddings and positions."""
+        unknown = sorted(set(extra) - set(MULTIMODAL_INPUTS))
+        if unknown:
+            raise TokenReduceError(f"unexpected model inputs {unknown}; reduce_decoder passes through "
+                                   f"{list(MULTIMODAL_INPUTS)}")
+        self._rope_deltas = None
+        if not any(k in extra for k in GRID_INPUTS):
+            inner = getattr(self.model, "model", None)
+            if hasattr(inner, "rope_deltas"):  # an mRoPE model on a text-only prompt: no vision offset
+                self._rope_deltas = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
+            return {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos, **extra}
+        embeds, positions, deltas = self._embed_multimodal(input_ids, mask, extra)
+        self._rope_deltas = deltas
+        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+
+    def _embed_multimodal(self, input_ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, torch.Tensor]
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        inner = getattr(self.model, "model", None)
+        lm = getattr(inner, "language_model", None)
+        if not isinstance(lm, torch.nn.Module):
+            raise TokenReduceError(f"{type(self.model).__name__} takes {list(GRID_INPUTS)} but has no "
+                                   "model.language_model to start the prefill graph at")
+        extra = dict(extra)
+        if "mm_token_type_ids" not in extra:  # what the processor returns: text 0, image 1, video 2
+            types = torch.zeros_like(input_ids, dtype=torch.int)
+            for value, names in ((1, ("image_token_id",)), (2, ("video_token_id",))):
+                tid = self._config_token_id(*names)
+                if tid is not None:
+                    types = types.masked_fill(input_ids == tid, value)
+            extra["mm_token_type_ids"] = types
+        seen: dict[str, Any] = {}
+
+        def grab(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen.update(kwargs)
+            raise _Stop
+
+        handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **extra)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        embeds, positions = seen.get("inputs_embeds"), seen.get("position_ids")
+        if not isinstance(embeds, torch.Tensor) or not isinstance(positions, torch.Tensor):
+            raise TokenReduceError(f"{type(self.model).__name__}: its language model was not called with input "
+                                   "embeddings and position ids; cannot start the prefill graph there")
+        deltas = getattr(inner, "rope_deltas", None)
+        return embeds, positions, deltas if isinstance(deltas, torch.Tensor) else None
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 span: torch.Tensor | tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -108,13 +207,13 @@ class ReducedDecoder:
         if span is None and self.settings.method == "none":
             return attention_mask, position_ids, torch.zeros_like(attention_mask, dtype=torch.bool), 0
         if span is None:
-            image_id = self._image_token_id()
-            if image_id is None:
+            vision_ids = self._vision_token_ids()
+            if not vision_ids:
                 raise TokenReduceError(
                     "no span given: pass span=(start, end) or a [B, N] bool mask marking the context tokens the "
                     "method may drop (the system prompt and the final question should stay outside it); only "
-                    "vision-language models find their span (image tokens) on their own")
-            span_mask = input_ids == image_id
+                    "vision-language models find their span (image/video tokens) on their own")
+            span_mask = torch.isin(input_ids, torch.tensor(vision_ids, device=input_ids.device))
         elif isinstance(span, tuple):
             start, end = span
             if not 0 <= start < end <= n:
@@ -144,33 +243,33 @@ class ReducedDecoder:
         return attention_mask, position_ids, span_mask, int(counts[0])
 
     # ------------------------------------------------------------------------------------------ compile
-    def _compile(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                 span: torch.Tensor, span_size: int, extra: dict[str, torch.Tensor]) -> _Compiled:
-        key = (tuple(input_ids.shape), span_size, tuple((k, tuple(v.shape)) for k, v in sorted(extra.items())),
-               input_ids.device.type)
+    def _compile(self, inputs: dict[str, torch.Tensor], span: torch.Tensor, span_size: int) -> _Compiled:
+        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()), span_size, span.device.type)
         if key in self._cache:
             self.report = self._cache[key].report
             return self._cache[key]
-        wrapper = _Prefill(self.model)
-        captured = export_graph(wrapper, (input_ids, attention_mask, position_ids), extra, dynamic_batch=False)
+        names_in = list(inputs)
+        wrapper = _EmbedsPrefill(self.model) if names_in[0] == "inputs_embeds" else _Prefill(self.model)
+        args, kwargs = tuple(inputs[n] for n in names_in[:3]), {n: inputs[n] for n in names_in[3:]}
+        captured = export_graph(wrapper, args, kwargs, dynamic_batch=False)
         red = reduce_prefill(captured.gm, self.settings, span_size)
         gm, report = red.gm, red.report
+        if isinstance(wrapper, _EmbedsPrefill):
+            report.notes.append(EAGER_VISION_NOTE)
         names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        flat = self._flat(names, input_ids, attention_mask, position_ids, span, extra)
+        flat = self._flat(names, inputs, span)
         runner = targets.get(self.settings.inner).lower(gm, tuple(flat), {}, TargetOptions(dynamic_batch=False)).runner
         compiled = _Compiled(gm, runner, report, names)
         if self.count_model_flops:
-            report.flops_before = count_flops(wrapper, (input_ids, attention_mask, position_ids), extra)
+            report.flops_before = count_flops(wrapper, args, kwargs)
             report.flops_after = count_flops(gm, tuple(flat), {})
         self._cache[key] = compiled
         self.report = report
         return compiled
 
     @staticmethod
-    def _flat(names: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-              span: torch.Tensor, extra: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        by_name = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                   "span": span, **extra}
+    def _flat(names: list[str], inputs: dict[str, torch.Tensor], span: torch.Tensor) -> list[torch.Tensor]:
+        by_name = {**inputs, "span": span}
         missing = [n for n in names if n not in by_name]
         if missing:
             raise TokenReduceError(f"the captured prefill expects inputs {missing} that were not given")
@@ -181,10 +280,11 @@ class ReducedDecoder:
                      ) -> tuple[_Compiled, list[torch.Tensor]]:
         """The rewritten prefill graph for these inputs and its flat positional inputs (ONNX export)."""
         mask, pos, span_mask, span_size = self.prepare(input_ids, attention_mask, span)
-        c = self._compile(input_ids, mask, pos, span_mask, span_size, extra)
+        inputs = self._graph_inputs(input_ids, mask, pos, extra)
+        c = self._compile(inputs, span_mask, span_size)
         if self.clipped and CLIPPED_NOTE not in c.report.notes:
             c.report.notes.append(CLIPPED_NOTE)
-        return c, self._flat(c.names, input_ids, mask, pos, span_mask, extra)
+        return c, self._flat(c.names, inputs, span_mask)
 
     # --------------------------------------------------------------------------------------------- run
     @torch.no_grad()
@@ -201,6 +301,14 @@ class ReducedDecoder:
         cache = ReducedCache(ks, vs, positions, n)
         return Prefill(logits=logits[:, -1], cache=cache, kept=positions)
 
+    def _restore_rope_deltas(self) -> None:
+        """An mRoPE model (Qwen2-VL) continues decoding from `model.model.rope_deltas`, which its own prefill
+        sets; the pruned prefill replaced that call, so set what the model's prefill computed for this prompt
+        (kept tokens keep their original 3-axis positions; new tokens continue after the vision offset)."""
+        inner = getattr(self.model, "model", None)
+        if self._rope_deltas is not None and inner is not None:
+            inner.rope_deltas = self._rope_deltas
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  span: torch.Tensor | tuple[int, int] | None = None, max_new_tokens: int = 20,
@@ -209,7 +317,7 @@ class ReducedDecoder:
         `model.generate`. Decoding runs in transformers' `generate()` with the pruned cache."""
         if generate_kwargs.get("do_sample") or generate_kwargs.get("num_beams", 1) != 1:
             raise TokenReduceError("reduce_decoder.generate decodes greedily (do_sample=False, num_beams=1)")
-        extra = {k: generate_kwargs.pop(k) for k in list(generate_kwargs) if k in ("pixel_values", "image_sizes")}
+        extra = {k: generate_kwargs.pop(k) for k in list(generate_kwargs) if k in MULTIMODAL_INPUTS}
         pre = self.prefill(input_ids, attention_mask, span, **extra)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         first = pre.logits.argmax(-1, keepdim=True)
@@ -219,6 +327,7 @@ class ReducedDecoder:
         mask = torch.cat([mask, torch.ones_like(first)], dim=-1)
         from tokenreduce.runtime.kv_cache import cache_kwargs
 
+        self._restore_rope_deltas()
         generate = getattr(self.model, "generate")  # noqa: B009 - transformers' GenerationMixin
         with pre.cache.activate(self.model):
             out = generate(input_ids=ids, attention_mask=mask, **cache_kwargs(self.model, pre.cache),
@@ -228,19 +337,22 @@ class ReducedDecoder:
     @torch.no_grad()
     def continuation_logits(self, input_ids: torch.Tensor, continuation: torch.Tensor,
                             attention_mask: torch.Tensor | None = None,
-                            span: torch.Tensor | tuple[int, int] | None = None) -> torch.Tensor:
+                            span: torch.Tensor | tuple[int, int] | None = None, **extra: torch.Tensor
+                            ) -> torch.Tensor:
         """Logits predicting `continuation [B, T]` after a pruned prefill of `input_ids`: `[B, T, V]`, where
         position t predicts continuation token t (position 0 comes from the prefill)."""
-        pre = self.prefill(input_ids, attention_mask, span)
+        pre = self.prefill(input_ids, attention_mask, span, **extra)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         mask = torch.cat([mask, torch.ones_like(continuation)], dim=-1)
         n = input_ids.shape[1]
         pos = (mask.long().cumsum(-1) - 1)[:, n:]
+        if self._rope_deltas is not None:  # mRoPE: text positions continue after the vision offset, on 3 axes
+            pos = (pos + self._rope_deltas)[None].expand(3, *pos.shape)
         from tokenreduce.runtime.kv_cache import cache_kwargs
 
         with pre.cache.activate(self.model):
             out = self.model(input_ids=continuation[:, :-1], attention_mask=mask[:, :-1],
-                             position_ids=pos[:, :-1], **cache_kwargs(self.model, pre.cache), use_cache=True)
+                             position_ids=pos[..., :-1], **cache_kwargs(self.model, pre.cache), use_cache=True)
         return torch.cat([pre.logits[:, None], out.logits], dim=1)
 
 
