@@ -72,6 +72,7 @@ class Attention:
 # ----------------------------------------------------------------------------------------------- finding
 def find_attention(gm: fx.GraphModule) -> list[Attention]:
     found: list[Attention] = []
+    windows: dict[fx.Node, int | None] = {}  # mask node -> window (layers share masks)
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -84,7 +85,7 @@ def find_attention(gm: fx.GraphModule) -> list[Attention]:
             att = m
         else:
             continue
-        att.window = attention_window(att)
+        att.window = attention_window(att, windows)
         found.append(att)
     return found
 
@@ -381,25 +382,29 @@ def _mask_operands(att: Attention) -> list[fx.Node]:
     return [o for o in out if isinstance(o, fx.Node)]
 
 
+def _run(v: torch.Tensor) -> int:
+    """Length of the leading run of True in a 1-D boolean tensor, or -1 when True appears after it."""
+    run = int(v.long().cumprod(0).sum())
+    return run if not bool(v[run:].any()) else -1
+
+
 def _band(allowed: torch.Tensor) -> int | None:
-    """For a boolean [N, N] `allowed[i, j]`: the window w when it is exactly a band |i - j| < w restricted to a
-    side or not (intersected with j <= i when causal), w < N; else None."""
+    """For a boolean [N, N] `allowed[i, j]`: the window w when it is exactly a band |i - j| < w, symmetric or
+    intersected with j <= i (causal), w < N; else None. O(N^2) compare once, then the first row and column."""
     n = allowed.shape[-1]
-    i = torch.arange(n)[:, None]
-    j = torch.arange(n)[None, :]
-    d = i - j
-    near = allowed[d.abs() < n]
-    if not bool(near.any()):
+    if not bool((allowed[1:, 1:] == allowed[:-1, :-1]).all()):
+        return None  # not a function of i - j
+    below, above = _run(allowed[:, 0]), _run(allowed[0, :])  # reach towards earlier / later keys
+    if below < 1 or above < 1:
         return None
-    reach = int(d[allowed].abs().max()) + 1
-    if reach >= n:
-        return None
-    causal = not bool(allowed[d < 0].any())
-    want = (d.abs() < reach) & ((d >= 0) if causal else torch.ones_like(d, dtype=torch.bool))
-    return reach if bool((want == allowed).all()) else None
+    if above == 1 and below < n:
+        return below  # causal sliding window
+    if above == below and below < n:
+        return below  # bidirectional local attention
+    return None
 
 
-def attention_window(att: Attention) -> int | None:
+def attention_window(att: Attention, cache: dict[fx.Node, int | None] | None = None) -> int | None:
     """Sliding-window/local attention read from the mask: the position-only boolean parts of the mask
     (computed from `arange`s and constants, not from the user's padding mask) are evaluated and recognised
     as a band |i - j| < w (Gemma 2/3, Mistral/Qwen2 sliding window, ModernBERT local layers)."""
@@ -407,8 +412,15 @@ def attention_window(att: Attention) -> int | None:
     n = static_dim(qs[-2]) if qs is not None and len(qs) >= 2 else None
     if n is None or n < 2:
         return None
-    windows = []
+    windows: list[int] = []
+    cache = {} if cache is None else cache
     for term in _mask_operands(att):
+        if term in cache:
+            known = cache[term]
+            if known is not None:
+                windows.append(known)
+            continue
+        cache[term] = None
         anc = ancestors(term, 400)
         for a in anc:
             v = a.meta.get("val")
@@ -427,4 +439,6 @@ def attention_window(att: Attention) -> int | None:
                 w = _band(~mat)  # a "masked out" band (True = hidden)
             if w is not None:
                 windows.append(w)
+                prev = cache[term]
+                cache[term] = w if prev is None else min(w, prev)
     return min(windows) if windows else None
