@@ -6,7 +6,8 @@ of a VLM), prunes the hidden states at the stage layers, and keeps per layer the
 original positions of the tokens it saw, so greedy decoding can continue from exactly that cache. It
 covers the arithmetic of these families (`config.model_type`):
 
-* llama / qwen2 / mistral (RMSNorm, rotary, grouped-query attention with optional q/k/v bias, SwiGLU);
+* llama / qwen2 / mistral (RMSNorm, rotary, grouped-query attention with optional q/k/v bias, SwiGLU;
+  Mistral's `sliding_window` on every layer);
 * qwen3 (per-head q/k RMSNorm before rotary); olmo2 (q/k RMSNorm over the whole projection, no input
   norm, norms after attention and MLP); phi3 (fused qkv and gate_up, partial rotary);
 * gemma2 / gemma3_text (`(1 + w)` RMSNorm, sqrt(hidden) embedding scale, `query_pre_attn_scalar`,
@@ -76,7 +77,8 @@ class RefDecoder:
         self.gemma = self.family in ("gemma2", "gemma3")
         self.layers = list(getattr(self.text, "layers", None) or getattr(self.text, "h", None))
         rp = getattr(cfg, "rope_parameters", None) or {}
-        self.layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(self.layers)
+        self.layer_types = getattr(cfg, "layer_types", None) or (
+            ["sliding_attention" if getattr(cfg, "sliding_window", None) else "full_attention"] * len(self.layers))
         self.theta, self.rot_dim = {}, {}
         for lt in set(self.layer_types):
             p = rp.get(lt, rp) if isinstance(rp.get(lt), dict) else rp

@@ -6,8 +6,8 @@ pruned prefill. Left padding in one row and spans at different offsets per row, 
 What each family exercises: Qwen3 and Gemma 3 per-head q/k norms, OLMo2 whole-projection q/k norms and
 post-norms, Phi-3 fused qkv with partial rotary, GPT-NeoX fused per-head qkv with rotary_pct and a
 parallel residual, Gemma 2 tanh soft-capped logits (FastV must rank with the capped logits) and final
-logit soft-cap, Gemma 2/3 sliding-window layers (window 6 over 24 tokens: pruning keeps the window in
-original positions)."""
+logit soft-cap, Gemma 2/3 alternating sliding-window layers and Mistral's sliding window on every layer
+(window 6 over 24 tokens: pruning keeps the window in original positions, in the prefill and in decoding)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import tokenreduce
 N, PAD1 = 24, 3
 # GPT-2 is not listed yet: its Conv1D flattens tokens into the batch (`view(-1, C)` -> addmm -> view back),
 # which fix_token_shapes does not follow (refused naming the view and block; see docs/decoders.md).
-FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox"]
+FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox", "mistral"]
 CASES = {
     "fastv": (dict(layers=[2], keep_ratio=0.5), [(1, 2, 8)]),
     "pyramiddrop": (dict(layers=[1, 3], keep_ratio=0.5), [(0, 1, 8), (2, 3, 4)]),
