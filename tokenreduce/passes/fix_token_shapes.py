@@ -42,6 +42,15 @@ EXPANDS = {aten.expand.default}
 SLICES = {aten.slice.Tensor}
 
 
+class TokenShapeError(TokenReduceError):
+    """A node that cannot follow a changed token count (`node`: its name in the graph), so the blocks whose
+    reduction reaches it cannot be reduced."""
+
+    def __init__(self, message: str, node: fx.Node) -> None:
+        super().__init__(message)
+        self.node = node.name
+
+
 def _hint(s: Any) -> int:
     if isinstance(s, torch.SymInt):
         return int(s.node.hint) if s.node.hint is not None else int(s.node.expr)
@@ -83,10 +92,10 @@ def _fix_view(node: fx.Node, old_in: torch.Size, new_in: torch.Size, old_out: to
         if not changed & set(gi):
             continue
         if len(go) != 1:
-            raise TokenReduceError(
+            raise TokenShapeError(
                 f"{node.name} ({'/'.join(module_path(node)[-1:])}) reshapes a token dimension into several "
-                "dimensions; tokenreduce cannot follow the token axis through it"
-            )
+                "dimensions (a token grid, e.g. for a convolution); tokenreduce cannot follow the token axis "
+                "through it", node)
         new_size: Any = 1
         for d in gi:
             new_size = new_size * new_in[d]
@@ -104,7 +113,7 @@ def _fix_view(node: fx.Node, old_in: torch.Size, new_in: torch.Size, old_out: to
         for d in static[1:] if len(static) == len(token_out) else static:
             new_arg[d] = token_out[d]
     if sum(1 for v in new_arg if isinstance(v, int) and v == -1) > 1:
-        raise TokenReduceError(f"{node.name}: cannot express the reduced shape of this reshape")
+        raise TokenShapeError(f"{node.name}: cannot express the reduced shape of this reshape", node)
     node.args = (args_of(node)[0], new_arg, *args_of(node)[2:])
     if node.target is not aten.reshape.default:
         # the captured `view` was valid for the captured strides; the reduced graph may run its producer on
@@ -191,10 +200,9 @@ def fix_token_shapes(gm: fx.GraphModule, ctx: PassContext | None = None) -> Pass
                 out = node.target(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - re-raised with the node that failed
                 where = module_path(node)
-                raise TokenReduceError(
+                raise TokenShapeError(
                     f"after token reduction, {node.name} ({node.target}) in {where[-1] if where else 'the model'} "
-                    f"fails on the reduced shapes: {str(exc).splitlines()[0]}"
-                ) from exc
+                    f"fails on the reduced shapes: {str(exc).splitlines()[0]}", node) from exc
             env[node] = out
             node.meta["val"] = out
     result.changed = result.rewrites > 0

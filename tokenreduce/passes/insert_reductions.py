@@ -14,6 +14,14 @@ and every later use of `h` reads `x'`. For every attention after a reduction it 
 original mask gathered along both token axes by `rep_total` and, with proportional attention, with
 `where(mask, log(size), min)` (SDPA `attn_mask`, or an add before the softmax of explicit attention).
 
+Per-token side inputs (`Block.side_inputs`: rotary cos/sin tables, relative-position biases, position ids)
+of every block after a reduction are gathered the same way, along each of their token axes, by
+`rep_total`: a merged token takes its representative's position (docs/methods.md, "Side inputs under
+reduction"). Only the block's own uses are rewired. A table covering the tokens after a prefix (EVA-02
+rotates the patch tokens, not CLS: `q[:, :, 1:] * cos`) is gathered by the slots after that prefix, which
+must be protected tokens (they keep their leading slots). Refuses (TokenReduceError naming the node) a side
+input whose token axis has neither the original token count nor that count minus a protected prefix.
+
 Shapes are not touched here: `fix_token_shapes` re-propagates them afterwards.
 """
 
@@ -24,8 +32,9 @@ import operator
 import torch
 from torch import fx
 
-from tokenreduce.analysis.encoder import Block
-from tokenreduce.ir.graph import Builder, args_of, call, reaches_matmul
+from tokenreduce.analysis.encoder import Block, SideInput
+from tokenreduce.errors import TokenReduceError
+from tokenreduce.ir.graph import Builder, args_of, call, module_path, reaches_matmul, same_dim
 from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce)
 from tokenreduce.kernels import reference as ref
 from tokenreduce.methods import registry
@@ -33,6 +42,23 @@ from tokenreduce.methods.base import Site
 from tokenreduce.passes.common import EncoderContext, PassResult
 
 tr = torch.ops.tokenreduce
+aten = torch.ops.aten
+BROADCASTING = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.where.self,
+                aten.mul_.Tensor, aten.add_.Tensor}  # users that broadcast a table against [B, H, N, d]
+
+
+def gather_side_input(t: torch.Tensor, rep: torch.Tensor, axis: int, offset: int, rank: int) -> torch.Tensor:
+    """`t` gathered along its token axis `axis` (negative) by the slots' original positions `rep [B, N']`.
+
+    `offset`: `t` covers original positions `offset..` only (slots `offset..` of the reduced sequence,
+    whose leading `offset` slots are protected and never move). `rank`: leading size-1 axes are added up
+    to it first, so a batchless table (`[N, d]`, broadcast against `[B, H, N, d]`) gets its batch axis in
+    front, where the per-sample order belongs. Returns `[B, ..., N' - offset, ...]`.
+    """
+    while t.dim() < rank:
+        t = t.unsqueeze(0)
+    index = rep[:, offset:] - offset if offset else rep
+    return ref.gather_tokens(t, index, t.dim() + axis)
 
 
 def _set_attention_mask(block: Block, new_mask: fx.Node | None, graph: fx.Graph, ctx: EncoderContext) -> None:
@@ -77,6 +103,73 @@ def _attention_bias(block: Block, graph: fx.Graph, ctx: EncoderContext, cache: d
     return mask
 
 
+def _side_input_rank(side: SideInput, t: torch.Tensor) -> int:
+    """Rank the gathered table needs: that of its broadcasting users' outputs when larger than its own."""
+    ranks = [u.meta["val"].dim() for u in side.users
+             if u.target in BROADCASTING and isinstance(u.meta.get("val"), torch.Tensor)]
+    return max([t.dim(), *ranks])
+
+
+def _gather_side_inputs(block: Block, graph: fx.Graph, ctx: EncoderContext, cache: dict) -> int:
+    """Rewire the block's side inputs to their copies gathered by `rep_total`; returns how many."""
+    st, n0, num_p = ctx.state, ctx.original_tokens, ctx.analysis.num_protected
+    done = 0
+    for side in block.side_inputs:
+        t = side.node.meta.get("val")
+        users = _block_users(block, side)
+        if not isinstance(t, torch.Tensor) or not users:
+            continue
+        key = (st.epoch, side.node, side.axes)
+        if key not in cache:
+            rank = _side_input_rank(side, t)
+            first = min(users, key=_order(graph))
+            lead = t.shape[0] if t.dim() == rank else 1
+            bsz = st.rep.meta["val"].shape[0] if st.rep is not None and "val" in st.rep.meta else lead
+            if not (same_dim(lead, 1) or same_dim(lead, bsz)):
+                raise TokenReduceError(
+                    f"{side.kind} side input {side.node.name} of {block.name} has shape {tuple(t.shape)}: its first "
+                    "axis is neither the batch nor broadcast (batch and heads folded together, [B*H, N, ..]?); "
+                    "tokenreduce gathers a per-token table per sample and cannot split that axis")
+            g = side.node
+            with graph.inserting_before(first):
+                for axis in side.axes:
+                    size = t.shape[axis]
+                    offset = n0 - int(size)
+                    if not 0 <= offset <= num_p:
+                        where = module_path(first)
+                        raise TokenReduceError(
+                            f"{side.kind} side input {side.node.name} of {block.name} "
+                            f"({where[-1] if where else 'the model'}) has {size} positions on its token axis "
+                            f"{axis}, but the sequence has {n0} tokens with {num_p} protected; tokenreduce can "
+                            "gather a per-token table only over all tokens or the tokens after a protected prefix",
+                            hint="protected_tokens=<the length of the prefix the table leaves out>")
+                    g = call(graph, gather_side_input, (g, st.rep, axis, offset, rank), first)
+            cache[key] = g
+        for u in users:
+            u.replace_input_with(side.node, cache[key])
+        done += 1
+    return done
+
+
+def _block_users(block: Block, side: SideInput) -> list[fx.Node]:
+    """The uses of the side input on this block's q/k/v paths: those the analysis listed, and any other use
+    the q, k or v operand is computed from (a table shared by q and k, or by every block, is rewired only
+    where this block reads it)."""
+    att = block.attention
+    near: set[fx.Node] = set()
+    frontier = [att.q, att.k, att.v]
+    for _ in range(16):  # levels up from the operands: a rotation sits a few ops above q/k
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in near and a is not side.node]
+        near.update(frontier)
+    found = [u for u in side.node.users if u in near or u in side.users]
+    return [u for u in found if side.node in u.all_input_nodes]
+
+
+def _order(graph: fx.Graph):  # type: ignore[no-untyped-def]
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: index[n]
+
+
 def insert_reductions(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
     result = PassResult("insert_reductions", changed=False)
     if not any(p.reduces for p in ctx.plans):
@@ -87,7 +180,10 @@ def insert_reductions(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
     settings = ctx.settings
     method = registry.encoder(settings.method)
     num_p = ctx.analysis.num_protected
+    side_cache: dict = {}
     for block, bp in zip(ctx.analysis.blocks, ctx.plans):
+        if st.epoch > 0 and block.side_inputs:
+            result.rewrites += _gather_side_inputs(block, graph, ctx, side_cache)
         if block.reducible and st.epoch > 0:
             new_mask = _attention_bias(block, graph, ctx, cache)
             if new_mask is not block.attention.mask:
