@@ -20,10 +20,10 @@ Builds on `analysis/encoder.py` (attention spellings, block input, residual add)
 Causality is read from the graph: SDPA's `is_causal`, or a mask built by comparing two position ranges
 (`kv_idx <= q_idx` in transformers' `sdpa_mask`; `tril`/`triu` in older code).
 
-Refuses (TokenReduceError): graphs without causal self-attention; blocks whose hidden state is not
-`[B, N, C]`. Non-causal blocks (a VLM's vision tower) are listed with the reason they are not pruned;
-causal blocks the block analysis could not take apart are listed with its reason (the construct),
-prefixed by the block name.
+Refuses (TokenReduceError): graphs without causal self-attention; any causal self-attention block the
+block analysis could not take apart (its reason -- the construct -- prefixed by the block name: the
+methods prune between blocks and cache every layer, so no block may be missing). Non-causal blocks (a
+VLM's vision tower) are listed with the reason they are not pruned.
 """
 
 from __future__ import annotations
@@ -89,10 +89,12 @@ def _cache_source(node: object) -> fx.Node | None:
 def analyse_decoder(gm: fx.GraphModule) -> DecoderAnalysis:
     attentions = find_attention(gm)
     if not attentions:
-        raise TokenReduceError("no attention found in the graph; tokenreduce's decoder methods need a "
-                               "Llama-style model with scaled_dot_product_attention or eager attention")
+        raise TokenReduceError("no attention found in the graph: looked for scaled_dot_product_attention and for "
+                               "matmul/bmm -> softmax -> matmul (eager attention); the decoder methods rank tokens "
+                               "by the attention of the last query, so the model needs one of these spellings")
     decoder: list[DecoderBlock] = []
     skipped: list[tuple[str, str]] = []
+    broken: list[tuple[str, str]] = []  # causal self-attention blocks the block analysis could not take apart
     for i, att in enumerate(attentions):
         blk = _decoder_block(i, att)
         if not is_causal(att):
@@ -104,12 +106,18 @@ def analyse_decoder(gm: fx.GraphModule) -> DecoderAnalysis:
             skipped.append((blk.name, "cross-attention or cached keys; only prefill self-attention is pruned"))
             continue
         if blk.x_in is None:
-            skipped.append((blk.name, blk.skip_reason or "no block input found"))
+            broken.append((blk.name, blk.skip_reason or "no block input found"))
             continue
         decoder.append(DecoderBlock(index=len(decoder), block=blk))
+    if broken:
+        # every decoder block must be found: the methods prune between blocks, `layers` counts them, and the
+        # KV cache needs every layer's keys and values
+        why = "; ".join(f"{n}: {r}" for n, r in broken[:3]) + ("; ..." if len(broken) > 3 else "")
+        raise TokenReduceError(f"{len(broken)} of {len(broken) + len(decoder)} causal self-attention blocks cannot "
+                               f"be pruned between: {why}")
     if not decoder:
         why = "; ".join(f"{n}: {r}" for n, r in skipped[:3])
-        raise TokenReduceError(f"no causal self-attention blocks found (is this a decoder LLM?): {why}")
+        raise TokenReduceError(f"no causal self-attention found (is this a decoder LLM?): {why}")
     stream = descendants([decoder[0].block.x_in])  # type: ignore[list-item]
     for db in decoder:
         att = db.attention
