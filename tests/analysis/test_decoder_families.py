@@ -14,6 +14,7 @@ import transformers as T
 
 from tokenreduce.analysis.encoder import analyse, analyse_block, find_attention, is_causal
 from tokenreduce.compiler.capture import export_graph
+from tokenreduce.ir.graph import ancestors, nodes_between
 
 N = 12  # prompt length (distinct from every head/hidden size below, so a size says which axis it is)
 VOCAB = 128
@@ -144,10 +145,13 @@ def test_decoder_blocks_layout_projections_rotary_window(captured, family):
             assert rotary == []
         else:  # cos and sin, [B|1, 1, N, rotary dim], token axis -2, read by both the q and the k paths
             assert len(rotary) == 2
+            q_path = nodes_between([q], [b.attention.q])
+            k_path = nodes_between([k], [b.attention.k])
             for s in rotary:
                 assert s.axes == (-2,) and s.offset == 0
                 assert tuple(s.node.meta["val"].shape[-2:]) == (N, rot)
-                assert {u for u in s.users} <= b.qkv_path
+                assert set(s.users) <= b.qkv_path
+                assert set(s.users) & q_path and set(s.users) & k_path  # rotary on q and on k
         assert len({s.node for s in b.side_inputs}) == len(b.side_inputs)
 
 
@@ -198,8 +202,6 @@ def test_qwen2_vl_text_mrope_positions():
     assert len(blocks) == cfg.num_hidden_layers
     pos_ph = [p for p in gm.graph.nodes if p.op == "placeholder" and tuple(p.meta["val"].shape) == (3, 2, N)]
     assert len(pos_ph) == 1
-    from tokenreduce.ir.graph import ancestors
-
     head = cfg.hidden_size // cfg.num_attention_heads
     for b in blocks:
         assert b.skip_reason is None and b.layout == "pre-ln"
@@ -208,3 +210,14 @@ def test_qwen2_vl_text_mrope_positions():
         for s in rotary:
             assert tuple(s.node.meta["val"].shape[-2:]) == (N, head)
             assert pos_ph[0] in ancestors(s.node, 400)
+
+
+def test_projection_weights_are_not_side_inputs_when_tokens_equal_width():
+    """With N == hidden size a [C, C] projection weight has the shape of a per-token table; it is not one."""
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(_config(T.LlamaConfig, hidden_size=N, intermediate_size=24, num_attention_heads=2,
+                                       num_key_value_heads=2, head_dim=None)).eval()
+    gm = export_graph(_Prefill(model), _inputs(), {}, dynamic_batch=False).gm
+    for b in _blocks(gm):
+        assert [s.kind for s in b.side_inputs] == ["rotary", "rotary"]
+        assert all(s.node.op == "call_function" for s in b.side_inputs)

@@ -45,7 +45,8 @@ from tokenreduce.ir.graph import (
 class SideInput:
     """A tensor entering a block's q/k/v path or its attention logits from outside the hidden-state stream
     that carries the token axis/axes (`axes`, negative indices): rotary cos/sin ("rotary", (-2,)), relative
-    position biases / index matrices ("relative-bias", (-2, -1)), position ids ("positions", (-1,)).
+    position biases / index matrices ("relative-bias", (-2, -1)). (Position ids enter blocks only through
+    rotary tables in every recognised family; the contract's kind "positions" is not emitted.)
     A pass reducing tokens gathers it along `axes` by the representatives' original positions; `users`
     are the nodes of this block that read it (rewire those, not other blocks' uses). Index j along an axis
     is token j + `offset` (EVA-02 applies rotary to the patch tokens only: offset 1 after the CLS token).
@@ -274,7 +275,8 @@ def _tensor(node: fx.Node) -> bool:
 
 def _find_side_inputs(blk: Block) -> None:
     """Tensors entering the q/k/v paths from outside the hidden-state stream with the token axis at -2 (rotary
-    cos/sin: `q * cos + rotate_half(q) * sin`), position ids, and logit biases with two token axes."""
+    cos/sin: `q * cos + rotate_half(q) * sin`), and logit biases with two token axes. Position ids reach the
+    blocks of every recognised family only through such tables, so kind "positions" is not emitted."""
     att, n = blk.attention, blk.num_tokens
     assert blk.x_in is not None
     stream = descendants([blk.x_in])
@@ -282,32 +284,30 @@ def _find_side_inputs(blk: Block) -> None:
     seen: set[fx.Node] = set()
     projs = tuple(ancestor_linear(o, 16) for o in (att.q, att.k, att.v))
     blk.projections = projs  # type: ignore[assignment]
+    users: dict[fx.Node, list[fx.Node]] = {}  # outside tensor -> its readers on the q, k and v paths
     for operand, proj in zip((att.q, att.k, att.v), projs):
         if proj is None:
             continue
         path = nodes_between([proj], [operand])
         blk.qkv_path |= path
-        users: dict[fx.Node, list[fx.Node]] = {}
         for node in path:
+            if node is proj:
+                continue  # its weight and bias are not per-token (a [C, C] weight looks like one when N == C)
             for inp in node.all_input_nodes:
-                if inp not in stream and _tensor(inp):
+                if inp not in stream and _tensor(inp) and node not in users.get(inp, []):
                     users.setdefault(inp, []).append(node)
-        for inp, us in users.items():
-            s, us_shape = shape(inp), shape(us[0])
-            if inp in seen or s is None or us_shape is None or len(s) < 2 or len(us_shape) < 2:
-                continue
-            if inp.op == "placeholder" and not inp.meta["val"].is_floating_point() and s[-1] == n:
-                seen.add(inp)
-                blk.side_inputs.append(SideInput(inp, (-1,), "positions", tuple(us)))
-                continue
-            m = static_dim(s[-2])
-            if m is None or m != us_shape[-2] or m > n:
-                continue
-            offset = _token_offset(us[0], m, n, stream)
-            if offset is None:
-                continue
-            seen.add(inp)
-            blk.side_inputs.append(SideInput(inp, (-2,), "rotary", tuple(us), offset))
+    for inp, us in users.items():
+        s, us_shape = shape(inp), shape(us[0])
+        if s is None or us_shape is None or len(s) < 2 or len(us_shape) < 2:
+            continue
+        m = static_dim(s[-2])
+        if m is None or m != us_shape[-2] or m > n:
+            continue
+        offset = _token_offset(us[0], m, n, stream)
+        if offset is None:
+            continue
+        seen.add(inp)
+        blk.side_inputs.append(SideInput(inp, (-2,), "rotary", tuple(us), offset))
     for mod in att.score_mods:
         if mod.kind != "bias" or mod.operand is None or mod.operand is att.mask:
             continue
