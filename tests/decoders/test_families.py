@@ -87,3 +87,21 @@ def test_keep_everything_is_the_plain_model(family, prompt):
         want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     torch.testing.assert_close(pre.logits, full, atol=1e-5, rtol=1e-5)
     assert torch.equal(dec.generate(ids, mask, span, max_new_tokens=5), want)
+
+
+def test_soft_capped_prefill_exports_to_onnx(prompt, tmp_path):
+    """Gemma 2's FastV graph ranks with `tokenreduce::capped_row_scores`; ONNX export inlines its reference
+    (through the decoder methods' `references()`) and onnxruntime reproduces the eager graph."""
+    import types
+
+    pytest.importorskip("onnxruntime")
+    from tokenreduce.targets.onnx import export_onnx
+
+    ids = prompt[0][:1]
+    dec = tokenreduce.reduce_decoder(build("gemma2"), "fastv", layers=[2])
+    compiled, flat = dec.compiled_for(ids, None, (2, 18))
+    assert any(n.target is torch.ops.tokenreduce.capped_row_scores.default for n in compiled.gm.graph.nodes)
+    shim = types.SimpleNamespace(graph_module=compiled.gm, example_args=tuple(flat), example_kwargs={},
+                                 dynamic_batch=False)
+    written = export_onnx(shim, tmp_path / "gemma2_fastv.onnx", verify=True, atol=1e-4)
+    assert written.verified and written.max_abs_diff < 1e-4
