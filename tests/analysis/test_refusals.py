@@ -118,3 +118,20 @@ def test_block_without_any_norm_is_reduced_at_its_residual_add():
     blk = _analyse(torch.nn.Sequential(_Sdpa(), torch.nn.Linear(DIM, DIM))).blocks[0]
     assert blk.reducible and blk.layout == "no-pre-norm"
     assert blk.reduce_at is blk.residual_add and blk.x_in.op == "placeholder"
+
+
+class _TwoBlocks(torch.nn.Module):
+    """One block the analysis knows and one whose logits pass through `sin`: the second is reported."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _Block(), _Block(logits=torch.sin)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_unmatched_attention_next_to_matched_blocks_is_reported():
+    an = _analyse(_TwoBlocks())
+    assert len(an.blocks) == 1 and an.blocks[0].reducible
+    assert len(an.unmatched) == 1 and "`sin` (sin.default) between the logits and softmax" in an.unmatched[0]

@@ -23,7 +23,7 @@ here, where passes and `analysis/decoder.py` import them from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import fx
 
@@ -50,6 +50,9 @@ class ModelAnalysis:
     num_protected: int
     protected_reason: str
     text_model: bool
+    # softmax nodes that looked like attention but were not matched, with where matching stopped (those
+    # attentions are in no block: reports should show them next to the blocks)
+    unmatched: list[str] = field(default_factory=list)
 
 
 def _user_input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
@@ -149,4 +152,5 @@ def analyse(gm: fx.GraphModule, protected_tokens: int | None = None) -> ModelAna
             num_protected, why = 1, "first token of a text model ([CLS]/BOS)"
         else:
             why = "no CLS/register tokens in front of the sequence"
-    return ModelAnalysis(blocks=blocks, num_protected=num_protected, protected_reason=why, text_model=text)
+    return ModelAnalysis(blocks=blocks, num_protected=num_protected, protected_reason=why, text_model=text,
+                         unmatched=attention_near_misses(gm, limit=1000))
