@@ -7,7 +7,8 @@ What each family exercises: Qwen3 and Gemma 3 per-head q/k norms, OLMo2 whole-pr
 post-norms, Phi-3 fused qkv with partial rotary, GPT-NeoX fused per-head qkv with rotary_pct and a
 parallel residual, Gemma 2 tanh soft-capped logits (FastV must rank with the capped logits) and final
 logit soft-cap, Gemma 2/3 alternating sliding-window layers and Mistral's sliding window on every layer
-(window 6 over 24 tokens: pruning keeps the window in original positions, in the prefill and in decoding)."""
+(window 6 over 24 tokens: pruning keeps the window in original positions, in the prefill and in decoding),
+GPT-2 learned positions and Conv1D projections (`view(-1, C)` -> addmm -> view back to `[B, N, 3C]`)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,7 @@ from decoders.families import build
 import tokenreduce
 
 N, PAD1 = 24, 3
-# GPT-2 is not listed yet: its Conv1D flattens tokens into the batch (`view(-1, C)` -> addmm -> view back),
-# which fix_token_shapes does not follow (refused naming the view and block; see docs/decoders.md).
-FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox", "mistral"]
+FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox", "mistral", "gpt2"]
 CASES = {
     "fastv": (dict(layers=[2], keep_ratio=0.5), [(1, 2, 8)]),
     "pyramiddrop": (dict(layers=[1, 3], keep_ratio=0.5), [(0, 1, 8), (2, 3, 4)]),
@@ -70,7 +69,8 @@ def test_fastv_matches_reference(family, prompt):
 
 @pytest.mark.parametrize("family, method", [("gemma2", "pyramiddrop"), ("gemma2", "gemfilter"),
                                             ("gemma3", "gemfilter"), ("qwen3", "pyramiddrop"),
-                                            ("phi3", "gemfilter"), ("gpt_neox", "pyramiddrop")])
+                                            ("phi3", "gemfilter"), ("gpt_neox", "pyramiddrop"),
+                                            ("gpt2", "gemfilter")])
 def test_other_methods_match_reference(family, method, prompt):
     check_against_reference(build(family), prompt, method)
 

@@ -91,6 +91,11 @@ def _fix_view(node: fx.Node, old_in: torch.Size, new_in: torch.Size, old_out: to
     for gi, go in groups:
         if not changed & set(gi):
             continue
+        if len(gi) == 1 and len(go) == 2 and go[0] == 0 and _hint(new_in[gi[0]]) % _hint(old_out[0]) == 0:
+            # [B*N', ...] -> [B, N', ...]: batch and tokens flattened together and split back (GPT-2's Conv1D,
+            # `view(-1, C)` -> addmm -> view); the batch axis leads and keeps its size, the token axis follows
+            token_out[go[1]] = new_in[gi[0]] // old_out[0]
+            continue
         if len(go) != 1:
             raise TokenShapeError(
                 f"{node.name} ({'/'.join(module_path(node)[-1:])}) reshapes a token dimension into several "
