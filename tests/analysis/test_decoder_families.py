@@ -140,6 +140,7 @@ def test_decoder_blocks_layout_projections_rotary_window(captured, family):
         assert b.x_in in b.residual_add.args
         assert tuple(b.x_in.meta["val"].shape) == (2, N, cfg.hidden_size)
         assert b.attention.window == _expected_window(cfg, i), (family, i)
+        assert b.attention.heads == cfg.num_attention_heads
         rotary = [s for s in b.side_inputs if s.kind == "rotary"]
         if rot is None:
             assert rotary == []

@@ -156,6 +156,7 @@ def test_deberta_v2_bmm_attention_c2p_p2c_and_masked_fill(analysed):
         assert b.reducible and b.layout == "post-ln" and b.num_tokens == N_TXT
         assert att.kind == "explicit" and "bmm" in att.spelling
         assert tuple(att.q.meta["val"].shape) == (2 * cfg.num_attention_heads, N_TXT, head)
+        assert att.heads == cfg.num_attention_heads
         assert [m.kind for m in att.score_mods] == ["scale", "bias", "masked_fill"]
         assert att.scale == pytest.approx((head * scale_factor) ** -0.5)
         assert att.mask is None  # the c2p + p2c sum is computed from q/k, not a mask to gather

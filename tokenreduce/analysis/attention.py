@@ -67,6 +67,7 @@ class Attention:
     score_mods: list[ScoreMod] = field(default_factory=list)  # logits -> softmax, in order
     softcap: float | None = None  # c of `tanh(logits / c) * c` when the logits are soft-capped
     window: int | None = None  # sliding-window / local attention: a query i sees keys j with |i - j| < window
+    heads: int | None = None  # query heads; for [B*H, N, d] (bmm) operands read from the [B, H, N, d] view above
 
 
 # ----------------------------------------------------------------------------------------------- finding
@@ -86,6 +87,7 @@ def find_attention(gm: fx.GraphModule) -> list[Attention]:
         else:
             continue
         att.window = attention_window(att, windows)
+        att.heads = query_heads(att.q)
         found.append(att)
     return found
 
@@ -345,6 +347,24 @@ def _match_explicit(softmax: fx.Node) -> Attention | str:
     return Attention("explicit", softmax, q, k, args_of(out)[1], scale, chosen.operand if chosen else None, False, out,
                      mask_add=chosen.nodes[0] if chosen else None, spelling=spelling, score_mods=mods,
                      softcap=softcaps[0] if softcaps else None)
+
+
+def query_heads(q: fx.Node) -> int | None:
+    """Heads of a [B, H, N, d] query; for [B*H, N, d] the H of the [B, H, N, d] tensor it is a view of."""
+    qs = shape(q)
+    if qs is None:
+        return None
+    if len(qs) == 4:
+        return static_dim(qs[1])
+    node: object = q
+    for _ in range(6):
+        if not isinstance(node, fx.Node) or node.target not in P.LOGIT_LAYOUT | P.PERMUTE | P.TRANSPOSE:
+            return None
+        node = args_of(node)[0]
+        s = shape(node)
+        if s is not None and len(s) == 4 and s[-2:] == qs[-2:] and static_dim(s[0] * s[1]) == static_dim(qs[0]):
+            return static_dim(s[1])
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- causality
