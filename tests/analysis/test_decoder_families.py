@@ -66,15 +66,22 @@ def _inputs():
 
 @pytest.fixture(scope="module")
 def captured():
-    cache: dict[str, tuple] = {}
+    cache: dict[tuple[str, str | None], tuple] = {}
 
-    def get(name):
-        if name not in cache:
+    def get(name, attn=None):
+        """`attn`: force transformers' attention implementation ("eager": explicit matmul-softmax-matmul)."""
+        if (name, attn) not in cache:
             torch.manual_seed(0)
-            model = FAMILIES[name]().eval()
+            model = FAMILIES[name]()
+            if attn is not None:
+                model.config._attn_implementation = attn
+                for sub in model.modules():
+                    if hasattr(sub, "config"):
+                        sub.config._attn_implementation = attn
+            model.eval()
             gm = export_graph(_Prefill(model), _inputs(), {}, dynamic_batch=False).gm
-            cache[name] = (model, gm)
-        return cache[name]
+            cache[(name, attn)] = (model, gm)
+        return cache[(name, attn)]
 
     return get
 
@@ -118,9 +125,14 @@ def _expected_window(cfg, i: int) -> int | None:
     return getattr(cfg, "sliding_window", None)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_decoder_blocks_layout_projections_rotary_window(captured, family):
-    model, gm = captured(family)
+CASES = [(f, None) for f in FAMILIES] + [(f, "eager") for f in FAMILIES if f != "gemma2"]  # Gemma 2: eager already
+
+
+@pytest.mark.parametrize("family, attn", CASES)
+def test_decoder_blocks_layout_projections_rotary_window(captured, family, attn):
+    model, gm = captured(family, attn)
+    if attn == "eager":
+        assert all(b.attention.kind == "explicit" for b in _blocks(gm))
     cfg = model.config
     blocks = _blocks(gm)
     assert len(blocks) == cfg.num_hidden_layers
