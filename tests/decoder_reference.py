@@ -10,6 +10,8 @@ covers the arithmetic of these families (`config.model_type`):
   Mistral's `sliding_window` on every layer);
 * qwen3 (per-head q/k RMSNorm before rotary); olmo2 (q/k RMSNorm over the whole projection, no input
   norm, norms after attention and MLP); phi3 (fused qkv and gate_up, partial rotary);
+* gemma (`(1 + w)` RMSNorm, sqrt(hidden) embedding scale, GeGLU); phi (Phi-2: LayerNorm, partial rotary,
+  attention and MLP in parallel on one input norm, biased lm_head);
 * gemma2 / gemma3_text (`(1 + w)` RMSNorm, sqrt(hidden) embedding scale, `query_pre_attn_scalar`,
   tanh soft-capped attention logits and final logits, sandwich norms, GeGLU, sliding-window layers with
   their own rotary base, per-head q/k norm for Gemma 3);
@@ -74,7 +76,8 @@ class RefDecoder:
         self.hkv = getattr(cfg, "num_key_value_heads", None) or self.h
         self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "layer_norm_eps", 1e-5)
-        self.gemma = self.family in ("gemma2", "gemma3")
+        self.gemma = self.family in ("gemma", "gemma2", "gemma3")  # (1 + w) norms, embedding scale, GeGLU
+        self.sandwich = self.family in ("gemma2", "gemma3")  # norms after attention and MLP too
         self.layers = list(getattr(self.text, "layers", None) or getattr(self.text, "h", None))
         rp = getattr(cfg, "rope_parameters", None) or {}
         self.layer_types = getattr(cfg, "layer_types", None) or (
@@ -86,7 +89,7 @@ class RefDecoder:
             self.theta[lt] = float(p.get("rope_theta", 10000.0))
             self.rot_dim[lt] = int(self.d * float(p.get("partial_rotary_factor", 1.0)))
         self.mrope = rp.get("mrope_section")
-        if self.gemma:
+        if self.sandwich:
             self.scaling = cfg.query_pre_attn_scalar ** -0.5
         elif self.family == "gpt2":
             self.scaling = self.d ** -0.5 if cfg.scale_attn_weights else 1.0
@@ -100,7 +103,7 @@ class RefDecoder:
         return self.cfg.sliding_window if self.layer_types[li] == "sliding_attention" else None
 
     def norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.family in ("gpt2", "gpt_neox"):
+        if self.family in ("gpt2", "gpt_neox", "phi"):
             return _ln(x, module)
         return _rms(x, module.weight, self.eps, 1.0 if self.gemma else 0.0)
 
@@ -147,6 +150,10 @@ class RefDecoder:
             a = layer.attention
             qkv = _lin(_ln(x, layer.input_layernorm), a.query_key_value).view(b, n, self.h, 3 * self.d)
             q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)
+        elif self.family == "phi":  # phi-2: LayerNorm, q/k/v with bias, partial rotary
+            a = layer.self_attn
+            xn = _ln(x, layer.input_layernorm)
+            q, k, v = heads(_lin(xn, a.q_proj), self.h), heads(_lin(xn, a.k_proj), self.hkv), heads(_lin(xn, a.v_proj), self.hkv)
         elif self.family == "phi3":
             a = layer.self_attn
             qkv = _lin(self.norm(layer.input_layernorm, x), a.qkv_proj)
@@ -188,9 +195,14 @@ class RefDecoder:
             src = x if self.cfg.use_parallel_residual else x + attn
             mlp = _lin(F.gelu(_lin(_ln(src, layer.post_attention_layernorm), m.dense_h_to_4h)), m.dense_4h_to_h)
             return x + attn + mlp if self.cfg.use_parallel_residual else src + mlp
+        if self.family == "phi":  # parallel: attention and MLP both read the same input norm
+            m = layer.mlp
+            xn = _ln(x, layer.input_layernorm)
+            mlp = _lin(F.gelu(_lin(xn, m.fc1), approximate="tanh"), m.fc2)
+            return x + _lin(o, layer.self_attn.dense) + mlp
         attn = _lin(o, layer.self_attn.o_proj)
         m = layer.mlp
-        if self.gemma:
+        if self.sandwich:
             h = x + self.norm(layer.post_attention_layernorm, attn)
             xn = self.norm(layer.pre_feedforward_layernorm, h)
             mlp = _lin(_gelu_tanh(_lin(xn, m.gate_proj)) * _lin(xn, m.up_proj), m.down_proj)
@@ -201,14 +213,16 @@ class RefDecoder:
             return h + self.norm(layer.post_feedforward_layernorm, mlp)
         h = x + attn
         xn = self.norm(layer.post_attention_layernorm, h)
+        if self.gemma:  # Gemma (1): pre-norm residuals with a GeGLU MLP
+            return h + _lin(_gelu_tanh(_lin(xn, m.gate_proj)) * _lin(xn, m.up_proj), m.down_proj)
         if self.family == "phi3":
             gate, up = _lin(xn, m.gate_up_proj).chunk(2, dim=-1)
             return h + _lin(F.silu(gate) * up, m.down_proj)
         return h + _lin(F.silu(_lin(xn, m.gate_proj)) * _lin(xn, m.up_proj), m.down_proj)
 
     def logits(self, x_last: torch.Tensor) -> torch.Tensor:
-        final = {"gpt2": "ln_f", "gpt_neox": "final_layer_norm"}.get(self.family, "norm")
-        out = self.norm(getattr(self.text, final), x_last) @ self.lm_head.weight.T
+        final = {"gpt2": "ln_f", "gpt_neox": "final_layer_norm", "phi": "final_layernorm"}.get(self.family, "norm")
+        out = _lin(self.norm(getattr(self.text, final), x_last), self.lm_head)
         if self.final_softcap is not None:
             out = torch.tanh(out / self.final_softcap) * self.final_softcap
         return out

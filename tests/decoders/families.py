@@ -51,6 +51,14 @@ def _gpt2() -> torch.nn.Module:
     return T.GPT2LMHeadModel(cfg)
 
 
+def _gemma() -> torch.nn.Module:
+    return T.GemmaForCausalLM(T.GemmaConfig(num_key_value_heads=2, head_dim=16, **_COMMON))
+
+
+def _phi() -> torch.nn.Module:  # Phi-2 (partial rotary 0.5, parallel attention + MLP)
+    return T.PhiForCausalLM(T.PhiConfig(**_COMMON))
+
+
 def _mistral() -> torch.nn.Module:  # sliding window on every layer (6 of 24 prompt tokens)
     return T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, sliding_window=6, **_COMMON))
 
@@ -84,7 +92,8 @@ def _qwen2_5_vl() -> torch.nn.Module:
 BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl,
     "llama": _llama, "qwen3": _qwen3, "gemma2": _gemma2, "gemma3": _gemma3, "phi3": _phi3, "olmo2": _olmo2,
-    "gpt_neox": _gpt_neox, "gpt2": _gpt2, "mistral": _mistral,
+    "gpt_neox": _gpt_neox, "gpt2": _gpt2, "mistral": _mistral, "gemma": _gemma,
+    "phi": _phi,
 }
 
 
