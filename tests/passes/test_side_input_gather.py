@@ -56,3 +56,13 @@ def test_position_ids():
     ids, rep = torch.arange(N).expand(1, N) + 5, _rep()
     got = gather_side_input(ids, rep, -1, 0, 2)
     torch.testing.assert_close(got, rep + 5, rtol=0, atol=0)
+
+
+def test_folded_batch_and_heads_gather_per_sample():
+    # DeBERTa's [B*H, N, N] relative-position index (sample-major: row b*H + h), here with distinct content
+    bias, rep = torch.randn(B * H, N, N), _rep()
+    got = gather_side_input(gather_side_input(bias, rep, -2, 0, 3), rep, -1, 0, 3)
+    assert got.shape == (B * H, rep.shape[1], rep.shape[1])
+    for b in range(B):
+        for h in range(H):
+            torch.testing.assert_close(got[b * H + h], bias[b * H + h][rep[b]][:, rep[b]], rtol=0, atol=0)

@@ -4,7 +4,9 @@ Source: Liang, Ge, Tong, Song, Wang, Xie, "Not All Patches are What You Need: Ex
 Transformers via Token Reorganizations", ICLR 2022 (official code youweiliang/evit, read, not copied):
 top-k of the head-averaged CLS attention over the non-protected tokens (descending order, as the official
 code), the pruned tokens fused into one token by their attention. The CLS row is computed from the block's
-own q and k (one query row, so the block's SDPA stays fused) by `query_row_scores`; the plan is the
+own q and k (one query row, so the block's SDPA stays fused) by `query_row_scores`, or, for explicit attention
+whose logits carry terms q and k alone do not give (relative biases, soft-capping, talking heads, `masked_fill`),
+read from the block's own softmax; the plan is the
 `topk_plan` op (`kernels/plans.py`, which also states our one deliberate deviation: the fused token is the
 attention-weighted average).
 
@@ -36,6 +38,14 @@ from tokenreduce.methods.base import (
     option,
     walk_blocks,
 )
+
+SCORE_MODS_OF_QUERY_ROW = {"scale", "mask"}  # logit terms `query_row_scores(q, k, bias, scale)` reproduces
+
+
+def cls_row_of_probabilities(probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Head-averaged attention of the first (CLS) query, `[B, N]`, from the block's softmax output
+    `[B, H, N, N]` or `[B*H, N, N]` (`x [B, N, C]` gives the batch)."""
+    return probs.reshape(x.shape[0], -1, probs.shape[-2], probs.shape[-1])[:, :, 0, :].mean(dim=1)
 
 
 def keep_count(num_tokens: int, num_protected: int, keep_ratio: float) -> int:
@@ -110,7 +120,13 @@ class Evit(EncoderMethod):
         assert isinstance(options, EvitOptions)
         b = site.builder
         tr = torch.ops.tokenreduce
-        scores = b.add(tr.query_row_scores.default, (site.q, site.k, site.bias, site.scale, 0))
+        att = site.block.attention
+        if att.kind == "explicit" and {m.kind for m in att.score_mods} - SCORE_MODS_OF_QUERY_ROW:
+            # the logits carry terms query_row_scores cannot recompute from q and k (DeBERTa's relative c2p/p2c
+            # terms, soft-capping, talking heads, masked_fill): read the block's own probabilities instead
+            scores = b.add(cls_row_of_probabilities, (att.node, site.x))
+        else:
+            scores = b.add(tr.query_row_scores.default, (site.q, site.k, site.bias, site.scale, 0))
         plan = b.add(tr.topk_plan.default, (scores, site.plan.keep, site.num_protected, options.fuse, site.valid))
         return PlanNodes(slot=b.item(plan, 0), weight=b.item(plan, 1), rep=b.item(plan, 2))
 

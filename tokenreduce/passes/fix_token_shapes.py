@@ -110,12 +110,18 @@ def _fix_view(node: fx.Node, old_in: torch.Size, new_in: torch.Size, old_out: to
     new_arg = list(shape_arg)
     for d in token_out:
         new_arg[d] = -1
-    if sum(1 for v in new_arg if isinstance(v, int) and v == -1) > 1:
+    def inferred() -> int:
+        return sum(1 for v in new_arg if isinstance(v, int) and v == -1)
+
+    if inferred() > 1:
         for d, v in enumerate(new_arg):
             if isinstance(v, int) and v == -1 and d not in token_out:
                 new_arg[d] = old_out[d] if isinstance(old_out[d], int) else shape_arg[d]
-        static = [d for d in token_out if isinstance(token_out[d], int)]
-        for d in static[1:] if len(static) == len(token_out) else static:
+        # one -1 at most: write static token sizes (last first) until one is left; a symbolic -1 that
+        # stays (the folded batch of `view(B, H, N, d) -> [-1, N, d]`) takes it
+        for d in reversed([d for d in token_out if isinstance(token_out[d], int)]):
+            if inferred() <= 1:
+                break
             new_arg[d] = token_out[d]
     if sum(1 for v in new_arg if isinstance(v, int) and v == -1) > 1:
         raise TokenShapeError(f"{node.name}: cannot express the reduced shape of this reshape", node)

@@ -34,7 +34,7 @@ from torch import fx
 
 from tokenreduce.analysis.encoder import Block, SideInput
 from tokenreduce.errors import TokenReduceError
-from tokenreduce.ir.graph import Builder, args_of, call, module_path, reaches_matmul, same_dim
+from tokenreduce.ir.graph import Builder, args_of, call, module_path, reaches_matmul
 from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce)
 from tokenreduce.kernels import reference as ref
 from tokenreduce.methods import registry
@@ -58,7 +58,35 @@ def gather_side_input(t: torch.Tensor, rep: torch.Tensor, axis: int, offset: int
     while t.dim() < rank:
         t = t.unsqueeze(0)
     index = rep[:, offset:] - offset if offset else rep
+    bsz, lead = rep.shape[0], t.shape[0]
+    if lead != 1 and lead != bsz:
+        # batch and heads folded into one axis ([B*H, N, N]: DeBERTa's relative-position index for its bmm
+        # layout), sample-major as `view(B, H, ..) -> view(B*H, ..)` makes it: gather per sample, fold back
+        folded = t.reshape(bsz, lead // bsz, *t.shape[1:])
+        out = ref.gather_tokens(folded, index, folded.dim() + axis)
+        return out.reshape(lead, *out.shape[2:])
     return ref.gather_tokens(t, index, t.dim() + axis)
+
+
+def fill_validity(condition: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`[B, N]` key validity from a `masked_fill` condition `[.., Nq|1, N]` (True = filled, i.e. masked)."""
+    return ref.key_validity(~condition, like)
+
+
+def _padding_fill(block: Block) -> fx.Node | None:
+    """The boolean condition of a `masked_fill` on the block's logits, when it masks keys per sample
+    (padding), else None."""
+    for mod in block.attention.score_mods:
+        val = mod.operand.meta.get("val") if mod.operand is not None else None
+        if mod.kind == "masked_fill" and isinstance(val, torch.Tensor) and val.dtype == torch.bool and val.dim() >= 2:
+            return mod.operand
+    return None
+
+
+def unfold_heads(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """q or k in a bmm layout `[B*H, N, d]` as `[B, H, N, d]` (the layout methods score on); `x [B, N, C]`
+    gives the batch."""
+    return t.reshape(x.shape[0], -1, t.shape[-2], t.shape[-1])
 
 
 def _set_attention_mask(block: Block, new_mask: fx.Node | None, graph: fx.Graph, ctx: EncoderContext) -> None:
@@ -123,13 +151,6 @@ def _gather_side_inputs(block: Block, graph: fx.Graph, ctx: EncoderContext, cach
         if key not in cache:
             rank = _side_input_rank(side, t)
             first = min(users, key=_order(graph))
-            lead = t.shape[0] if t.dim() == rank else 1
-            bsz = st.rep.meta["val"].shape[0] if st.rep is not None and "val" in st.rep.meta else lead
-            if not (same_dim(lead, 1) or same_dim(lead, bsz)):
-                raise TokenReduceError(
-                    f"{side.kind} side input {side.node.name} of {block.name} has shape {tuple(t.shape)}: its first "
-                    "axis is neither the batch nor broadcast (batch and heads folded together, [B*H, N, ..]?); "
-                    "tokenreduce gathers a per-token table per sample and cannot split that axis")
             g = side.node
             with graph.inserting_before(first):
                 for axis in side.axes:
@@ -165,6 +186,25 @@ def _block_users(block: Block, side: SideInput) -> list[fx.Node]:
     return [u for u in found if side.node in u.all_input_nodes]
 
 
+def _reduce_masked_fill(block: Block, graph: fx.Graph, ctx: EncoderContext, cache: dict) -> int:
+    """Gather the condition of every `masked_fill` on the block's logits (DeBERTa masks by `masked_fill`,
+    not by an add) along both token axes by `rep_total`, as an additive mask is."""
+    st, done = ctx.state, 0
+    for mod in block.attention.score_mods:
+        if mod.kind != "masked_fill" or mod.operand is None:
+            continue
+        key = (st.epoch, mod.operand)
+        for node in mod.nodes:
+            if mod.operand not in node.all_input_nodes:
+                continue
+            if key not in cache:
+                with graph.inserting_before(node):
+                    cache[key] = call(graph, ref.reduce_mask, (mod.operand, st.rep, ctx.original_tokens), node)
+            node.replace_input_with(mod.operand, cache[key])
+            done += 1
+    return done
+
+
 def _order(graph: fx.Graph):  # type: ignore[no-untyped-def]
     index = {n: i for i, n in enumerate(graph.nodes)}
     return lambda n: index[n]
@@ -184,6 +224,8 @@ def insert_reductions(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
     for block, bp in zip(ctx.analysis.blocks, ctx.plans):
         if st.epoch > 0 and block.side_inputs:
             result.rewrites += _gather_side_inputs(block, graph, ctx, side_cache)
+        if st.epoch > 0:
+            result.rewrites += _reduce_masked_fill(block, graph, ctx, side_cache)
         if block.reducible and st.epoch > 0:
             new_mask = _attention_bias(block, graph, ctx, cache)
             if new_mask is not block.attention.mask:
@@ -199,7 +241,12 @@ def insert_reductions(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
 
         if st.epoch == 0 and att.mask is not None:
             st.valid = add(ref.key_validity, (att.mask, h))
-        site = Site(builder=builder, x=h, q=att.q, k=att.k, scale=att.scale, bias=current_mask_arg(block),
+        elif st.epoch == 0 and (fill := _padding_fill(block)) is not None:
+            st.valid = add(fill_validity, (fill, h))
+        q, k = att.q, att.k
+        if q.meta["val"].dim() == 3:  # bmm layout [B*H, N, d]: the methods score on [B, H, N, d]
+            q, k = add(unfold_heads, (q, h)), add(unfold_heads, (k, h))
+        site = Site(builder=builder, x=h, q=q, k=k, scale=att.scale, bias=current_mask_arg(block),
                     valid=st.valid, size=st.size, num_protected=num_p, plan=bp, block=block)
         emitted = method.emit(settings.opts, site)
         slot, weight, rep = emitted.slot, emitted.weight, emitted.rep
