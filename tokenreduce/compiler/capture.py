@@ -140,7 +140,9 @@ def export_graph(
         trace_args, trace_kwargs = repeat_batch(args, 1), repeat_batch(kwargs, 1)
         batch = 2
     static_reason = "" if dynamic or not dynamic_batch else "static batch: the example inputs have no batch dimension"
-    was_training = model.training
+    # Each module's own mode, restored as it was: `model.train(model.training)` would put an eval-mode model
+    # wrapped in a fresh (training-mode) module, as reduce_decoder's prefill wrapper, into training mode.
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with trace_lock(), torch.no_grad():
@@ -161,7 +163,8 @@ def export_graph(
     except Exception as exc:
         raise TokenReduceError(f"torch.export could not capture {type(model).__name__}: {exc}".split("\n")[0]) from exc
     finally:
-        model.train(was_training)
+        for module, mode in modes:
+            module.training = mode
         release_shape_env_caches()
     gm = ep.module()
     return Captured(gm=gm, args=tuple(args), kwargs=kwargs, dynamic_batch=dynamic, static_batch_reason=static_reason)
