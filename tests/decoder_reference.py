@@ -15,7 +15,8 @@ covers the arithmetic of these families (`config.model_type`):
 * gemma2 / gemma3_text (`(1 + w)` RMSNorm, sqrt(hidden) embedding scale, `query_pre_attn_scalar`,
   tanh soft-capped attention logits and final logits, sandwich norms, GeGLU, sliding-window layers with
   their own rotary base, per-head q/k norm for Gemma 3);
-* gpt2 (LayerNorm, Conv1D `x @ W + b` fused qkv, learned positions, GELU MLP);
+* gpt2 (LayerNorm, Conv1D `x @ W + b` fused qkv, learned positions, GELU MLP); opt (pre-LN, learned
+  positions with offset 2, q scaled before `q @ k^T`, ReLU MLP);
 * gpt_neox (fused per-head qkv, partial rotary `rotary_pct`, parallel residual);
 * qwen2_vl / qwen2_5_vl language models (mRoPE: 3-axis positions, frequency sections per axis).
 
@@ -67,7 +68,7 @@ class RefDecoder:
     def __init__(self, causal_lm: torch.nn.Module) -> None:
         lm = causal_lm
         inner = getattr(lm, "model", None) or getattr(lm, "transformer", None) or lm.gpt_neox
-        self.text = getattr(inner, "language_model", inner)
+        self.text = getattr(inner, "language_model", None) or getattr(inner, "decoder", None) or inner  # OPT: .decoder
         self.lm_head = getattr(lm, "lm_head", None) or lm.embed_out
         cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         self.cfg = cfg
@@ -93,6 +94,8 @@ class RefDecoder:
             self.scaling = cfg.query_pre_attn_scalar ** -0.5
         elif self.family == "gpt2":
             self.scaling = self.d ** -0.5 if cfg.scale_attn_weights else 1.0
+        elif self.family == "opt":
+            self.scaling = 1.0  # applied to q (see qkv)
         else:
             self.scaling = self.d ** -0.5
         self.softcap = getattr(cfg, "attn_logit_softcapping", None)
@@ -103,13 +106,15 @@ class RefDecoder:
         return self.cfg.sliding_window if self.layer_types[li] == "sliding_attention" else None
 
     def norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.family in ("gpt2", "gpt_neox", "phi"):
+        if self.family in ("gpt2", "gpt_neox", "phi", "opt"):
             return _ln(x, module)
         return _rms(x, module.weight, self.eps, 1.0 if self.gemma else 0.0)
 
     def embed(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         if self.family == "gpt2":
             return self.text.wte.weight[ids] + self.text.wpe.weight[position_ids]
+        if self.family == "opt":  # learned positions stored with an offset of 2
+            return self.text.embed_tokens.weight[ids] + self.text.embed_positions.weight[position_ids + 2]
         table = (self.text.embed_in if self.family == "gpt_neox" else self.text.embed_tokens).weight
         x = table[ids]
         if self.gemma:
@@ -146,6 +151,11 @@ class RefDecoder:
         if self.family == "gpt2":
             q, k, v = _conv1d(_ln(x, layer.ln_1), layer.attn.c_attn).split(self.cfg.hidden_size, dim=-1)
             return heads(q, self.h), heads(k, self.h), heads(v, self.h)  # learned positions: no rotary
+        if self.family == "opt":  # pre-LN (do_layer_norm_before), q scaled before q @ k^T
+            a = layer.self_attn
+            xn = _ln(x, layer.self_attn_layer_norm)
+            q = _lin(xn, a.q_proj) * self.d ** -0.5
+            return heads(q, self.h), heads(_lin(xn, a.k_proj), self.h), heads(_lin(xn, a.v_proj), self.h)
         if self.family == "gpt_neox":
             a = layer.attention
             qkv = _lin(_ln(x, layer.input_layernorm), a.query_key_value).view(b, n, self.h, 3 * self.d)
@@ -195,6 +205,9 @@ class RefDecoder:
             src = x if self.cfg.use_parallel_residual else x + attn
             mlp = _lin(F.gelu(_lin(_ln(src, layer.post_attention_layernorm), m.dense_h_to_4h)), m.dense_4h_to_h)
             return x + attn + mlp if self.cfg.use_parallel_residual else src + mlp
+        if self.family == "opt":
+            h = x + _lin(o, layer.self_attn.out_proj)
+            return h + _lin(F.relu(_lin(_ln(h, layer.final_layer_norm), layer.fc1)), layer.fc2)
         if self.family == "phi":  # parallel: attention and MLP both read the same input norm
             m = layer.mlp
             xn = _ln(x, layer.input_layernorm)
@@ -221,7 +234,8 @@ class RefDecoder:
         return h + _lin(F.silu(_lin(xn, m.gate_proj)) * _lin(xn, m.up_proj), m.down_proj)
 
     def logits(self, x_last: torch.Tensor) -> torch.Tensor:
-        final = {"gpt2": "ln_f", "gpt_neox": "final_layer_norm", "phi": "final_layernorm"}.get(self.family, "norm")
+        final = {"gpt2": "ln_f", "gpt_neox": "final_layer_norm", "phi": "final_layernorm",
+                 "opt": "final_layer_norm"}.get(self.family, "norm")
         out = _lin(self.norm(getattr(self.text, final), x_last), self.lm_head)
         if self.final_softcap is not None:
             out = torch.tanh(out / self.final_softcap) * self.final_softcap

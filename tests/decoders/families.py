@@ -59,6 +59,12 @@ def _phi() -> torch.nn.Module:  # Phi-2 (partial rotary 0.5, parallel attention 
     return T.PhiForCausalLM(T.PhiConfig(**_COMMON))
 
 
+def _opt() -> torch.nn.Module:  # learned positions; its MLP runs on [B*N, C] (reshape(-1, C) ... view back)
+    return T.OPTForCausalLM(T.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                        ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=256,
+                                        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
 def _mistral() -> torch.nn.Module:  # sliding window on every layer (6 of 24 prompt tokens)
     return T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, sliding_window=6, **_COMMON))
 
@@ -93,7 +99,7 @@ BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl,
     "llama": _llama, "qwen3": _qwen3, "gemma2": _gemma2, "gemma3": _gemma3, "phi3": _phi3, "olmo2": _olmo2,
     "gpt_neox": _gpt_neox, "gpt2": _gpt2, "mistral": _mistral, "gemma": _gemma,
-    "phi": _phi,
+    "phi": _phi, "opt": _opt,
 }
 
 

@@ -9,7 +9,7 @@ parallel residual, Gemma 2 tanh soft-capped logits (FastV must rank with the cap
 logit soft-cap, Gemma 2/3 alternating sliding-window layers and Mistral's sliding window on every layer
 (window 6 over 24 tokens: pruning keeps the window in original positions, in the prefill and in decoding),
 Gemma (1) `(1 + w)` norms and embedding scale, Phi-2 partial rotary with a parallel attention/MLP block,
-GPT-2 learned positions and Conv1D projections (`view(-1, C)` -> addmm -> view back to `[B, N, 3C]`)."""
+OPT learned positions and its MLP on flattened `[B*N, C]`, GPT-2 learned positions and Conv1D projections (`view(-1, C)` -> addmm -> view back to `[B, N, 3C]`)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from decoders.families import build
 import tokenreduce
 
 N, PAD1 = 24, 3
-FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox", "mistral", "gpt2", "gemma", "phi"]
+FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox", "mistral", "gpt2", "gemma", "phi", "opt"]
 CASES = {
     "fastv": (dict(layers=[2], keep_ratio=0.5), [(1, 2, 8)]),
     "pyramiddrop": (dict(layers=[1, 3], keep_ratio=0.5), [(0, 1, 8), (2, 3, 4)]),
