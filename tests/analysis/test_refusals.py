@@ -135,3 +135,31 @@ def test_unmatched_attention_next_to_matched_blocks_is_reported():
     an = _analyse(_TwoBlocks())
     assert len(an.blocks) == 1 and an.blocks[0].reducible
     assert len(an.unmatched) == 1 and "`sin` (sin.default) between the logits and softmax" in an.unmatched[0]
+
+
+class _Banded(torch.nn.Module):
+    """SDPA with a position mask built from two comparisons: j >= i - (w - 1) and j <= i (+ (w - 1))."""
+
+    def __init__(self, window, causal):
+        super().__init__()
+        self.qkv = torch.nn.Linear(DIM, 3 * DIM)
+        self.window, self.causal = window, causal
+
+    def forward(self, x):
+        b, n, c = x.shape
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        allowed = (j >= i - (self.window - 1)) & (j <= i + (0 if self.causal else self.window - 1))
+        q, k, v = self.qkv(x).reshape(b, n, 3, HEADS, c // HEADS).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return x + o.transpose(1, 2).reshape(b, n, c)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_band_masks_give_window_and_causality(causal):
+    """A local band |i - j| < 3 is bidirectional (reducible by encoder methods); with j <= i it is causal."""
+    blk = _analyse(_Banded(window=3, causal=causal)).blocks[0]
+    assert blk.attention.window == 3
+    if causal:
+        assert blk.skip_reason.startswith("causal attention")
+    else:
+        assert blk.reducible, blk.skip_reason

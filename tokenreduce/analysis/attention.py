@@ -27,7 +27,15 @@ import torch
 from torch import fx
 
 from tokenreduce.ir import patterns as P
-from tokenreduce.ir.graph import ancestors, args_of, constant_scalar, evaluate_constant, shape, static_dim
+from tokenreduce.ir.graph import (
+    ancestors,
+    args_of,
+    constant_scalar,
+    evaluate_constant,
+    nodes_between,
+    shape,
+    static_dim,
+)
 
 
 @dataclass
@@ -379,9 +387,58 @@ def index_only(node: fx.Node) -> bool:
         a.op == "placeholder" for a in anc)
 
 
+def _looked_up(part: fx.Node, term: fx.Node) -> bool:
+    """`part` reaches `term` as a value used to index or compute integers (T5's relative-position buckets:
+    `(i - j > 0).long() * buckets -> embedding`), not as a mask that hides keys."""
+    for node in nodes_between([part], [term]):
+        v = node.meta.get("val")
+        if node.target in P.LOOKUP or (isinstance(v, torch.Tensor) and not v.is_floating_point() and
+                                       v.dtype != torch.bool):
+            return True
+    return False
+
+
+def position_parts(term: fx.Node, n: int) -> list[torch.Tensor]:
+    """The position-only boolean parts of a mask (computed from `arange`s and constants, not from the user's
+    padding mask; the largest such [.., n, n] nodes), evaluated as `allowed[i, j]` [n, n] matrices. Polarity
+    comes from the diagonal: a query always sees itself (a part that is True on the diagonal is "allowed",
+    one that is False there is "hidden" and is inverted)."""
+    parts = []
+    for a in ancestors(term, 400):
+        v = a.meta.get("val")
+        if not (isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.dim() >= 2 and
+                tuple(v.shape[-2:]) == (n, n) and index_only(a)):
+            continue
+        if any(isinstance(u.meta.get("val"), torch.Tensor) and u.meta["val"].dtype == torch.bool and index_only(u)
+               and tuple(u.meta["val"].shape[-2:]) == (n, n) for u in a.users):
+            continue  # not the largest position-only part
+        if _looked_up(a, term):
+            continue
+        value = evaluate_constant(a, 200)
+        if value is None:
+            continue
+        mat = value.reshape(-1, n, n)[0].bool()
+        diag = mat.diagonal()
+        if bool(diag.all()):
+            parts.append(mat)
+        elif not bool(diag.any()):
+            parts.append(~mat)
+    return parts
+
+
 def mask_is_causal(mask: fx.Node | None) -> bool:
+    """The mask hides every later key: read from its evaluated position-only parts where there are some
+    (so a bidirectional band built from two position comparisons is not mistaken for causal), else from
+    its construction (`tril`/`triu`, or a comparison of two position ranges)."""
     if mask is None:
         return False
+    ms = shape(mask)
+    n = static_dim(ms[-1]) if ms is not None and len(ms) >= 2 and ms[-1] == ms[-2] else None
+    if n is not None and n > 1:
+        parts = position_parts(mask, n)
+        if parts:
+            later = torch.ones(n, n, dtype=torch.bool).triu(1)
+            return any(not bool(p[later].any()) for p in parts)
     for a in ancestors(mask):
         if a.target in _TRIANGLE:
             return True
@@ -441,22 +498,8 @@ def attention_window(att: Attention, cache: dict[fx.Node, int | None] | None = N
                 windows.append(known)
             continue
         cache[term] = None
-        anc = ancestors(term, 400)
-        for a in anc:
-            v = a.meta.get("val")
-            if not (isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.dim() >= 2 and
-                    tuple(v.shape[-2:]) == (n, n) and index_only(a)):
-                continue
-            if any(isinstance(u.meta.get("val"), torch.Tensor) and u.meta["val"].dtype == torch.bool and index_only(u)
-                   and tuple(u.meta["val"].shape[-2:]) == (n, n) for u in a.users):
-                continue  # not the largest position-only part
-            value = evaluate_constant(a, 200)
-            if value is None:
-                continue
-            mat = value.reshape(-1, n, n)[0].bool()
-            w = _band(mat)
-            if w is None:
-                w = _band(~mat)  # a "masked out" band (True = hidden)
+        for allowed in position_parts(term, n):
+            w = _band(allowed)
             if w is not None:
                 windows.append(w)
                 prev = cache[term]

@@ -51,7 +51,10 @@ TRANSPOSE = {aten.transpose.int, aten.t.default}
 PERMUTE = {aten.permute.default}
 # Score modifiers between q @ k^T and softmax besides scale and additive terms.
 MASKED_FILL = {aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.masked_fill_.Scalar, aten.masked_fill_.Tensor}
-TANH = {aten.tanh.default}  # soft-capping: tanh(logits / c) * c (Gemma 2)
+TANH = {aten.tanh.default}
+# Ops that use a tensor's values as indices into a table: a position comparison feeding one is a bucket
+# computation (T5 relative attention), not a mask.
+LOOKUP = {aten.embedding.default, aten.gather.default, aten.index_select.default}  # soft-capping: tanh(logits / c) * c (Gemma 2)
 # Ops on the logits (or probabilities) that move no value between query/key positions: views between the
 # [B*H, N, N] and [B, H, N, N] spellings, dtype casts, copies.
 LOGIT_LAYOUT = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default,
