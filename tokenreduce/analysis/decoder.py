@@ -36,6 +36,7 @@ from torch import fx
 
 from tokenreduce.analysis.encoder import Attention, Block, analyse_block, find_attention, mask_is_causal
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.ir import patterns as P
 from tokenreduce.ir.graph import args_of, descendants, nodes_between, shape
 
 aten = torch.ops.aten
@@ -90,8 +91,9 @@ def analyse_decoder(gm: fx.GraphModule) -> DecoderAnalysis:
     attentions = find_attention(gm)
     if not attentions:
         raise TokenReduceError("no attention found in the graph: looked for scaled_dot_product_attention and for "
-                               "matmul/bmm -> softmax -> matmul (eager attention); the decoder methods rank tokens "
-                               "by the attention of the last query, so the model needs one of these spellings")
+                               "matmul/bmm -> softmax -> matmul (eager attention)" + _softmax_sources(gm) +
+                               "; the decoder methods rank tokens by the attention of the last query, so the model "
+                               "needs one of these spellings")
     decoder: list[DecoderBlock] = []
     skipped: list[tuple[str, str]] = []
     broken: list[tuple[str, str]] = []  # causal self-attention blocks the block analysis could not take apart
@@ -138,6 +140,27 @@ def analyse_decoder(gm: fx.GraphModule) -> DecoderAnalysis:
                     side[inp] = None
         db.per_token = list(side)
     return DecoderAnalysis(blocks=decoder, skipped=skipped, num_tokens=decoder[0].block.num_tokens)
+
+
+def _softmax_sources(gm: fx.GraphModule) -> str:
+    """What feeds the graph's softmaxes, when none of them was recognised as attention (names the construct:
+    e.g. Bloom's ALiBi logits come from `baddbmm`)."""
+    ops: dict[str, None] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in P.SOFTMAX:
+            src = args_of(node)[0]
+            for _ in range(8):  # past casts, layout ops and the mask add/fill
+                if not isinstance(src, fx.Node) or src.op != "call_function":
+                    break
+                name = getattr(src.target, "__name__", str(src.target)).split(".")[0]
+                if name not in ("add", "_to_copy", "to", "masked_fill", "where", "mul", "div", "view", "reshape",
+                                "_unsafe_view", "clone", "contiguous", "expand"):
+                    ops[name] = None
+                    break
+                src = args_of(src)[0]
+    if not ops:
+        return ""
+    return f"; the graph's softmax logits come from {', '.join(ops)}, which is not one of them"
 
 
 def _decoder_block(index: int, att: Attention) -> Block:
