@@ -80,3 +80,17 @@ def test_evit_ranks_deberta_tokens_by_the_models_own_attention():
     order = torch.cat([torch.zeros(2, 1, dtype=torch.long), keep], dim=1)
     expected = full.last_hidden_state.gather(1, order[..., None].expand(-1, -1, 32))
     torch.testing.assert_close(red(ids, attention_mask=mask).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_deberta_with_padding_exports_to_onnx_and_matches(tmp_path):
+    """DeBERTa zeroes the embeddings of padding tokens: with a bias-free key projection their keys are 0
+    (ToMe's cosine was NaN, ordered differently by torch and ONNX TopK) and otherwise equal (exact ties).
+    The exported file must match the eager reduced model on every position, padding included."""
+    from tokenreduce.targets.onnx import export_onnx
+
+    model = _text_model("deberta-v2")
+    ids, mask = _inputs()
+    red = tokenreduce.compile(model, (ids,), {"attention_mask": mask}, method="tome", r=2, inner="eager",
+                              count_model_flops=False)
+    res = export_onnx(red, tmp_path / "deberta_tome.onnx")
+    assert res.verified and res.max_abs_diff is not None and res.max_abs_diff <= 1e-4

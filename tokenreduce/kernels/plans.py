@@ -55,7 +55,9 @@ def bipartite_plan(
             f"the largest valid r is {max_r(n, num_protected)}"
         )
     device = metric.device
-    metric = metric / metric.norm(dim=-1, keepdim=True)
+    # a zero key (DeBERTa zeroes padding embeddings; with a bias-free key projection its key is 0) has cosine
+    # 0 with every token instead of NaN, whose ordering differs between torch and ONNX TopK
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
     a, b = metric[:, 0::2, :], metric[:, 1::2, :]
     n_a, n_b = a.shape[1], b.shape[1]
     scores = a @ b.transpose(-1, -2)  # [B, nA, nB]
@@ -99,10 +101,14 @@ def plan_from_matches(
     n_b = n // 2
     device = node_max.device
     p_a, p_b = (num_protected + 1) // 2, num_protected // 2
-    # Ties exist only among cross-padding sentinels; break them by index (lower first) so every runtime
-    # (torch, ONNX TopK) orders them the same. Cosines are in [-1, 1], so real edges are untouched.
+    # Ties: among cross-padding sentinels, and among padding tokens whose hidden states are identical (DeBERTa
+    # zeroes padding embeddings, so their keys and cosines are equal). Break them by index (lower first) so
+    # every runtime (torch, ONNX TopK) orders them the same; rows of real A tokens are untouched.
     a_idx = torch.arange(n_a, device=device, dtype=node_max.dtype)
-    node_max = torch.where(node_max < -1.5, node_max - 1e-6 * a_idx, node_max)
+    tie = node_max < -1.5
+    if valid is not None:
+        tie = tie | ~valid[:, 0::2]
+    node_max = torch.where(tie, node_max - 1e-6 * a_idx, node_max)
     # Sorts are top-k with a constant k (exports as TopK with a constant k; no data-dependent shapes).
     edge_idx = node_max.topk(n_a, dim=-1, largest=True, sorted=True).indices  # most similar first
     n_unm = n_a - r
