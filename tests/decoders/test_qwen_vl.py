@@ -43,9 +43,18 @@ def _prompt():  # type: ignore[no-untyped-def]
     return ids, mask, media
 
 
+def _sharpen(model):  # type: ignore[no-untyped-def]
+    """Sharper attention than random init's near-uniform one, so a wrong position changes the tokens."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight *= 8
+            layer.self_attn.k_proj.weight *= 8
+    return model
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_vl_image_and_video(family):
-    model = build(family)
+    model = _sharpen(build(family))
     ids, mask, media = _prompt()
     n = ids.shape[1]
     types = torch.zeros_like(ids, dtype=torch.int).masked_fill(ids == IMAGE, 1).masked_fill(ids == VIDEO, 2)
@@ -83,3 +92,19 @@ def test_qwen_vl_image_and_video(family):
     out = dec.generate(ids, mask, max_new_tokens=5, **media)
     steps = ref.decode(ref_logits, ref_cache, mask, 5, next_pos=mask.sum(-1) + deltas[:, 0])
     assert torch.equal(out[:, :n], ids) and torch.equal(out[:, n:], steps)
+
+
+def test_text_only_prompt_after_an_image_prompt():
+    """A text-only prompt on an mRoPE model decodes without the previous prompt's vision offset (the model's
+    own generate resets `rope_deltas` to zero for it; so does the pruned prefill)."""
+    model = _sharpen(build("qwen2_vl"))
+    stale = torch.tensor([[100], [100]])  # left over from an earlier image prompt
+    model.model.rope_deltas = stale
+    torch.manual_seed(3)
+    ids = torch.randint(3, 100, (2, 20))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    model.model.rope_deltas = stale
+    dec = tokenreduce.reduce_decoder(model, "fastv", layers=[2], keep_ratio=1.0)
+    assert torch.equal(dec.generate(ids, mask, (2, 15), max_new_tokens=8), want)
