@@ -79,9 +79,17 @@ class Settings:
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None, **kwargs: Any) -> Settings:
         """Build from a torch.compile `options` dict or keyword arguments (flat names); names that are
-        neither common fields nor options of the chosen method are errors."""
+        neither common fields nor options of the chosen method are errors. `plan=` (a `Plan`, a plan file's
+        path or a plan dict) supplies the method and its options; beside it only `plan.OVERRIDABLE` settings
+        may be given."""
         merged = dict(options or {})
         merged.update(kwargs)
+        if merged.get("plan") is not None:  # a tuned plan (methods/plan.py) fixes the method and its options
+            from tokenreduce.methods.plan import merge_plan
+
+            plan = merged.pop("plan")
+            merged = merge_plan(plan, merged)
+        merged.pop("plan", None)
         method = merged.pop("method", cls.method)
         m = registry.get(method)
         common = {k: merged.pop(k) for k in list(merged) if k in COMMON}
