@@ -6,8 +6,14 @@
     dec = tokenreduce.reduce_decoder(llm, method="gemfilter", layers=[6], keep_tokens=256)   # decoder prefill
     dec.generate(input_ids, span=(start, end), max_new_tokens=16)
 
+    plan = tokenreduce.tune(model, calib_inputs, budget={"latency": 0.6}, target="onnxruntime")   # choose settings
+    reduced = tokenreduce.compile(model, example_inputs, plan=plan)
+
 or, without importing anything: `torch.compile(model, backend="tokenreduce", options={"method": "tome", "r": 13})`.
 """
+
+import importlib
+from typing import Any
 
 from tokenreduce.compiler.api import ReducedModule, compile
 from tokenreduce.compiler.backend import register as _register_backend
@@ -16,10 +22,21 @@ from tokenreduce.compiler.decoder_api import ReducedDecoder, reduce_decoder
 from tokenreduce.compiler.report import Report
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce.*)
+from tokenreduce.methods.plan import Plan
 from tokenreduce.methods.settings import Settings
 
 _register_backend()
 
-__all__ = ["ReducedDecoder", "ReducedModule", "Report", "Settings", "TokenReduceError", "backend_stats", "compile",
-           "reduce_decoder"]
+
+def tune(model: Any, calib_inputs: Any, budget: Any, target: str | None = None, **options: Any) -> Plan:
+    """Choose the method and per-block schedule for `budget` (`tokenreduce.tuning.search.tune`, whose docstring
+    lists the options); returns a `Plan` for `compile(..., plan=...)`.
+
+    Loaded on first call: the tuner sits above `evaluate` and `bench`, which import this package."""
+    search = importlib.import_module("tokenreduce.tuning.search")
+    return search.tune(model, calib_inputs, budget, target, **options)  # type: ignore[no-any-return]
+
+
+__all__ = ["Plan", "ReducedDecoder", "ReducedModule", "Report", "Settings", "TokenReduceError", "backend_stats",
+           "compile", "reduce_decoder", "tune"]
 __version__ = "0.1.0"

@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tokenreduce.cli import bench, convert, inspect
+from tokenreduce.cli import bench, convert, inspect, tune, visualize
 from tokenreduce.cli import eval as evaluate
 from tokenreduce.cli.args import SOURCES_HELP
 from tokenreduce.cli.ui import (
@@ -56,6 +56,8 @@ COMMANDS: dict[str, tuple[ParserBuilder, Handler]] = {
     "inspect": (inspect.add_parser, inspect.run),
     "bench": (bench.add_parser, bench.run),
     "eval": (evaluate.add_parser, evaluate.run),
+    "tune": (tune.add_parser, tune.run),
+    "visualize": (visualize.add_parser, visualize.run),
 }
 
 MAIN_EPILOG = f"""\
@@ -66,6 +68,8 @@ examples:
   tokenreduce convert hf:./all-MiniLM-L6-v2 --method tome --r 4 --seq-len 128 -o minilm.onnx
   tokenreduce bench timm:vit_base_patch16_224 --method tome --r 13 --target onnxruntime --batch 1,8
   tokenreduce inspect vit_b_tome13.onnx
+  tokenreduce tune timm:vit_small_patch16_224 --budget flops=0.5 --calib 16 -o vit_s_plan.json
+  tokenreduce visualize tokenreduce.tuning.samples:dinov2_small photo.jpg --method tome --r 8 -o map.png
 
 {SOURCES_HELP}
 Run `tokenreduce COMMAND --help` for the options of each command. Errors are one line on stderr with a
