@@ -37,7 +37,7 @@ from tokenreduce.targets.base import Call, Lowered, Target, TargetOptions, defau
 
 __all__ = [
     "TARGETS", "BenchRow", "Call", "Runner", "Timing", "bench_targets", "default_threads", "interleaved", "iqr",
-    "make_row", "prepare_baseline", "prepare_reduced", "time_call",
+    "make_row", "prepare_baseline", "prepare_reduced", "threads_used", "time_call",
 ]
 
 
@@ -127,11 +127,13 @@ class BenchRow:
     flops_before: int
     flops_after: int
     note: str = ""
+    threads: int | None = None  # CPU threads the runtime used (onnxruntime intra-op threads; torch threads)
     samples_unreduced_ms: list[float] = field(default_factory=list, repr=False)
     samples_reduced_ms: list[float] = field(default_factory=list, repr=False)
 
 
-def make_row(setting: str, batch: int, target: str, timing: Timing, report: Report, note: str = "") -> BenchRow:
+def make_row(setting: str, batch: int, target: str, timing: Timing, report: Report, note: str = "",
+             threads: int | None = None) -> BenchRow:
     lat_a, lat_b = timing.median_unreduced_ms, timing.median_reduced_ms
     speedup = lat_a / lat_b
     # a report without FLOPs counted (count_model_flops=False) gives NaN ratios and zero counts
@@ -142,7 +144,7 @@ def make_row(setting: str, batch: int, target: str, timing: Timing, report: Repo
         latency_ratio=lat_b / lat_a, speedup=speedup, flops_ratio=flops_ratio, flops_speedup=flops_speedup,
         efficiency=speedup / flops_speedup, repeats=len(timing.samples_reduced_ms),
         iqr_unreduced_ms=iqr(timing.samples_unreduced_ms), iqr_reduced_ms=iqr(timing.samples_reduced_ms),
-        flops_before=report.flops_before or 0, flops_after=report.flops_after or 0, note=note,
+        flops_before=report.flops_before or 0, flops_after=report.flops_after or 0, note=note, threads=threads,
         samples_unreduced_ms=list(timing.samples_unreduced_ms), samples_reduced_ms=list(timing.samples_reduced_ms),
     )
 
@@ -163,6 +165,12 @@ def _target(label: str) -> Target:
 
 def _options(dynamic_batch: bool, threads: int | None, atol: float) -> TargetOptions:
     return TargetOptions(dynamic_batch=dynamic_batch, threads=threads or default_threads(), atol=atol)
+
+
+def threads_used(runner: Runner) -> int:
+    """The CPU threads a prepared runner runs with: its runtime's own count (onnxruntime's intra-op pool),
+    else torch's."""
+    return runner.threads if runner.threads is not None else torch.get_num_threads()
 
 
 def prepare_baseline(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], target: str, *,

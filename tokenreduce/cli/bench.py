@@ -64,7 +64,8 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
     g.add_argument("--warmup", type=non_negative_int, default=2, metavar="N",
                    help="untimed A/B rounds after the first call (default: 2)")
     g.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="torch / onnxruntime threads (default: the cores available)")
+                   help="torch threads and onnxruntime intra-op threads, reported per row (default: the cores "
+                        "available; edge CPUs have few)")
     g.add_argument("--atol", type=non_negative_float, default=1e-4,
                    help="onnxruntime target: verification tolerance of the exports (default: 1e-4)")
     add_common(p)
@@ -74,7 +75,14 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
 def run(args: argparse.Namespace, ui: UI) -> int:
     import torch
 
-    from tokenreduce.bench import default_threads, interleaved, make_row, prepare_baseline, prepare_reduced
+    from tokenreduce.bench import (
+        default_threads,
+        interleaved,
+        make_row,
+        prepare_baseline,
+        prepare_reduced,
+        threads_used,
+    )
 
     if (folder := decoder.route(args)) is not None:
         return decoder.bench(args, ui, folder)
@@ -107,7 +115,7 @@ def run(args: argparse.Namespace, ui: UI) -> int:
                 timing = interleaved(base.bind(x_args, x_kwargs), red.bind(x_args, x_kwargs), args.repeats, args.warmup,
                                      on_round=steps.advance)
                 assert report is not None
-                rows.append(make_row(name, batch, target, timing, report))
+                rows.append(make_row(name, batch, target, timing, report, threads=threads_used(red)))
     if ui.json_mode:
         from dataclasses import asdict
 
@@ -132,13 +140,14 @@ def print_bench(ui: UI, src: ModelSource, name: str, rows: list[Any], threads: i
     table = Table(title=f"latency, {args.repeats} interleaved rounds, medians (ms)", title_justify="left",
                   caption="latency ratio = reduced / unreduced; efficiency = speedup / FLOPs speedup "
                           "(± is half the interquartile range, shown from 4 rounds)", caption_justify="left")
-    for col, just in (("batch", "right"), ("target", "left"), ("unreduced ms", "right"), ("reduced ms", "right"),
+    for col, just in (("batch", "right"), ("target", "left"), ("threads", "right"), ("unreduced ms", "right"),
+                      ("reduced ms", "right"),
                       ("latency ratio", "right"), ("speedup", "right"), ("FLOPs ratio", "right"),
                       ("efficiency", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in rows:
         eff = Text(fmt_float(r.efficiency, ".2f"), style="green" if r.efficiency >= 0.95 else "yellow")
-        table.add_row(str(r.batch), r.target, lat(r.latency_unreduced_ms, r.iqr_unreduced_ms),
+        table.add_row(str(r.batch), r.target, str(r.threads), lat(r.latency_unreduced_ms, r.iqr_unreduced_ms),
                       lat(r.latency_reduced_ms, r.iqr_reduced_ms), fmt_float(r.latency_ratio),
                       fmt_float(r.speedup, ".2f", "x"), fmt_float(r.flops_ratio), eff)
     ui.print(table)

@@ -43,6 +43,9 @@ examples:
   tokenreduce convert hf:./all-MiniLM-L6-v2 --method tome --r 4 --seq-len 128 --batch 4 -o minilm.onnx
   tokenreduce convert mymodels:build --method tome --r 8 --to tensorrt --fp16 -o vit.engine --keep-onnx
   tokenreduce convert timm:vit_base_patch16_224 --method tome --r 13 -o vit.onnx --json > convert.json
+  tokenreduce convert hf:./all-MiniLM-L6-v2 --method tome --r 3 --seq-len 32 --precision int8 -o minilm_int8.onnx
+  tokenreduce convert timm:vit_small_patch16_224 --method tome --r 8 --precision int8 --calib imgs/ -o vit_int8.onnx
+  tokenreduce convert timm:vit_small_patch16_224 --method tome --r 8 --precision fp16 -o vit_fp16.onnx
 
 The ONNX file has a dynamic batch dimension and every other dimension static. It is written only after
 the static check and the onnxruntime verification pass (max abs diff <= --atol); --no-verify skips the
@@ -50,6 +53,13 @@ verification. --to tensorrt exports and verifies the ONNX, runs the TensorRT com
 builds the engine (needs the `tensorrt` package and a CUDA GPU). OUT must end in .onnx (--to onnx) or
 .engine (--to tensorrt) and must not be an input file; its folder is checked for writing before the model
 is loaded. An interrupted run (Ctrl-C, SIGTERM) leaves no file behind.
+
+--precision fp16|int8 (ONNX only): the fp32 export is checked and verified first, then converted with the
+plan subgraph (the ranking, comparisons and index math) kept in fp32 and unquantized. fp16 keeps fp32
+inputs/outputs. int8 is dynamic for models with integer inputs (text) and static for image inputs, with
+calibration images (or .npy arrays) from --calib DIR. The converted file is verified against the
+unreduced model converted the same way: the reduction may not move the output further from the unreduced
+model than in fp32 beyond a per-precision slack; the rule and the numbers are printed.
 
 {SOURCES_HELP}"""
 
@@ -73,6 +83,11 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
                    help="skip the onnxruntime verification (the static check still runs)")
     g.add_argument("--atol", type=non_negative_float, default=1e-4,
                    help="largest max abs difference onnxruntime vs the reduced model (default: 1e-4)")
+    g.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="onnx: precision of the written file (default: fp32); the plan subgraph stays fp32")
+    g.add_argument("--calib", dest="calibration", metavar="DIR", default=None,
+                   help="onnx --precision int8: folder of calibration images or .npy arrays (static int8; "
+                        "needed for image inputs)")
     g.add_argument("--keep-onnx", action="store_true",
                    help="tensorrt: also keep the verified ONNX file next to OUT (OUT with suffix .onnx)")
     g.add_argument("--fp16", action="store_true", help="tensorrt: build an fp16 engine")
@@ -103,7 +118,11 @@ def run(args: argparse.Namespace, ui: UI) -> int:
     onnx_out = out.with_suffix(".onnx")
     files.check_output(out, args.to, input_files(args),
                        extra_outputs=[onnx_out] if args.to == "tensorrt" and args.keep_onnx else [])
+    check_precision_args(args)
     if (folder := decoder.route(args)) is not None:
+        if args.precision != "fp32":
+            raise TokenReduceError(f"--precision {args.precision} is not supported for decoder prefill exports; "
+                                   f"convert them in fp32", setting="precision", hint="precision='fp32'")
         return decoder.convert(args, ui, folder)
     require_reduction(args)
     opts = settings_from_args(args)
@@ -113,9 +132,16 @@ def run(args: argparse.Namespace, ui: UI) -> int:
             src = load_source(args, args.batch, default_batch=DEFAULT_BATCH)
         with steps.stage("capturing, reducing, counting FLOPs"), torch.no_grad():
             red = tokenreduce.compile(src.model, src.example_args, src.example_kwargs, inner="eager", **opts)
+            unreduced = None
+            if args.precision != "fp32" and not args.no_verify:  # the same-precision reference
+                unreduced = tokenreduce.compile(src.model, src.example_args, src.example_kwargs, inner="eager",
+                                                method="none", count_model_flops=False,
+                                                dynamic_batch=opts.get("dynamic_batch", True))
         if args.to == "onnx":
             with atomic_path(out) as staged:
-                exported = export_verified_onnx(red, staged, verify=not args.no_verify, atol=args.atol, steps=steps)
+                exported = export_verified_onnx(red, staged, verify=not args.no_verify, atol=args.atol, steps=steps,
+                                                precision=args.precision, calibration=args.calibration,
+                                                unreduced=unreduced)
             exported.export.path = out
             trt: dict[str, Any] | None = None
         else:
@@ -183,11 +209,30 @@ def batch_dims(path: Path) -> list[int | str]:
     return dims
 
 
-def export_verified_onnx(red: Any, staged: Path, *, verify: bool, atol: float, steps: Steps) -> WrittenOnnx:
+def check_precision_args(args: argparse.Namespace) -> None:
+    """Refuse precision options the chosen artefact cannot honour (before the model is loaded)."""
+    if args.precision != "fp32" and args.to != "onnx":
+        raise TokenReduceError(f"--precision {args.precision} applies to --to onnx; for a TensorRT engine use --fp16 "
+                               f"(int8 engines are not built here)", setting="precision",
+                               hint="precision='fp32' or fp16=True")
+    if args.calibration is not None and args.precision != "int8":
+        raise TokenReduceError("--calib DIR is the calibration data of --precision int8", setting="calibration",
+                               hint="precision='int8'")
+
+
+def export_verified_onnx(red: Any, staged: Path, *, verify: bool, atol: float, steps: Steps, precision: str = "fp32",
+                         calibration: str | None = None, unreduced: Any = None) -> WrittenOnnx:
     """Export to `staged` (a path in a scratch folder, moved into place by the caller) and verify it there.
-    Export and verification are separate progress stages; `export_onnx` still runs the static check."""
+    Export and verification are separate progress stages; `export_onnx` still runs the static check.
+    fp16/int8: export, conversion and verification run as one stage (`export_onnx` does all three)."""
     from tokenreduce.targets.onnx import export_onnx, verify_onnx
 
+    if precision != "fp32":
+        with steps.stage(f"exporting ONNX, converting to {precision}, verifying in onnxruntime"):
+            result = export_onnx(red, staged, verify=verify, atol=atol, precision=precision, calibration=calibration,
+                                 unreduced=unreduced)
+        steps.advance()
+        return WrittenOnnx(result, batch_dims(staged))
     with steps.stage("exporting ONNX (dynamo exporter + static check)"):
         result = export_onnx(red, staged, verify=False, atol=atol)
     if verify:
@@ -219,12 +264,26 @@ def onnx_dict(written: WrittenOnnx, args: argparse.Namespace, kept: bool) -> dic
         "inputs": exported.input_names,
         "outputs": exported.output_names,
         "op_counts": exported.op_counts,
+        "precision": exported.precision,
+        "quantization": exported.quantization or None,
+        "fp32_max_abs_diff": exported.fp32_max_abs_diff,
+        "tolerance": exported.tolerance.describe() if exported.tolerance else None,
     }
 
 
 def print_verification(ui: UI, written: WrittenOnnx, args: argparse.Namespace) -> None:
     exported = written.export
     ui.print("ONNX static check: OK (every dimension static except the batch; export-safe ops)", style="green")
+    if exported.precision != "fp32":
+        ui.print(f"precision: {exported.quantization}")
+        if exported.fp32_max_abs_diff is not None:
+            ui.print(f"fp32 export before conversion: max abs diff {exported.fp32_max_abs_diff:.3g} <= atol {args.atol:g}: "
+                     "OK", style="green")
+        if exported.verified and exported.tolerance is not None:
+            ui.print(f"verification ({exported.tolerance.describe()}): OK", style="green")
+        else:
+            ui.print("verification: skipped (--no-verify)", style="yellow")
+        return
     if exported.verified:
         ui.print(f"verification (onnxruntime vs reduced model): max abs diff {exported.max_abs_diff:.3g} "
                  f"<= atol {args.atol:g}: OK", style="green")

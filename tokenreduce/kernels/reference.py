@@ -150,3 +150,85 @@ def merge_weight(size: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
 def unmerge(x: torch.Tensor, source: torch.Tensor, dim: int) -> torch.Tensor:
     """Restore the original token count: original position i gets `x[:, source[:, i]]` along `dim`."""
     return gather_tokens(x, source, dim=dim)
+
+
+# --------------------------------------------------------------------------------------------- exported forms
+# The functions below are what the ONNX lowering puts in place of `apply_plan` (`passes/inline_reference_ops.py`).
+# Same numbers as `apply_plan` (sums in a different order: differences at float rounding level); fewer and
+# cheaper ONNX nodes. onnxruntime's ScatterElements walks an expanded `[B, N, C]` int64 index element by
+# element, so `apply_plan`'s three scatters over every token cost more at batch 1 than the row copies below
+# (measured in docs/benchmarks.md, "Edge: onnxruntime batch 1, fp16, int8").
+
+
+def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`t [B, N, ...]` rows picked per batch by `index [B, M]` -> `[B, M, ...]`, as one flat row Gather (ONNX
+    `Gather` on axis 0 copies whole rows; `torch.gather` exports as GatherElements over an expanded index)."""
+    bsz, n = t.shape[0], t.shape[1]
+    rest = tuple(t.shape[2:])
+    flat = (index + (torch.arange(bsz, device=index.device) * n)[:, None]).reshape(-1)
+    return t.reshape((bsz * n,) + rest)[flat].reshape((bsz, index.shape[1]) + rest)
+
+
+def apply_plan_packed(
+    x: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor | None, size: torch.Tensor | None, n_out: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_plan` with two scatter-adds instead of three: the weights and counted sizes travel as one
+    `[B, N, 2]` tensor (when `size` has the features' dtype; otherwise `apply_plan` itself)."""
+    if size is not None and size.dtype != x.dtype:
+        return apply_plan(x, slot, weight, size, n_out)
+    bsz, n, c = x.shape
+    w, counted = _weights(x, weight, size)
+    acc = torch.zeros(bsz, n_out + 1, c, dtype=x.dtype, device=x.device)
+    acc = acc.scatter_add(1, slot[:, :, None].expand(bsz, n, c), x * w[:, :, None])
+    sums = torch.zeros(bsz, n_out + 1, 2, dtype=x.dtype, device=x.device)
+    sums = sums.scatter_add(1, slot[:, :, None].expand(bsz, n, 2), torch.stack([w, counted], dim=2))
+    return _finish(acc, sums)
+
+
+def apply_plan_reps(
+    x: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor | None, size: torch.Tensor | None, n_out: int,
+    rep: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_plan` for a plan that names a representative source of every slot (`rep [B, n_out]`, distinct,
+    `slot[rep[s]] == s`: ToMe's and EViT's plans): each slot starts as a row copy of its representative's
+    weighted features, and only the other `N - n_out` sources are scatter-added (ToMe: the r merged tokens,
+    not all N). A scatter-add keeps non-finite values in their own slot and channel, as `apply_plan` does.
+    If a plan broke the invariant, sources would be lost; the ONNX verification compares against
+    `apply_plan` on the example inputs."""
+    if size is not None and size.dtype != x.dtype:  # sizes travel with the weights only in the features' dtype
+        return apply_plan(x, slot, weight, size, n_out)
+    bsz, n, c = x.shape
+    w, counted = _weights(x, weight, size)
+    xw = x * w[:, :, None]
+    pair = torch.stack([w, counted], dim=2)  # [B, N, 2]
+    acc = torch.cat([gather_rows(xw, rep), torch.zeros_like(xw[:, :1])], dim=1)  # + the dump slot n_out
+    sums = torch.cat([gather_rows(pair, rep), torch.zeros_like(pair[:, :1])], dim=1)
+    k = n - n_out
+    if k > 0:
+        # non-representatives: topk over a 0/1 flag with a constant k (exact: there are exactly k of them)
+        is_rep = rep.gather(1, slot.clamp(max=n_out - 1)) == torch.arange(n, device=x.device)[None, :]
+        others = (~is_rep).to(x.dtype).topk(k, dim=-1, largest=True, sorted=False).indices
+        dest = slot.gather(1, others)[:, :, None]
+        acc = acc.scatter_add(1, dest.expand(bsz, k, c), gather_rows(xw, others))
+        sums = sums.scatter_add(1, dest.expand(bsz, k, 2), gather_rows(pair, others))
+    return _finish(acc, sums)
+
+
+def _weights(x: torch.Tensor, weight: torch.Tensor | None, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`w`, `counted`) of `apply_plan`: averaging weights in x's dtype, and sizes of the sources with w > 0."""
+    if size is None:
+        size = torch.ones_like(x[:, :, 0])
+    w = (size if weight is None else weight).to(x.dtype)
+    counted = torch.where(w > 0, size, torch.zeros_like(size))
+    return w, counted
+
+
+def _finish(acc: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features / weight sum (0 where no weight arrived) and the size sum, from the weighted feature sums
+    `acc [B, n_out + 1, C]` and the (weight, size) sums `sums [B, n_out + 1, 2]` (the last slot is the dump
+    slot). Sliced as `apply_plan` slices, so the outputs have its strides: the graph after the apply was
+    captured with them."""
+    n_out = acc.shape[1] - 1
+    wsum = sums[:, :n_out, 0]
+    denom = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
+    return acc[:, :n_out] / denom[:, :, None], sums[:, :, 1][:, :n_out]

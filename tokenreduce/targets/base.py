@@ -30,6 +30,7 @@ from tokenreduce.errors import TokenReduceError
 from tokenreduce.util.batch import tensor_leaves
 
 RUNTIME = "runtime"
+PRECISIONS = ("fp32", "fp16", "int8")
 ARTEFACT = "artefact"
 CAPABILITIES = (RUNTIME, ARTEFACT)
 
@@ -60,6 +61,13 @@ class TargetOptions:
     device: "cpu", "cuda" or "cuda:N"; None: the device of the example inputs (cpu when there are none).
     verify: artefact targets compare their runtime with the eager graph before writing (skip only if False).
     opset: ONNX opset for the export (None: the exporter's default).
+    precision: onnx: the file's precision, "fp32", "fp16" or "int8" (`targets/quantize.py`: the plan subgraph
+        stays fp32 and unquantized; fp16/int8 files are verified with a per-precision tolerance). Targets
+        that cannot honour a precision other than "fp32" refuse it (eager, inductor; tensorrt: use `fp16`).
+    calibration: onnx int8: a folder of calibration inputs (images or .npy arrays) for static quantization;
+        None: dynamic quantization, which a model with float inputs (vision) refuses.
+    unreduced: onnx fp16/int8: the unreduced graph for the same inputs (e.g. `method="none"`); when given,
+        the tolerance also allows what the precision does to the unreduced model (`quantize.tolerance`).
     fp16: tensorrt: build the engine with fp16 kernels allowed (loosen `atol` accordingly).
     profile_batch: tensorrt: the engine's (min, opt, max) batch profile when the batch is dynamic.
     workspace_gb: tensorrt: builder workspace limit.
@@ -74,6 +82,9 @@ class TargetOptions:
     device: str | None = None
     verify: bool = True
     opset: int | None = None
+    precision: str = "fp32"
+    calibration: Path | None = None
+    unreduced: Any = field(default=None, compare=False, repr=False)
     fp16: bool = False
     profile_batch: tuple[int, int, int] = (1, 8, 32)
     workspace_gb: float = 4.0
@@ -86,6 +97,15 @@ class TargetOptions:
             raise TokenReduceError(f"atol must be a number >= 0, got {self.atol!r}")
         if self.output is not None:
             object.__setattr__(self, "output", Path(self.output))
+        if self.precision not in PRECISIONS:
+            raise TokenReduceError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+                                   setting="precision")
+        if self.calibration is not None:
+            if self.precision != "int8":
+                raise TokenReduceError(f"calibration inputs are for precision='int8' (static quantization); "
+                                       f"precision is {self.precision!r}", setting="calibration",
+                                       hint="precision='int8'")
+            object.__setattr__(self, "calibration", Path(self.calibration))
         if self.device is not None:
             try:
                 torch.device(self.device)
@@ -114,6 +134,8 @@ class Verification:
     verified: bool  # the target's runtime was compared with the eager graph on the example inputs
     max_abs_diff: float | None  # largest difference seen (None: not verified)
     atol: float  # the tolerance it was held to
+    precision: str = "fp32"  # onnx: the file's precision
+    tolerance: str = ""  # fp16/int8: how the tolerance was set (`quantize.Tolerance.describe`)
 
 
 @dataclass
@@ -132,6 +154,7 @@ class Lowered:
     path: Path | None = None  # artefact targets: the file written (None: only held in memory)
     verification: Verification | None = None
     export: Any = None  # onnx/tensorrt: the `OnnxExport` record of the ONNX model behind the runner
+    threads: int | None = None  # CPU threads the runner's runtime uses (onnxruntime intra-op); None: not set by it
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.runner(*args, **kwargs)
@@ -144,6 +167,14 @@ class Lowered:
 
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Call:
         return self.binder(tuple(args), dict(kwargs))
+
+
+def require_fp32(options: TargetOptions, target: str, alternative: str) -> None:
+    """Refuse a precision other than fp32 on a target that only runs the graph as it is."""
+    if options.precision != "fp32":
+        raise TokenReduceError(f"the {target} target runs the graph in its own dtype and cannot honour "
+                               f"precision={options.precision!r}; {alternative}", setting="precision",
+                               hint="precision='fp32'")
 
 
 def same_device(options: TargetOptions, args: tuple[Any, ...], kwargs: dict[str, Any], target: str) -> torch.device:

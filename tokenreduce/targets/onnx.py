@@ -65,6 +65,10 @@ class OnnxExport:
     external_data: bool = False
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    quantization: str = ""  # how the fp16/int8 file was made ("int8 dynamic (...)")
+    fp32_max_abs_diff: float | None = None  # fp16/int8: the fp32 export's difference, checked before converting
+    tolerance: Any = None  # fp16/int8: the `quantize.Tolerance` the file was held to
 
 
 def _const_names(model: Any) -> set[str]:
@@ -141,6 +145,14 @@ def check_static(model: Any, probe_batch: int = 3) -> list[str]:
         for i, d in enumerate(tt.shape.dim):
             if not d.HasField("dim_value"):
                 problems.append(f"{vi.name}: dimension {i} is not static ({d.dim_param or 'unknown'})")
+    return problems + check_ops(model)
+
+
+def check_ops(model: Any) -> list[str]:
+    """The op part of `check_static` (data-dependent shapes, ScatterND, non-sum ScatterElements, TopK with a
+    non-constant k). fp16/int8 files get only this check: their conversion adds Cast and (de)quantize nodes,
+    which keep their inputs' shapes, to an fp32 export that passed the full check."""
+    problems = []
     consts = _const_names(model)
     for node in model.graph.node:
         if node.op_type in DATA_DEPENDENT_OPS:
@@ -164,11 +176,17 @@ def export_onnx(
     atol: float = 1e-4,
     dynamic_batch: bool | None = None,
     opset: int | None = None,
+    precision: str = "fp32",
+    calibration: str | os.PathLike[str] | None = None,
+    unreduced: Any = None,
 ) -> OnnxExport:
-    """Export a `ReducedModule` to ONNX, check it, verify it in onnxruntime, then write it to `path`."""
+    """Export a `ReducedModule` to ONNX, check it, verify it in onnxruntime, then write it to `path`.
+    `unreduced`: a `ReducedModule` of `method="none"` on the same inputs (fp16/int8 tolerance, see `export_graph`)."""
     dynamic = reduced.dynamic_batch if dynamic_batch is None else dynamic_batch
+    base = getattr(unreduced, "graph_module", unreduced)
     return export_graph(reduced.graph_module, reduced.example_args, reduced.example_kwargs, path, verify=verify,
-                        atol=atol, dynamic_batch=dynamic, opset=opset)
+                        atol=atol, dynamic_batch=dynamic, opset=opset, precision=precision, calibration=calibration,
+                        unreduced=base)
 
 
 def export_graph(
@@ -181,17 +199,87 @@ def export_graph(
     atol: float = 1e-4,
     dynamic_batch: bool = True,
     opset: int | None = None,
+    precision: str = "fp32",
+    calibration: str | os.PathLike[str] | None = None,
+    unreduced: torch.nn.Module | None = None,
+    plan_form: str = "exported",
 ) -> OnnxExport:
     """Export the rewritten graph `gm` for these example inputs to ONNX (tokenreduce ops inlined), run the
     static check, verify in onnxruntime against `gm` itself (unless `verify=False`), then write `path`
-    atomically. Raises TokenReduceError on any failure, leaving nothing at `path`."""
+    atomically. Raises TokenReduceError on any failure, leaving nothing at `path`.
+
+    `precision` "fp16"/"int8" (`targets/quantize.py`): the fp32 export is checked and verified first, then
+    converted (plan subgraph kept fp32), checked again and verified against `gm` with the precision's
+    tolerance; `unreduced` (the unreduced graph on the same inputs) widens it to what the precision does to
+    the unreduced model. `calibration`: int8 calibration folder (static quantization). `plan_form`:
+    "exported" (the cheaper `apply_plan` forms, `passes/inline_reference_ops.py`) or "reference"."""
     import onnx
 
+    from tokenreduce.targets import quantize
+
+    quantize.check_precision(precision)
+    if plan_form not in ("exported", "reference"):
+        raise TokenReduceError(f"plan_form must be 'exported' or 'reference', got {plan_form!r}")
     path = Path(path)
     kwargs = dict(kwargs)
+    if precision == "int8" and calibration is None and any(t.dtype.is_floating_point
+                                                           for t in tensor_leaves((args, kwargs))):
+        raise TokenReduceError(
+            "int8 for a model with float inputs (vision) is static quantization: it needs calibration inputs "
+            "(a folder of images or .npy arrays: TargetOptions(calibration=DIR), `convert --calib DIR`); "
+            "or use precision 'fp16'", setting="calibration", hint="calibration=DIR or precision='fp16'")
+    program, trace_args, trace_kwargs = _export_program(gm, args, kwargs, dynamic_batch, opset, plan_form)
+    model = program.model_proto
+    problems = check_static(model)
+    weights = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
+    external = weights >= TWO_GB
+    if external and precision != "fp32":
+        raise TokenReduceError(f"precision {precision!r} is not supported for models above 2 GB of weights "
+                               f"(external data); export fp32", setting="precision", hint="precision='fp32'")
+    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(prefix="tokenreduce-precision-") as scratch:
+        fp32_path = tmp if precision == "fp32" else Path(scratch) / "fp32.onnx"
+        program.save(str(fp32_path), external_data=external)
+        result = OnnxExport(path=path, max_abs_diff=None, verified=False, problems=problems,
+                            op_counts=dict(Counter(n.op_type for n in model.graph.node)), external_data=external,
+                            input_names=[i.name for i in model.graph.input],
+                            output_names=[o.name for o in model.graph.output], precision=precision)
+        if problems:
+            raise TokenReduceError(f"exported ONNX is not static/export-safe: {problems[0]}"
+                                   + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+        if verify:
+            result.max_abs_diff = verify_onnx(fp32_path, gm, args, kwargs, atol=atol)
+            if trace_args is not args or trace_kwargs is not kwargs:  # also at the traced batch
+                result.max_abs_diff = max(result.max_abs_diff,
+                                          verify_onnx(fp32_path, gm, trace_args, trace_kwargs, atol=atol))
+            result.verified = True
+        if precision != "fp32":
+            feeds = _calibration(calibration, model) if calibration is not None else None
+            result.fp32_max_abs_diff, result.max_abs_diff, result.verified = result.max_abs_diff, None, False
+            result.quantization = _convert(fp32_path, tmp, precision, feeds)
+            converted = onnx.load(str(tmp), load_external_data=False)
+            result.problems = model_problems(converted) or check_ops(converted)
+            result.op_counts = dict(Counter(n.op_type for n in converted.graph.node))
+            if result.problems:
+                raise TokenReduceError(f"the {precision} ONNX is not static/export-safe: {result.problems[0]}")
+            if verify:
+                result.tolerance = _judge(tmp, gm, args, kwargs, precision, unreduced, dynamic_batch, opset, feeds,
+                                          Path(scratch))
+                result.max_abs_diff = result.tolerance.measured
+                if not result.tolerance.ok:
+                    raise TokenReduceError(f"{precision} ONNX verification failed: {result.tolerance.describe()}; "
+                                           f"the exported file was not written")
+                result.verified = True
+        onnx.checker.check_model(str(tmp))
+    return result
+
+
+def _export_program(gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_batch: bool,
+                    opset: int | None, plan_form: str) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """torch.onnx (dynamo) export of `gm` with the tokenreduce ops inlined; returns the program and the
+    inputs it was traced with (batch 2 when the example batch is 1 and the batch is dynamic)."""
     gm_inlined = copy.deepcopy(gm).eval()
     if isinstance(gm_inlined, torch.fx.GraphModule):
-        inline_reference_ops(gm_inlined)
+        inline_reference_ops(gm_inlined, exported_apply=plan_form == "exported")
     dynamic_shapes = None
     trace_args, trace_kwargs = args, kwargs
     if dynamic_batch:
@@ -202,34 +290,74 @@ def export_graph(
         if batch_of(args, kwargs) == 1:  # export specialises size-1 dims: trace at batch 2
             trace_args, trace_kwargs = repeat_batch(args, 1), repeat_batch(kwargs, 1)
     try:
-        program = torch.onnx.export(gm_inlined, trace_args, kwargs=trace_kwargs or None, dynamo=True,
-                                    dynamic_shapes=dynamic_shapes,
-                                    optimize=True, opset_version=opset, verbose=False)
+        # under no_grad: with grad enabled, torch.export keeps the fused SDPA's output strides and turns the
+        # model's `transpose(1, 2).reshape(B, N, C)` into a view, which breaks once the exporter decomposes SDPA
+        # ("Failed to decompose the FX graph ... Cannot view a tensor": BEiT, T5, Data2Vec, even unreduced)
+        with torch.no_grad():
+            program = torch.onnx.export(gm_inlined, trace_args, kwargs=trace_kwargs or None, dynamo=True,
+                                        dynamic_shapes=dynamic_shapes,
+                                        optimize=True, opset_version=opset, verbose=False)
     except Exception as exc:  # noqa: BLE001
         raise TokenReduceError(f"ONNX export failed: {str(exc).splitlines()[0]}") from exc
     if program is None:
         raise TokenReduceError("ONNX export failed: torch.onnx.export returned no program")
-    model = program.model_proto
-    problems = check_static(model)
-    weights = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
-    external = weights >= TWO_GB
-    with atomic_path(path) as tmp:
-        program.save(str(tmp), external_data=external)
-        result = OnnxExport(path=path, max_abs_diff=None, verified=False, problems=problems,
-                            op_counts=dict(Counter(n.op_type for n in model.graph.node)), external_data=external,
-                            input_names=[i.name for i in model.graph.input],
-                            output_names=[o.name for o in model.graph.output])
-        if problems:
-            raise TokenReduceError(f"exported ONNX is not static/export-safe: {problems[0]}"
-                                   + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
-        if verify:
-            result.max_abs_diff = verify_onnx(tmp, gm, args, kwargs, atol=atol)
-            if trace_args is not args or trace_kwargs is not kwargs:  # also at the traced batch
-                result.max_abs_diff = max(result.max_abs_diff,
-                                          verify_onnx(tmp, gm, trace_args, trace_kwargs, atol=atol))
-            result.verified = True
-        onnx.checker.check_model(str(tmp))
-    return result
+    return program, trace_args, trace_kwargs
+
+
+def _convert(src: Path, dst: Path, precision: str, feeds: list[dict[str, Any]] | None) -> str:
+    """Write the `precision` version of the fp32 file `src` to `dst`; returns how ("fp16", "int8 dynamic", ...)."""
+    import onnx
+
+    from tokenreduce.targets import quantize
+
+    if precision == "fp16":
+        onnx.save(quantize.to_fp16(onnx.load(str(src))), str(dst))
+        return "fp16 (plan subgraph fp32, fp32 inputs/outputs)"
+    mode = quantize.to_int8(src, dst, calibration=feeds)
+    return f"int8 {mode} (per-channel weights; plan subgraph not quantized)"
+
+
+def _calibration(folder: str | os.PathLike[str], model: Any) -> list[dict[str, Any]]:
+    from tokenreduce.targets import quantize
+
+    floats = [i for i in model.graph.input if i.type.tensor_type.elem_type == 1]  # FLOAT
+    if len(floats) != 1 or len(floats[0].type.tensor_type.shape.dim) != 4:
+        raise TokenReduceError("calibration folders feed one image input [B, C, H, W]; this model takes "
+                               f"{', '.join(i.name for i in model.graph.input)}: use dynamic int8 (no calibration)",
+                               setting="calibration")
+    dims = [d.dim_value for d in floats[0].type.tensor_type.shape.dim]
+    return quantize.calibration_inputs(folder, floats[0].name, dims)
+
+
+def _judge(path: Path, gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], precision: str,
+           unreduced: torch.nn.Module | None, dynamic_batch: bool, opset: int | None,
+           feeds: list[dict[str, Any]] | None, scratch: Path) -> Any:
+    """The `quantize.Tolerance` of the `precision` file at `path` (see `targets/quantize.py`)."""
+    from tokenreduce.targets import quantize
+
+    got = run_onnx(path, args, kwargs)
+    with torch.no_grad():
+        expected = tensor_leaves(gm(*args, **kwargs))
+    scale = max((float(e.abs().max()) for e in expected if e.dtype.is_floating_point and e.numel()), default=1.0)
+    vs_fp32 = _max_diff(got, expected)
+    with torch.no_grad():
+        full = tensor_leaves(unreduced(*args, **kwargs)) if unreduced is not None else []
+    if unreduced is None or [tuple(t.shape) for t in full] != [tuple(t.shape) for t in expected]:
+        # no unreduced model, or token outputs shorter than its own (unmerge=True makes them comparable)
+        return quantize.tolerance(precision, scale, vs_fp32=vs_fp32)
+    program, _, _ = _export_program(unreduced, args, kwargs, dynamic_batch, opset, "reference")
+    src, dst = scratch / "unreduced.onnx", scratch / f"unreduced.{precision}.onnx"
+    program.save(str(src))
+    _convert(src, dst, precision, feeds)
+    full_p = run_onnx(dst, args, kwargs)
+    return quantize.tolerance(precision, scale, vs_fp32=vs_fp32, reduction_error=_max_diff(got, full_p),
+                              fp32_reduction_error=_max_diff(expected, full))
+
+
+def _max_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    if len(a) != len(b) or any(tuple(x.shape) != tuple(y.shape) for x, y in zip(a, b)):
+        raise TokenReduceError("the outputs to compare differ in number or shape")
+    return max((float((x.float() - y.float()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
 
 
 def _by_name(gm: Any, leaves: Any) -> Any:
@@ -251,17 +379,22 @@ def verify_onnx(onnx_path: str | os.PathLike[str], reduced: Any, args: tuple[Any
 
     `reduced` is a `ReducedModule` (its `graph_module` is the reference) or the graph module itself.
     Raises TokenReduceError past `atol`."""
-    import onnxruntime as ort
-
     reference = getattr(reduced, "graph_module", reduced)
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    inputs = tensor_leaves((args, kwargs))
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
-    got = [torch.from_numpy(g) for g in sess.run(None, feeds)]
+    got = run_onnx(onnx_path, args, kwargs)
     with torch.no_grad():
         expected = tensor_leaves(reference(*args, **kwargs))
     return compare_outputs(got, expected, atol, runtime="onnxruntime", what="ONNX",
                            consequence="the exported file was not written")
+
+
+def run_onnx(onnx_path: str | os.PathLike[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The flat outputs of an ONNX file in an onnxruntime CPU session on these inputs."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inputs = tensor_leaves((args, kwargs))
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
+    return [torch.from_numpy(g) for g in sess.run(None, feeds)]
 
 
 def compare_outputs(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], atol: float, *, runtime: str,
@@ -316,7 +449,8 @@ class OnnxTarget(ArtefactTarget):
 
         def export(path: Path) -> OnnxExport:
             return export_graph(gm, args, kwargs, path, verify=options.verify, atol=options.atol, dynamic_batch=dynamic,
-                                opset=options.opset)
+                                opset=options.opset, precision=options.precision, calibration=options.calibration,
+                                unreduced=options.unreduced)
 
         sess_opts = ort.SessionOptions()
         sess_opts.intra_op_num_threads = options.threads or default_threads()
@@ -357,8 +491,11 @@ class OnnxTarget(ArtefactTarget):
         dynamic = all(isinstance(i.shape[0], str) or i.shape[0] is None for i in sess.get_inputs() if i.shape)
         return Lowered(self.name, self.runtime, run, bind, batch_of(args, kwargs), dynamic,
                        path=options.output,
-                       verification=Verification(result.problems, result.verified, result.max_abs_diff, options.atol),
-                       export=result)
+                       verification=Verification(result.problems, result.verified, result.max_abs_diff,
+                                                 result.tolerance.atol if result.tolerance else options.atol,
+                                                 precision=result.precision,
+                                                 tolerance=result.tolerance.describe() if result.tolerance else ""),
+                       export=result, threads=options.threads or default_threads())
 
 
 def _importable(module: str) -> bool:
