@@ -43,7 +43,6 @@ KNOWN: dict[str, dict[str, str]] = {
     "timm-beit": {"onnx": "refused: ONNX export failed: Failed to decompose the FX graph for ONNX compatibility"},
     "hf-t5-encoder": {"onnx": "refused: ONNX export failed: Failed to decompose the FX graph for ONNX compatibility"},
     "hf-data2vec-vision": {"onnx": "refused: ONNX export failed: Failed to export the model with torch.export"},
-    "hf-deberta-v2": {"onnx": "refused: ONNX verification failed: onnxruntime differs from the eager reduced model"},
     # the model's own random masking (argsort of the noise) is a TopK whose k is not a constant: not export-safe
     "hf-vit-mae": {"onnx": "refused: TopK k is not a constant"},
 }
