@@ -11,7 +11,7 @@ from torch import fx
 from tokenreduce import targets
 from tokenreduce.compiler.capture import export_graph, release_fake_caches, trace_lock
 from tokenreduce.compiler.pipeline import make_report, reduce_graph
-from tokenreduce.compiler.report import Report, flops_or_reason
+from tokenreduce.compiler.report import Report, count_report_flops
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.methods import registry
 from tokenreduce.methods.settings import Settings
@@ -114,18 +114,6 @@ def _guard_copied_parameters(graph_module: fx.GraphModule, runner: Any, inner: s
             p.register_hook(refuse)
 
 
-def count_report_flops(report: Report, model: Any, gm: fx.GraphModule, args: tuple[Any, ...],
-                       kwargs: dict[str, Any]) -> None:
-    """Fill the report's FLOPs before/after, or say why they are unavailable (never raises)."""
-    before, why_before = flops_or_reason(model, args, kwargs)
-    after, why_after = flops_or_reason(gm, args, kwargs) if before is not None else (None, "")
-    if before is None or after is None:
-        side = "the model" if before is None else "the reduced graph"
-        report.flops_unavailable = f"{side}: {why_before or why_after}"
-        return
-    report.flops_before, report.flops_after = before, after
-
-
 def split_inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
     kwargs = dict(example_kwargs or {})
     if isinstance(example_inputs, torch.Tensor):
@@ -171,7 +159,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         report = make_report(red, cfg)
         gm = red.gm
         if count_model_flops:
-            count_report_flops(report, model, gm, args, kwargs)
+            count_report_flops(report, (model, args, kwargs), (gm, args, kwargs))
         if captured.static_batch_reason:
             report.notes.append(captured.static_batch_reason)
         runner = targets.get(cfg.inner).lower(gm, args, kwargs, TargetOptions(dynamic_batch=captured.dynamic_batch)).runner

@@ -40,7 +40,7 @@ from torch import fx
 from tokenreduce import targets
 from tokenreduce.compiler.capture import export_graph
 from tokenreduce.compiler.pipeline import reduce_prefill
-from tokenreduce.compiler.report import Report, count_flops
+from tokenreduce.compiler.report import Report, count_report_flops
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.methods import registry
 from tokenreduce.methods.settings import Settings
@@ -261,8 +261,7 @@ class ReducedDecoder:
         runner = targets.get(self.settings.inner).lower(gm, tuple(flat), {}, TargetOptions(dynamic_batch=False)).runner
         compiled = _Compiled(gm, runner, report, names)
         if self.count_model_flops:
-            report.flops_before = count_flops(wrapper, args, kwargs)
-            report.flops_after = count_flops(gm, tuple(flat), {})
+            count_report_flops(report, (wrapper, args, kwargs), (gm, tuple(flat), {}))
         self._cache[key] = compiled
         self.report = report
         return compiled
@@ -366,7 +365,8 @@ def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, inner: str 
             "gemfilter"); "none" captures the same prefill graph without pruning (the baseline benchmarks
             compare against).
         inner: "eager" (default: runs the rewritten graph as is) or "inductor".
-        count_model_flops: count prefill FLOPs before/after for the report (runs the model twice).
+        count_model_flops: count prefill FLOPs before/after for the report (on fake tensors where the
+            model allows; 'FLOPs unavailable: why' in the report when counting fails).
         **options: the method's options (None means the method's default):
             layers -- FastV: `[K]` (prune after block K-1's attention ranks, default 2); PyramidDrop: the
                 stage blocks (default 8/16/24 of 32, scaled); GemFilter: `[L]`, the filter layer (default

@@ -162,3 +162,17 @@ def _run_counted(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], mode: F
     with torch.no_grad(), mode if mode is not None else contextlib.nullcontext(), counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
+
+
+Call = tuple[Any, tuple[Any, ...], dict[str, Any]]  # (callable, args, kwargs)
+
+
+def count_report_flops(report: Report, before: Call, after: Call) -> None:
+    """Fill the report's FLOPs before/after from two calls, or say why they are unavailable (never raises)."""
+    flops_before, why_before = flops_or_reason(*before)
+    flops_after, why_after = flops_or_reason(*after) if flops_before is not None else (None, "")
+    if flops_before is None or flops_after is None:
+        side = "the model" if flops_before is None else "the reduced graph"
+        report.flops_unavailable = f"{side}: {why_before or why_after}"
+        return
+    report.flops_before, report.flops_after = flops_before, flops_after
