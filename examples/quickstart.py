@@ -58,7 +58,7 @@ def main() -> None:
         timing = interleaved(base.bind((), inputs), fast.bind((), inputs), args.repeats, 2)
     a, b = timing.median_unreduced_ms, timing.median_reduced_ms
     assert report.flops_ratio is not None  # counted by compile (count_model_flops defaults on)
-    print(f"latency on {args.target}: full {a:.1f} ms, ToMe r={args.r} {b:.1f} ms -> {a / b:.2f}x faster "
+    print(f"latency on {args.target}: full {a:.1f} ms, ToMe r={args.r} {b:.1f} ms -> speedup {a / b:.2f}x "
           f"(FLOPs {1 / report.flops_ratio:.2f}x fewer; {args.repeats} interleaved rounds, medians)")
 
     for name, path in photos:
