@@ -38,11 +38,6 @@ KNOWN: dict[str, dict[str, str]] = {
     "hf-modernbert": {"evit": "unreduced: a later block (2, layers.2) uses sliding-window attention (window 5); a "
                               "merged token mixes tokens of different windows",
                       "onnx": "refused: ONNX verification failed: onnxruntime differs from the eager reduced model"},
-    # ONNX: the exporter fails on the captured graph (the unmodified model exports): an aten.view of a transposed
-    # attention output (BEiT), ...
-    "timm-beit": {"onnx": "refused: ONNX export failed: Failed to decompose the FX graph for ONNX compatibility"},
-    "hf-t5-encoder": {"onnx": "refused: ONNX export failed: Failed to decompose the FX graph for ONNX compatibility"},
-    "hf-data2vec-vision": {"onnx": "refused: ONNX export failed: Failed to export the model with torch.export"},
     # the model's own random masking (argsort of the noise) is a TopK whose k is not a constant: not export-safe
     "hf-vit-mae": {"onnx": "refused: TopK k is not a constant"},
 }
