@@ -144,13 +144,17 @@ def _gather_side_inputs(block: Block, graph: fx.Graph, ctx: EncoderContext, cach
     done = 0
     for side in block.side_inputs:
         t = side.node.meta.get("val")
-        users = _block_users(block, side)
+        order = _order(graph)
+        # a use before the current representative map belongs to an earlier block (the walk up from this
+        # block's q/k/v can reach the previous block's logits): it keeps the table it had
+        users = [u for u in _block_users(block, side)
+                 if order(u) > order(st.rep) and u.target is not gather_side_input]  # never our own gathers
         if not isinstance(t, torch.Tensor) or not users:
             continue
         key = (st.epoch, side.node, side.axes)
         if key not in cache:
             rank = _side_input_rank(side, t)
-            first = min(users, key=_order(graph))
+            first = min(users, key=order)
             g = side.node
             with graph.inserting_before(first):
                 for axis in side.axes:
