@@ -167,6 +167,15 @@ def test_devices_a_target_cannot_serve_are_refused(reduced):
         targets.get("tensorrt").lower(gm, args, kwargs, targets.TargetOptions(device="cpu"))
 
 
+@pytest.mark.parametrize("name", ["eager", "inductor", "tensorrt"])
+def test_targets_that_run_the_graph_as_is_refuse_a_precision(reduced, name):
+    """Only the onnx target converts precision; the others must refuse it, not ignore it."""
+    gm, args, kwargs = reduced.graph_module, reduced.example_args, reduced.example_kwargs
+    with pytest.raises(TokenReduceError, match="cannot honour precision='fp16'") as info:
+        targets.get(name).lower(gm, args, kwargs, targets.TargetOptions(precision="fp16"))
+    assert info.value.setting == "precision"
+
+
 def test_static_batch_graph_gives_a_static_runner(timm_vit):
     red = tokenreduce.compile(timm_vit, (images(EXAMPLE_BATCH),), method="tome", r=2, inner="eager",
                               count_model_flops=False, dynamic_batch=False)

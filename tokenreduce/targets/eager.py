@@ -10,7 +10,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from tokenreduce.targets.base import Lowered, Target, TargetOptions, call_binder, graph_batch_is_dynamic, same_device
+from tokenreduce.targets.base import (
+    Lowered,
+    Target,
+    TargetOptions,
+    call_binder,
+    graph_batch_is_dynamic,
+    require_fp32,
+    same_device,
+)
 from tokenreduce.util.batch import batch_of
 
 
@@ -26,6 +34,7 @@ class EagerTarget(Target):
 
     def lower(self, gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
               options: TargetOptions) -> Lowered:
+        require_fp32(options, self.name, "export with the onnx target for fp16/int8")
         same_device(options, args, kwargs, self.name)
         runner = lower_eager(gm)
         # eager runs whatever batch the graph allows: a symbolic-batch capture (or a plain module) serves all

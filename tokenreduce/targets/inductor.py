@@ -25,7 +25,15 @@ from torch import fx
 
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.passes.inline_reference_ops import inline_reference_ops
-from tokenreduce.targets.base import Lowered, Target, TargetOptions, call_binder, graph_batch_is_dynamic, same_device
+from tokenreduce.targets.base import (
+    Lowered,
+    Target,
+    TargetOptions,
+    call_binder,
+    graph_batch_is_dynamic,
+    require_fp32,
+    same_device,
+)
 from tokenreduce.util.batch import batch_of, tensor_leaves
 
 
@@ -62,6 +70,7 @@ class InductorTarget(Target):
 
     def lower(self, gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
               options: TargetOptions) -> Lowered:
+        require_fp32(options, self.name, "export with the onnx target for fp16/int8")
         device = same_device(options, args, kwargs, self.name)
         batch = batch_of(args, kwargs)
         if options.inside_torch_compile:

@@ -41,6 +41,7 @@ from tokenreduce.targets.base import (
     Verification,
     fill_tensor_leaves,
     graph_batch_is_dynamic,
+    require_fp32,
 )
 from tokenreduce.targets.onnx import compare_outputs, export_graph, load_model, model_problems
 from tokenreduce.util.batch import batch_of, tensor_leaves
@@ -267,6 +268,7 @@ class TensorRTTarget(ArtefactTarget):
 
     def lower(self, gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
               options: TargetOptions) -> Lowered:
+        require_fp32(options, self.name, "use fp16=True for an fp16 engine")
         device = torch.device(options.device or "cuda")
         if device.type != "cuda":
             raise TokenReduceError(f"the tensorrt target runs engines on a CUDA device; device {options.device!r} "
