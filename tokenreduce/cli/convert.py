@@ -88,6 +88,9 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
     g.add_argument("--calib", dest="calibration", metavar="DIR", default=None,
                    help="onnx --precision int8: folder of calibration images or .npy arrays (static int8; "
                         "needed for image inputs)")
+    g.add_argument("--plan", metavar="FILE", default=None,
+                   help="a plan file from `tokenreduce tune` (it fixes the method and its options: give neither "
+                        "--method nor the method's flags beside it)")
     g.add_argument("--keep-onnx", action="store_true",
                    help="tensorrt: also keep the verified ONNX file next to OUT (OUT with suffix .onnx)")
     g.add_argument("--fp16", action="store_true", help="tensorrt: build an fp16 engine")
@@ -124,8 +127,10 @@ def run(args: argparse.Namespace, ui: UI) -> int:
             raise TokenReduceError(f"--precision {args.precision} is not supported for decoder prefill exports; "
                                    f"convert them in fp32", setting="precision", hint="precision='fp32'")
         return decoder.convert(args, ui, folder)
-    require_reduction(args)
-    opts = settings_from_args(args)
+    opts = plan_settings(args) if args.plan else None
+    if opts is None:
+        require_reduction(args)
+        opts = settings_from_args(args)
     total = 4 + (2 if args.to == "tensorrt" else 0)
     with ui.steps(total, "loading model") as steps:
         with steps.stage(f"loading {args.model}"):
@@ -155,12 +160,14 @@ def run(args: argparse.Namespace, ui: UI) -> int:
         })
         return EXIT_OK
     ui.print(f"model: {src.description}; inputs: {inputs_text(src.input_shapes())}")
-    ui.print(report_table(report, f"tokenreduce: {setting_name(opts)}"))
+    ui.print(report_table(report, f"tokenreduce: {setting_name(report.settings)}"))
     protected = f"protected tokens: {report.num_protected} ({report.protected_reason})"
     ui.print(protected)
     if report.flops_before and report.flops_after is not None and (ratio := report.flops_ratio):
         ui.print(f"FLOPs: {fmt_flops(report.flops_before)} -> {fmt_flops(report.flops_after)} "
                  f"(ratio {ratio:.3f}, {1 / ratio:.2f}x fewer)")
+    elif report.flops_unavailable:
+        ui.print(f"FLOPs unavailable: {report.flops_unavailable}")
     print_verification(ui, exported, args)
     if args.to == "onnx":
         ui.print(f"wrote {out} ({fmt_size(out)}, {batch_text(exported)})", style="bold")
@@ -329,3 +336,16 @@ def convert_tensorrt(red: Any, out: Path, onnx_out: Path, args: argparse.Namespa
                 raise TokenReduceError(f"cannot build the TensorRT engine: {exc}{kept}") from exc
     return exported, {"compatible": True, "issues": [], "engine": str(out), "fp16": args.fp16,
                       "profile_batch": list(args.profile_batch)}
+
+
+def plan_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """`tokenreduce.compile` keywords for `--plan FILE`: the plan, plus only the settings a plan leaves open
+    (`methods.plan.OVERRIDABLE`). The method's own flags beside a plan are an error, not silently dropped."""
+    from tokenreduce.methods.plan import OVERRIDABLE
+
+    given = settings_from_args(args, strict=False)
+    extra = sorted(k for k in given if k != "method" and k not in OVERRIDABLE)
+    if extra:
+        raise TokenReduceError(f"--plan fixes the method and its options; drop --{extra[0].replace('_', '-')}",
+                               setting=extra[0])
+    return {"plan": args.plan, **{k: given[k] for k in OVERRIDABLE if k in given}}
