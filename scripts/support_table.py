@@ -45,6 +45,8 @@ CHECK_TITLES = {
     "fastv-generate": "generate() after FastV",
     "pyramiddrop": "PyramidDrop",
     "gemfilter": "GemFilter",
+    "fastv-batch": "batch rows = alone",
+    "fastv-onnx": "ONNX (FastV)",
 }
 
 
@@ -85,11 +87,14 @@ def render() -> str:
         "  the model's first-step logits within 1e-5 and its greedy `generate()` tokens; `FastV` (layer 1, keep",
         "  0.5), `PyramidDrop` (layers 1, 2), `GemFilter` (layer 1, 6 tokens) prune with finite logits;",
         "  `generate() after FastV` continues from the pruned cache with the same tokens as the independent",
-        "  reference in `tests/decoder_reference.py`.",
+        "  reference in `tests/decoder_reference.py`; `batch rows = alone`: each prompt pruned alone gives its",
+        "  row of the batch-2 prefill (1e-4); `ONNX (FastV)`: the pruned prefill graph exported and verified in",
+        "  onnxruntime (what `convert hf:FOLDER --method fastv` writes).",
         "- **refused**: tokenreduce raised a `TokenReduceError`; the note is part of its message.",
         "- **unreduced**: the compile succeeded but every block was skipped; the note is the skip reason.",
         "- **wrong** / **crash**: a bug (a wrong number; a raw exception instead of a refusal by name).",
-        "- **n/a**: the check does not apply (the unmodified model does not export to ONNX either).",
+        "- **n/a**: the check does not apply (the unmodified model does not export to ONNX either; multimodal",
+        "  inputs the harness cannot split per row).",
         "",
     ]
     for title, families, checks in (

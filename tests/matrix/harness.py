@@ -35,7 +35,8 @@ import tokenreduce
 from tokenreduce import TokenReduceError
 
 ENCODER_CHECKS = ("tome-identity", "evit-identity", "tome", "evit", "pitome", "dynamic-batch", "onnx")
-DECODER_CHECKS = ("fastv-identity", "fastv", "fastv-generate", "pyramiddrop", "gemfilter")
+DECODER_CHECKS = ("fastv-identity", "fastv", "fastv-generate", "pyramiddrop", "gemfilter", "fastv-batch",
+                  "fastv-onnx")
 KINDS = ("works", "refused", "unreduced", "wrong", "crash", "n/a")
 
 IDENTITY_TOL = 1e-5
@@ -407,6 +408,59 @@ def _reference_tokens(run: DecoderRun, report: Any) -> torch.Tensor:
     return ref.decode(logits, cache, mask, GEN_STEPS)
 
 
+def check_decoder_batch(run: DecoderRun) -> Outcome:
+    """Each prompt pruned alone (batch 1) gives the logits of its row in the batch-2 prefill: padding and the
+    per-row span never leak across rows. Multimodal inputs are split per row only when every one of them has
+    the batch as its leading axis (Qwen-VL's flattened patches and grids do not: n/a)."""
+    c = run.case
+    b = c.input_ids.shape[0]
+    if any(not isinstance(v, torch.Tensor) or v.shape[0] != b for v in c.extra.values()):
+        return Outcome("n/a", "multimodal inputs without a leading batch axis (flattened patches, grids)")
+    dec = run.reduce("fastv", **FASTV)
+    whole = run.prefill(dec).logits
+    for i in range(b):
+        row = dec.prefill(c.input_ids[i:i + 1], c.attention_mask[i:i + 1], c.span,
+                          **{k: v[i:i + 1] for k, v in c.extra.items()}).logits
+        diff = float((row - whole[i:i + 1]).abs().max())
+        if not diff <= BATCH_TOL:
+            return Outcome("wrong", f"row {i} pruned alone differs from its row in the batch by {diff:.2e}")
+    return Outcome("works")
+
+
+def check_decoder_onnx(run: DecoderRun, tmp: Any) -> Outcome:
+    """The FastV-pruned prefill graph exported by the ONNX target, which verifies it in onnxruntime (what
+    `tokenreduce convert hf:FOLDER --method fastv` does), on the unpadded prompt (row 0; the whole batch when
+    multimodal inputs cannot be split per row). With a left-padded row the verification compares the cache
+    entries of padding positions, whose attention rows are fully masked: eager and onnxruntime disagree there,
+    for the unpruned prefill as much as for the pruned one, and those entries are never attended. A failure
+    counts only when the same prefill captured without pruning (method "none") exports."""
+    import types
+
+    from tokenreduce.targets.onnx import export_onnx
+
+    c = run.case
+    b = c.input_ids.shape[0]
+    split = all(isinstance(v, torch.Tensor) and v.shape[0] == b for v in c.extra.values())
+    rows = slice(0, 1) if split else slice(0, b)
+    extra = {k: v[rows] for k, v in c.extra.items()} if split else c.extra
+
+    def export(method: str, opts: dict[str, Any]) -> Outcome:
+        dec = run.reduce(method, **opts)
+        compiled, flat = dec.compiled_for(c.input_ids[rows], c.attention_mask[rows], c.span, **extra)
+        shim = types.SimpleNamespace(graph_module=compiled.gm, example_args=tuple(flat), example_kwargs={},
+                                     dynamic_batch=False)
+        export_onnx(shim, tmp / f"{method}.onnx")
+        return Outcome("works")
+
+    reduced = guarded(lambda: export("fastv", FASTV))
+    if reduced.kind == "works":
+        return reduced
+    plain = guarded(lambda: export("none", {}))
+    if plain.kind != "works":
+        return Outcome("n/a", f"the unpruned prefill does not export to ONNX either: {plain.text}")
+    return reduced
+
+
 def _span_mask(c: DecoderCase) -> torch.Tensor:
     assert c.span is not None
     m = torch.zeros_like(c.input_ids, dtype=torch.bool)
@@ -414,13 +468,15 @@ def _span_mask(c: DecoderCase) -> torch.Tensor:
     return m
 
 
-def run_decoder_check(run: DecoderRun, check: str) -> Outcome:
+def run_decoder_check(run: DecoderRun, check: str, tmp: Any) -> Outcome:
     fns: dict[str, Callable[[], Outcome]] = {
         "fastv-identity": lambda: check_decoder_identity(run),
         "fastv": lambda: check_decoder_method(run, "fastv", FASTV),
         "fastv-generate": lambda: check_decoder_generate(run),
         "pyramiddrop": lambda: check_decoder_method(run, "pyramiddrop", dict(layers=[1, 2], keep_ratio=0.5)),
         "gemfilter": lambda: check_decoder_method(run, "gemfilter", dict(layers=[1], keep_tokens=6)),
+        "fastv-batch": lambda: check_decoder_batch(run),
+        "fastv-onnx": lambda: check_decoder_onnx(run, tmp),
     }
     return guarded(fns[check])
 
@@ -447,7 +503,7 @@ def run_check(family: str, check: str, tmp: Any) -> Outcome:
         return _crash(exc)
     if isinstance(run, EncoderRun):
         return run_encoder_check(run, check, tmp)
-    return run_decoder_check(run, check)
+    return run_decoder_check(run, check, tmp)
 
 
 def checks_of(family: str) -> tuple[str, ...]:

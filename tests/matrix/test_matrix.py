@@ -24,7 +24,7 @@ from matrix.harness import checks_of, matches, run_check
 
 pytestmark = pytest.mark.matrix
 
-CASES = [pytest.param(f, c, id=f"{f}-{c}", marks=[pytest.mark.onnx] if c == "onnx" else [])
+CASES = [pytest.param(f, c, id=f"{f}-{c}", marks=[pytest.mark.onnx] if c in ("onnx", "fastv-onnx") else [])
          for f in FAMILIES for c in checks_of(f)]
 
 
