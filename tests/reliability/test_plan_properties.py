@@ -123,3 +123,13 @@ def test_nan_stays_in_its_row_and_slot(batch, data):
     if keep[row, token] > 0:
         finite_slots[slot[row, token]] = False
     assert bool(torch.isfinite(out[row, finite_slots]).all())
+
+
+def test_dropped_nan_source_never_reaches_its_slot():
+    """Found by the property above: a real token merged into padding is dropped with weight 0, and `0 * nan`
+    is nan, so its NaN used to land in the padding slot it was dropped into."""
+    x = torch.tensor([[[float("nan")] * 3, [1.0, 2.0, 3.0]]], dtype=torch.float64)
+    slot = torch.tensor([[0, 0]])
+    out, size = ops.apply_plan(x, slot, torch.tensor([[0.0, 1.0]], dtype=torch.float64),
+                               torch.tensor([[1.0, 1.0]], dtype=torch.float64), 1)
+    assert torch.equal(out, x[:, 1:]) and torch.equal(size, torch.tensor([[1.0]], dtype=torch.float64))

@@ -15,6 +15,12 @@ from __future__ import annotations
 import torch
 
 
+def weighted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`w * x` per token, exactly 0 for a zero-weight (dropped) source: a dropped token's NaN/inf never
+    reaches the slot it is dropped into (`0 * nan` is nan)."""
+    return torch.where(w[:, :, None] > 0, x * w[:, :, None], torch.zeros_like(x))
+
+
 def apply_plan(
     x: torch.Tensor,
     slot: torch.Tensor,
@@ -42,7 +48,7 @@ def apply_plan(
         weight = size
     weight = weight.to(x.dtype)
     acc = torch.zeros(bsz, n_out + 1, c, dtype=x.dtype, device=x.device)
-    acc = acc.scatter_add(1, slot[:, :, None].expand(bsz, n, c), x * weight[:, :, None])
+    acc = acc.scatter_add(1, slot[:, :, None].expand(bsz, n, c), weighted(x, weight))
     wsum = torch.zeros(bsz, n_out + 1, dtype=x.dtype, device=x.device).scatter_add(1, slot, weight)
     counted = torch.where(weight > 0, size, torch.zeros_like(size))  # a zero-weight source is dropped
     ssum = torch.zeros(bsz, n_out + 1, dtype=size.dtype, device=x.device).scatter_add(1, slot, counted)
@@ -179,7 +185,7 @@ def apply_plan_packed(
     bsz, n, c = x.shape
     w, counted = _weights(x, weight, size)
     acc = torch.zeros(bsz, n_out + 1, c, dtype=x.dtype, device=x.device)
-    acc = acc.scatter_add(1, slot[:, :, None].expand(bsz, n, c), x * w[:, :, None])
+    acc = acc.scatter_add(1, slot[:, :, None].expand(bsz, n, c), weighted(x, w))
     sums = torch.zeros(bsz, n_out + 1, 2, dtype=x.dtype, device=x.device)
     sums = sums.scatter_add(1, slot[:, :, None].expand(bsz, n, 2), torch.stack([w, counted], dim=2))
     return _finish(acc, sums)
@@ -199,7 +205,7 @@ def apply_plan_reps(
         return apply_plan(x, slot, weight, size, n_out)
     bsz, n, c = x.shape
     w, counted = _weights(x, weight, size)
-    xw = x * w[:, :, None]
+    xw = weighted(x, w)
     pair = torch.stack([w, counted], dim=2)  # [B, N, 2]
     acc = torch.cat([gather_rows(xw, rep), torch.zeros_like(xw[:, :1])], dim=1)  # + the dump slot n_out
     sums = torch.cat([gather_rows(pair, rep), torch.zeros_like(pair[:, :1])], dim=1)

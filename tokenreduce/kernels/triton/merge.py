@@ -55,7 +55,7 @@ def _merge_kernel(
             w = tl.load(w_ptr + b * swb + tok * swn).to(tl.float32)
         else:
             w = size
-        acc += w * x
+        acc += tl.where(w > 0, w * x, 0.0)  # a dropped source's NaN/inf never reaches the slot
         w_sum += w
         s_sum += tl.where(w > 0, size, 0.0)  # a zero-weight source is dropped, not counted
     out = acc / tl.where(w_sum > 0, w_sum, 1.0)
