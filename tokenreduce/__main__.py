@@ -1,8 +1,6 @@
 """`python -m tokenreduce`: the command line where the `tokenreduce` console script is not on PATH."""
 
-import sys
-
-from tokenreduce.cli import main
+from tokenreduce.cli import console
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

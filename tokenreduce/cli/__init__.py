@@ -44,7 +44,7 @@ from tokenreduce.cli.ui import (
     stdout_reserved,
 )
 
-__all__ = ["COMMANDS", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_TERMINATED", "EXIT_USAGE",
+__all__ = ["COMMANDS", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_TERMINATED", "EXIT_USAGE", "console",
            "build_parser", "main"]
 
 Handler = Callable[[argparse.Namespace, UI], int]
@@ -119,3 +119,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exception(exc)
         print(f"{PROG}: error: {error_line(exc, commands[args.command], debug)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def console() -> None:
+    """The `tokenreduce` console script and `python -m tokenreduce`: `main`, then exit with its code. After an
+    interrupt or SIGTERM (the partial outputs already removed by then) the process ends with `os._exit`, not
+    through interpreter teardown, which can crash while onnxruntime/torch worker threads are mid-operation."""
+    import os
+
+    code = main()
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
