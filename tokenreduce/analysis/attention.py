@@ -192,26 +192,24 @@ def _talking_heads(node: fx.Node) -> tuple[fx.Node, ScoreMod] | None:
     return args_of(inner)[0], ScoreMod("talking-heads", (inner, lin, node), operand=w)  # type: ignore[arg-type]
 
 
+def _strip_scales(node: object, mods: list[ScoreMod]) -> object:
+    """Walk up through at most three constant scalings of an attention operand, recording each in `mods`."""
+    for _ in range(3):
+        if not isinstance(node, fx.Node) or node.target not in P.SCALE_MUL | P.SCALE_DIV:
+            break
+        inner, c = _scalar_operand(node)
+        if inner is None or c is None:
+            break
+        mods.append(ScoreMod("scale", (node,), value=c))
+        node = inner
+    return node
+
+
 def _qk_operands(mm: fx.Node) -> tuple[fx.Node, fx.Node, list[ScoreMod]] | str:
     """q, k and any scale applied to q or to k^T, for a `q @ k^T` product."""
     mods: list[ScoreMod] = []
-    q, kt = args_of(mm)[0], args_of(mm)[1]
-    for _ in range(3):
-        if not isinstance(q, fx.Node) or q.target not in P.SCALE_MUL | P.SCALE_DIV:
-            break
-        inner, c = _scalar_operand(q)
-        if inner is None or c is None:
-            break
-        mods.append(ScoreMod("scale", (q,), value=c))
-        q = inner
-    for _ in range(3):
-        if not isinstance(kt, fx.Node) or kt.target not in P.SCALE_MUL | P.SCALE_DIV:
-            break
-        inner, c = _scalar_operand(kt)
-        if inner is None or c is None:
-            break
-        mods.append(ScoreMod("scale", (kt,), value=c))
-        kt = inner
+    q = _strip_scales(args_of(mm)[0], mods)
+    kt = _strip_scales(args_of(mm)[1], mods)
     if not isinstance(q, fx.Node) or not isinstance(kt, fx.Node):
         return f"the product `{mm.name}` before softmax has a constant operand"
     if kt.target in P.TRANSPOSE:

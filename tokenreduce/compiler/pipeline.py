@@ -124,6 +124,14 @@ def blocks_that_cannot_shrink(gm: fx.GraphModule, settings: Settings, analysis: 
     return refused
 
 
+def _skip_blocks_that_cannot_shrink(gm: fx.GraphModule, settings: Settings, analysis: ModelAnalysis) -> bool:
+    """Give every block whose token count cannot change its skip reason; False when there is none."""
+    refused = blocks_that_cannot_shrink(gm, settings, analysis)
+    for b in analysis.blocks:
+        b.skip_reason = refused.get(b.index, b.skip_reason)
+    return bool(refused)
+
+
 def reduce_graph(gm: fx.GraphModule, settings: Settings) -> Reduced:
     method = registry.encoder(settings.method)
     analysis = analyse(gm, settings.protected_tokens)
@@ -132,11 +140,8 @@ def reduce_graph(gm: fx.GraphModule, settings: Settings) -> Reduced:
         plans = method.plan_blocks(settings.opts, analysis)
     except TokenReduceError:
         # a too-large setting names the largest valid value: make sure it counts only blocks that can shrink
-        refused = blocks_that_cannot_shrink(gm, settings, analysis)
-        if not refused:
+        if not _skip_blocks_that_cannot_shrink(gm, settings, analysis):
             raise
-        for b in analysis.blocks:
-            b.skip_reason = refused.get(b.index, b.skip_reason)
         plans = method.plan_blocks(settings.opts, analysis)
     if not any(p.reduces for p in plans):
         return Reduced(gm, analysis, plans, [])
@@ -151,11 +156,8 @@ def reduce_graph(gm: fx.GraphModule, settings: Settings) -> Reduced:
         gm.recompile()
         analysis = analyse(gm, settings.protected_tokens)
         refuse_before_windows(analysis, method.merges or bool(getattr(settings.opts, "fuse", False)))
-        refused = blocks_that_cannot_shrink(gm, settings, analysis)
-        if not refused:
+        if not _skip_blocks_that_cannot_shrink(gm, settings, analysis):
             raise
-        for b in analysis.blocks:
-            b.skip_reason = refused.get(b.index, b.skip_reason)
         plans = method.plan_blocks(settings.opts, analysis)
         n0 = next((b.num_tokens for b in analysis.blocks if b.reducible), 0)
         ctx = EncoderContext(settings, analysis, plans, n0)
