@@ -40,6 +40,7 @@ from tokenreduce.cli.ui import (
     Terminated,
     error_line,
     library_noise,
+    signals_end_process,
     sigterm_raises,
     stdout_reserved,
 )
@@ -92,8 +93,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, commands
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `tokenreduce` console script and `python -m tokenreduce`; returns the exit code."""
+def main(argv: Sequence[str] | None = None, *, exit_on_signal: bool = False) -> int:
+    """Run one command and return its exit code. In-process callers keep the default: Ctrl-C and SIGTERM
+    become exceptions, cleanup runs, and the exit code is returned. `exit_on_signal=True` (the console
+    entry) ends the process on those signals instead, after removing the scratch folders (see `cli.ui`)."""
     parser, commands = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -105,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(args.debug)
     _, run = COMMANDS[args.command]
     try:
-        with sigterm_raises(), stdout_reserved(args.json) as stdout, library_noise(debug):
+        with (signals_end_process() if exit_on_signal else sigterm_raises()), stdout_reserved(args.json) as stdout, library_noise(debug):
             ui = UI(json_mode=args.json, progress=not args.no_progress, stdout=stdout)
             return int(run(args, ui))
     except KeyboardInterrupt:
@@ -122,14 +125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def console() -> None:
-    """The `tokenreduce` console script and `python -m tokenreduce`: `main`, then exit with its code. After an
-    interrupt or SIGTERM (the partial outputs already removed by then) the process ends with `os._exit`, not
-    through interpreter teardown, which can crash while onnxruntime/torch worker threads are mid-operation."""
-    import os
-
-    code = main()
-    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    """The `tokenreduce` console script and `python -m tokenreduce`: `main`, then exit with its code. A
+    SIGINT or SIGTERM while the command runs ends the process at once, its scratch folders removed."""
+    sys.exit(main(exit_on_signal=True))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from tokenreduce.cli.args import (
 from tokenreduce.cli.methods import require_reduction, setting_name, settings_from_args
 from tokenreduce.cli.ui import EXIT_OK, UI, Steps, fmt_flops, fmt_size, inputs_text
 from tokenreduce.errors import TokenReduceError
-from tokenreduce.util.files import atomic_path
+from tokenreduce.util.files import atomic_path, scratch_folder
 
 DEFAULT_BATCH = 2  # export and verify with more than one row (a batch of 1 can specialise the batch)
 
@@ -312,9 +311,8 @@ def convert_tensorrt(red: Any, out: Path, onnx_out: Path, args: argparse.Namespa
                 exported = export_verified_onnx(red, staged, verify=not args.no_verify, atol=args.atol, steps=steps)
             onnx_path = onnx_out
         else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            folder = scratch.enter_context(tempfile.TemporaryDirectory(prefix=".tokenreduce-", dir=out.parent))
-            onnx_path = Path(folder) / onnx_out.name
+            folder = scratch.enter_context(scratch_folder(out.parent))
+            onnx_path = folder / onnx_out.name
             exported = export_verified_onnx(red, onnx_path, verify=not args.no_verify, atol=args.atol, steps=steps)
         exported.export.path = onnx_path
         with steps.stage("checking TensorRT compatibility"):

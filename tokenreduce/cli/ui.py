@@ -4,8 +4,15 @@ Every command prints through `UI`: rich tables on stdout (nothing but one JSON d
 progress bars on stderr only on a terminal, so logs and captured output stay clean. Every failure ends
 as one `tokenreduce: error: ...` line on stderr with a non-zero exit code; a library error that names a
 setting (`TokenReduceError.setting` / `.hint`) gets the command-line spelling of that setting appended,
-looked up in the command's own parser, never by rewriting the library's words. A SIGTERM is turned into
-an exception while a command runs, so the `finally` blocks that remove scratch folders run on every exit.
+looked up in the command's own parser, never by rewriting the library's words.
+
+Signals, two ways. Called in-process (`main([...])`), a SIGTERM is turned into an exception while a command
+runs, so the `finally` blocks that remove scratch folders run on every exit, as for Ctrl-C. As the process
+entry (`console`), SIGINT and SIGTERM end the process on the spot instead: the handler removes every scratch
+folder (`util.files.remove_scratch_folders`), prints one line and calls `os._exit`. Raising into torch.export
+or onnxruntime code mid-operation and then tearing the interpreter down crashed the process with SIGSEGV
+now and then; nothing is unwound this way, and an exit that lands while an atomic write moves files into
+place waits until they all are, so there is still never a partial output.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import IO, Any
 
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.jsonable import jsonable
+from tokenreduce.util.files import exit_when_safe, remove_scratch_folders
 
 PROG = "tokenreduce"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -269,3 +277,35 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_end_process() -> Iterator[None]:
+    """While a command runs, SIGINT and SIGTERM remove the scratch folders, print `tokenreduce: interrupted`
+    / `terminated` and end the process at once with exit status 130 / 143 (see the module notes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    said = {signal.SIGINT: ("interrupted", EXIT_INTERRUPTED), signal.SIGTERM: ("terminated", EXIT_TERMINATED)}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        word, code = said[signal.Signals(signum)]
+
+        def end() -> None:
+            remove_scratch_folders()
+            with contextlib.suppress(Exception):
+                if sys.stderr.isatty():
+                    sys.stderr.write("\x1b[?25h")  # a progress bar may have hidden the cursor
+                sys.stderr.write(f"\n{PROG}: {word}\n")
+                sys.stderr.flush()
+                sys.stdout.flush()
+            os._exit(code)
+
+        exit_when_safe(end)
+
+    previous = {sig: signal.signal(sig, handler) for sig in said}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

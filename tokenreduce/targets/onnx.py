@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from tokenreduce.targets.base import (
     graph_batch_is_dynamic,
 )
 from tokenreduce.util.batch import batch_of, repeat_batch, tensor_leaves
-from tokenreduce.util.files import atomic_path
+from tokenreduce.util.files import atomic_path, scratch_folder
 
 TWO_GB = 2 * 1024**3
 DATA_DEPENDENT_OPS = {"NonZero", "Unique", "Compress", "NonMaxSuppression", "Loop", "If", "Scan"}
@@ -236,7 +235,7 @@ def export_graph(
     if external and precision != "fp32":
         raise TokenReduceError(f"precision {precision!r} is not supported for models above 2 GB of weights "
                                f"(external data); export fp32", setting="precision", hint="precision='fp32'")
-    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(prefix="tokenreduce-precision-") as scratch:
+    with atomic_path(path) as tmp, scratch_folder(prefix="tokenreduce-precision-") as scratch:
         fp32_path = tmp if precision == "fp32" else Path(scratch) / "fp32.onnx"
         program.save(str(fp32_path), external_data=external)
         result = OnnxExport(path=path, max_abs_diff=None, verified=False, problems=problems,
@@ -460,7 +459,7 @@ class OnnxTarget(ArtefactTarget):
             result = export(options.output)
             sess = ort.InferenceSession(str(options.output), sess_opts, providers=["CPUExecutionProvider"])
         else:
-            with tempfile.TemporaryDirectory(prefix="tokenreduce-onnx-") as tmp:
+            with scratch_folder(prefix="tokenreduce-onnx-") as tmp:
                 result = export(Path(tmp) / "model.onnx")
                 # the session holds the weights in memory: the scratch file can go
                 sess = ort.InferenceSession(str(result.path), sess_opts, providers=["CPUExecutionProvider"])

@@ -26,7 +26,6 @@ raises before exporting anything, naming what is missing. The runner moves input
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,7 +44,7 @@ from tokenreduce.targets.base import (
 )
 from tokenreduce.targets.onnx import compare_outputs, export_graph, load_model, model_problems
 from tokenreduce.util.batch import batch_of, tensor_leaves
-from tokenreduce.util.files import write_bytes
+from tokenreduce.util.files import scratch_folder, write_bytes
 
 TOPK_MAX_K = 3840
 
@@ -282,7 +281,7 @@ class TensorRTTarget(ArtefactTarget):
             raise TokenReduceError("the tensorrt target needs a tensor input with a batch dimension")
         else:
             profile = (batch, batch, batch)  # a static-batch graph: an engine for that batch only
-        with tempfile.TemporaryDirectory(prefix="tokenreduce-trt-") as tmp:
+        with scratch_folder(prefix="tokenreduce-trt-") as tmp:
             onnx_path = Path(tmp) / "model.onnx"
             export = export_graph(gm, args, kwargs, onnx_path, verify=options.verify, atol=options.atol,
                                   dynamic_batch=dynamic, opset=options.opset)

@@ -12,6 +12,11 @@ interrupted write leaves the destination as it was (an older file at `path` surv
 
 Refuses: a destination that is an existing directory, and a caller that writes subfolders into the scratch
 folder (only plain files are moved).
+
+Every scratch folder, here and from `scratch_folder`, is registered while it exists, so a process that must
+end at once on a signal, without unwinding through torch or onnxruntime code, can still remove them all
+(`remove_scratch_folders`); such an exit that lands while files are being moved into place waits until
+they all are (`exit_when_safe`), so it sees either nothing moved or everything moved.
 """
 
 from __future__ import annotations
@@ -19,13 +24,64 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from tokenreduce.errors import TokenReduceError
 
 SCRATCH_PREFIX = ".tokenreduce-"
+_LIVE: set[Path] = set()  # scratch folders that exist right now
+
+
+@contextmanager
+def scratch_folder(parent: str | os.PathLike[str] | None = None, prefix: str = SCRATCH_PREFIX) -> Iterator[Path]:
+    """A fresh folder inside `parent` (the system's temporary folder when None), removed with everything in
+    it when the block ends, however it ends."""
+    if parent is not None:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    _LIVE.add(folder)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        _LIVE.discard(folder)
+
+
+def remove_scratch_folders() -> None:
+    """Remove every scratch folder that still exists: for a process about to end with `os._exit`."""
+    for folder in list(_LIVE):
+        shutil.rmtree(folder, ignore_errors=True)
+        _LIVE.discard(folder)
+
+
+class _Moves:
+    """How many atomic writes are moving files into place right now, and the process exit that waits for
+    them (`exit_when_safe`)."""
+
+    active = 0
+    pending: Callable[[], None] | None = None
+
+
+@contextmanager
+def _moving() -> Iterator[None]:
+    _Moves.active += 1
+    try:
+        yield
+    finally:
+        _Moves.active -= 1
+        if not _Moves.active and _Moves.pending is not None:
+            _Moves.pending()
+
+
+def exit_when_safe(end: Callable[[], None]) -> None:
+    """Call `end` (which ends the process) now, or, when a signal handler interrupted an atomic write while it
+    was moving files into place, as soon as that move is complete: a visible output is always whole."""
+    if _Moves.active:
+        _Moves.pending = end
+        return
+    end()
 
 
 def _fsync_file(path: Path) -> None:
@@ -55,9 +111,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     dest = Path(path)
     if dest.is_dir():
         raise TokenReduceError(f"cannot write {dest}: it is a directory; give a file name inside it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=dest.parent))
-    try:
+    with scratch_folder(dest.parent) as scratch:
         yield scratch / dest.name
         staged = sorted(scratch.iterdir(), key=lambda f: (f.name == dest.name, f.name))
         folders = [f.name for f in staged if not f.is_file()]
@@ -68,11 +122,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             raise TokenReduceError(f"atomic write of {dest}: nothing was written under the name {dest.name}")
         for f in staged:
             _fsync_file(f)
-        for f in staged:
-            os.replace(f, dest.parent / f.name)
+        with _moving():
+            for f in staged:
+                os.replace(f, dest.parent / f.name)
         _fsync_dir(dest.parent)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
