@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from tokenreduce.analysis.decoder import DecoderAnalysis, analyse_decoder
+from tokenreduce.analysis.denoiser import analyse_denoiser
 from tokenreduce.analysis.encoder import ModelAnalysis, analyse
 from tokenreduce.compiler.report import BlockReport, Report
 from tokenreduce.errors import TokenReduceError
@@ -27,6 +28,7 @@ from tokenreduce.passes.fix_token_shapes import TokenShapeError, fix_token_shape
 from tokenreduce.passes.fuse_attention_scores import fuse_attention_scores
 from tokenreduce.passes.insert_reductions import insert_reductions
 from tokenreduce.passes.manager import Pass, run_passes
+from tokenreduce.passes.merge_sublayers import merge_sublayers
 from tokenreduce.passes.prune_decoder_tokens import prune_decoder_tokens
 from tokenreduce.passes.unmerge_outputs import unmerge_outputs
 
@@ -35,6 +37,12 @@ ENCODER_PASSES: list[tuple[str, Pass]] = [
     ("fix_token_shapes", fix_token_shapes),
     ("unmerge_outputs", unmerge_outputs),
     ("fuse_attention_scores", fuse_attention_scores),  # GPU graphs only
+]
+
+# Denoisers (tomesd): sublayers run on merged tokens inside each block; the grid between blocks stays whole.
+DENOISER_PASSES: list[tuple[str, Pass]] = [
+    ("merge_sublayers", merge_sublayers),
+    ("fix_token_shapes", fix_token_shapes),
 ]
 
 DECODER_PASSES: list[tuple[str, Pass]] = [
@@ -132,8 +140,19 @@ def _skip_blocks_that_cannot_shrink(gm: fx.GraphModule, settings: Settings, anal
     return bool(refused)
 
 
+def reduce_denoiser(gm: fx.GraphModule, settings: Settings) -> Reduced:
+    """A denoiser method (placement "denoiser", tomesd): its own analysis and pass list."""
+    method = registry.encoder(settings.method)
+    analysis = analyse_denoiser(gm)
+    plans = method.plan_blocks(settings.opts, analysis)
+    results = run_passes("denoiser", DENOISER_PASSES, gm, EncoderContext(settings, analysis, plans, 0))
+    return Reduced(gm, analysis, plans, results)
+
+
 def reduce_graph(gm: fx.GraphModule, settings: Settings) -> Reduced:
     method = registry.encoder(settings.method)
+    if method.placement == "denoiser":
+        return reduce_denoiser(gm, settings)
     analysis = analyse(gm, settings.protected_tokens)
     refuse_before_windows(analysis, method.merges or bool(getattr(settings.opts, "fuse", False)))
     try:

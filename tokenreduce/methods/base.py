@@ -5,7 +5,9 @@ A method is one file in `methods/` that defines a `Method` subclass instance nam
 * `name` -- what users type (`method="tome"`), `summary` -- one line for `--help` and `inspect`;
 * `placement` -- where it applies: `"encoder"` (inside a bidirectional block, between the attention residual
   and the MLP: `tokenreduce.compile`), `"decoder"` (the prefill span of a causal LLM/VLM:
-  `tokenreduce.reduce_decoder`), or `"any"` (the `none` baseline);
+  `tokenreduce.reduce_decoder`), `"denoiser"` (inside a diffusion denoiser's transformer block: merge before a
+  sublayer, unmerge before its residual add, so the token grid between blocks stays whole: tomesd), or `"any"`
+  (the `none` baseline);
 * `options_type` -- a frozen `Options` dataclass of the method's own settings: defaults, documented fields
   (`metadata["help"]`), and `validate()` with messages that name the valid range. Settings holds the common
   fields plus one `Options` instance; the CLI makes one flag per field;
@@ -34,7 +36,7 @@ from tokenreduce.analysis.encoder import Block, ModelAnalysis
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.ir.graph import Builder
 
-Placement = Literal["encoder", "decoder", "any"]
+Placement = Literal["encoder", "decoder", "denoiser", "any"]
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -280,6 +282,36 @@ class DecoderMethod(Method):
 
     def score_pool(self, options: Options) -> int:
         return int(getattr(options, "score_pool", 1))
+
+
+@dataclass
+class MergeSite:
+    """What a denoiser method reads at one transformer block: the block input `x [B, N, C]` (the builder
+    inserts right after it), the block's token grid `(h, w)` and its plan. The method emits `slot [B, N]`
+    (merged slot of every token, `0..plan.tokens_out - 1`); the pass merges each sublayer's input through it
+    and unmerges the sublayer's output by it."""
+
+    builder: Builder
+    x: fx.Node
+    grid: tuple[int, int]
+    plan: BlockPlan
+
+
+class DenoiserMethod(EncoderMethod):
+    """A method that merges tokens inside the blocks of a diffusion denoiser (`tokenreduce.compile` on a UNet
+    or diffusion transformer): `plan_blocks` gets a `DenoiserAnalysis` (analysis/denoiser.py), `emit_slots`
+    builds one block's plan; each merged sublayer runs on `plan.tokens_out` tokens and is unmerged before its
+    residual add."""
+
+    placement: ClassVar[Placement] = "denoiser"
+    merges: ClassVar[bool] = True
+
+    def sublayers(self, options: Options) -> tuple[str, ...]:
+        """Which sublayers of a block run on merged tokens ("attn", "crossattn", "mlp")."""
+        raise NotImplementedError(f"{type(self).__name__} must say which sublayers it merges")
+
+    def emit_slots(self, options: Options, site: MergeSite) -> fx.Node:
+        raise NotImplementedError(f"{type(self).__name__} must emit its plan")
 
 
 def walk_blocks(analysis: ModelAnalysis, active: Callable[[Block], bool],
