@@ -57,6 +57,34 @@ def apply_plan(
     return acc[:, :n_out] / denom[:, :, None], ssum[:, :n_out]
 
 
+def apply_matrix(
+    x: torch.Tensor,
+    matrix: torch.Tensor,
+    size: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move tokens through a dense many-to-many plan (Token Transforming) in one batched matmul.
+
+    Args:
+        x: `[B, N, C]` token features.
+        matrix: `[B, N', N]` non-negative: `matrix[b, s, i]` is the share of token i's mass that slot s
+            receives (a column sums to 1 for a kept or spread token, to 0 for a dropped one).
+        size: `[B, N]` original tokens per token (None: ones).
+
+    Returns:
+        `x' [B, N', C] = (matrix * size) @ x / (matrix @ size)` (0 for a slot with no mass) and
+        `size' [B, N'] = matrix @ size`: the size-weighted average of `apply_plan`, with fractional shares.
+        A token with no mass in any slot is zeroed first, so its NaN/inf never reaches a slot (`0 * nan`).
+    """
+    if size is None:
+        size = torch.ones(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    w = matrix.to(x.dtype) * size.to(x.dtype)[:, None, :]  # [B, N', N]
+    used = (w > 0).any(dim=1)  # [B, N]
+    x = torch.where(used[:, :, None], x, torch.zeros_like(x))
+    ssum = w.sum(dim=-1)  # [B, N']
+    denom = torch.where(ssum > 0, ssum, torch.ones_like(ssum))
+    return (w @ x) / denom[:, :, None], ssum.to(size.dtype)
+
+
 def _as_additive(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if bias.dtype == torch.bool:
         return torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill(~bias, torch.finfo(dtype).min)

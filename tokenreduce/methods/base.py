@@ -188,6 +188,10 @@ class PlanNodes:
     slot: fx.Node
     weight: fx.Node | None
     rep: fx.Node
+    # A dense many-to-many plan `[B, N', N]` (Token Transforming: slot s receives `matrix[s, i]` of token i's
+    # mass). When given, the apply step is `kernels.reference.apply_matrix` (one batched matmul) instead of
+    # `apply_plan`, `weight` is unused, and `slot` names each token's dominant slot (source map, token maps).
+    matrix: fx.Node | None = None
 
 
 def check_layers(layers: Sequence[int], num_blocks: int, what: str = "transformer blocks",
@@ -250,6 +254,9 @@ class Method:
 
 class EncoderMethod(Method):
     placement: ClassVar[Placement] = "encoder"
+    # False: the method rewrites its blocks without moving tokens (TempScale scales attention logits, in its
+    # own pass); insert_reductions then leaves its plans alone.
+    moves_tokens: ClassVar[bool] = True
 
     def prop_attn(self, options: Options) -> bool:
         """Whether later attention adds log(size) to its logits after this method's reductions."""

@@ -7,7 +7,8 @@ bias. Walking the blocks once in order keeps that true by construction.
 For a reducing block the pass adds, right after the block's reduction point (`h`):
 
     slot, weight, rep = method.emit(options, site)   # e.g. ToMe: tokenreduce.tome_plan(k, r, P, valid)
-    x', size' = tokenreduce.apply_plan(h, slot, weight, size, N')
+    x', size' = tokenreduce.apply_plan(h, slot, weight, size, N')   # or, for a dense plan [B, N', N]
+                                                                     # (Token Transforming): apply_matrix
     valid' = valid[rep];  rep_total' = rep_total[rep];  source' = slot[source]
 
 and every later use of `h` reads `x'`. For every attention after a reduction it replaces the mask with the
@@ -216,13 +217,13 @@ def _order(graph: fx.Graph):  # type: ignore[no-untyped-def]
 
 def insert_reductions(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
     result = PassResult("insert_reductions", changed=False)
-    if not any(p.reduces for p in ctx.plans):
-        return result
+    settings = ctx.settings
+    method = registry.encoder(settings.method)
+    if not method.moves_tokens or not any(p.reduces for p in ctx.plans):
+        return result  # (a method that keeps the tokens, TempScale, rewrites its blocks in its own pass)
     graph = gm.graph
     st = ctx.state
     cache: dict = {}
-    settings = ctx.settings
-    method = registry.encoder(settings.method)
     num_p = ctx.analysis.num_protected
     side_cache: dict = {}
     for block, bp in zip(ctx.analysis.blocks, ctx.plans):
@@ -254,7 +255,10 @@ def insert_reductions(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
                     valid=st.valid, size=st.size, num_protected=num_p, plan=bp, block=block)
         emitted = method.emit(settings.opts, site)
         slot, weight, rep = emitted.slot, emitted.weight, emitted.rep
-        applied = add(tr.apply_plan.default, (h, slot, weight, st.size, bp.tokens_out))
+        if emitted.matrix is not None:  # a dense many-to-many plan [B, N', N]: one batched matmul
+            applied = add(ref.apply_matrix, (h, emitted.matrix, st.size))
+        else:
+            applied = add(tr.apply_plan.default, (h, slot, weight, st.size, bp.tokens_out))
         x_new = add(operator.getitem, (applied, 0))
         size_new = add(operator.getitem, (applied, 1))
         if st.valid is not None:
