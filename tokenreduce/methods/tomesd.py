@@ -19,9 +19,10 @@ package's on the same weights (tests/diffusion/test_tomesd.py):
   (`merge_crossattn`, off), MLP (`merge_mlp`, off); defaults `ratio=0.5, max_downsample=1, sx=sy=2,
   use_rand=True` as tomesd.
 
-Departures (docs/diffusion.md): the random destinations are drawn once, when compiling (`seed`; None forks
+Departures (docs/diffusion.md): the random destinations are drawn once, when compiling (`rand_seed`; None forks
 torch's global generator then, as tomesd forks it at its first call), so one compiled graph uses the same
-destinations at every call where tomesd draws new ones per call; the order of merged tokens differs (same
+destinations at every call where tomesd draws new ones per call (`rand_seed`, not `seed`: the command line's
+`--seed` seeds random weights and inputs); the order of merged tokens differs (same
 groups, attention sums keys in another order: float rounding); `r` larger than a block's sources is an error
 naming the largest valid ratio (tomesd clamps silently); a setting that merges no block at all is an error.
 The plan is plain torch (argsort, gathers, no scatter, static shapes), emitted as one node and applied by
@@ -114,8 +115,8 @@ class TomesdOptions(Options):
     sy: int = option(2, "destination cell height in tokens")
     use_rand: bool = option(True, "pick each cell's destination at random (False: its top-left token); odd "
                                   "batches always use top-left, as tomesd")
-    seed: int | None = option(None, "seed of the random destinations (drawn once when compiling); None forks "
-                                    "torch's global generator as tomesd does")
+    rand_seed: int | None = option(None, "seed of the random destinations (drawn once when compiling); None "
+                                         "forks torch's global generator as tomesd does")
     merge_attn: bool = option(True, "merge tokens for self-attention")
     merge_crossattn: bool = option(False, "merge tokens for cross-attention")
     merge_mlp: bool = option(False, "merge tokens for the MLP")
@@ -132,8 +133,8 @@ class TomesdOptions(Options):
             raise fail("sx", "sx * sy must be at least 2: with one token per cell every token is a destination "
                              "and none can merge")
         check_bool("use_rand", self.use_rand)
-        if self.seed is not None:
-            check_int("seed", self.seed, lo=0)
+        if self.rand_seed is not None:
+            check_int("rand_seed", self.rand_seed, lo=0)
         for name in ("merge_attn", "merge_crossattn", "merge_mlp"):
             check_bool(name, getattr(self, name))
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
@@ -145,7 +146,7 @@ class Tomesd(DenoiserMethod):
     name = "tomesd"
     summary = "merge tokens inside diffusion denoiser blocks, unmerge before the residual (Bolya & Hoffman, 2023)"
     options_type = TomesdOptions
-    sweep_option = "ratio"
+    sweep_option = None  # quality sweeps (`eval`) need a diffusion metric; not built yet
 
     def check_common(self, options: Options, unmerge: bool) -> None:
         if unmerge:
@@ -163,8 +164,8 @@ class Tomesd(DenoiserMethod):
             raise TokenReduceError("tomesd reduces diffusion denoisers (a UNet or diffusion transformer taking a "
                                    "[B, C, H, W] latent); this graph was analysed as an encoder", setting="method")
         wanted = self.sublayers(options)
-        if options.seed is not None:
-            gen = torch.Generator().manual_seed(options.seed)
+        if options.rand_seed is not None:
+            gen = torch.Generator().manual_seed(options.rand_seed)
         else:
             gen = torch.Generator().set_state(torch.get_rng_state())
         plans: list[BlockPlan] = []

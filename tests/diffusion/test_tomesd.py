@@ -1,0 +1,163 @@
+"""tomesd as a graph pass: outputs equal the official `tomesd` package's on the same weights.
+
+Oracles: `tomesd.apply_patch` on a copy of a random-init SD-layout `UNet2DConditionModel` (the package patches
+diffusers' `BasicTransformerBlock`), and for `DiTTransformer2DModel` (whose AdaLN-Zero blocks the package's
+patched forward cannot run in diffusers 0.42) the package's own matching function
+`tomesd.merge.bipartite_soft_matching_random2d` placed with hooks exactly where `tomesd/patch.py` places it:
+merge the block's normed input before a sublayer, unmerge its output before the residual add (the AdaLN gate
+is per sample, so it commutes with the unmerge). Both draw the random destinations from a generator seeded
+like ours (`torch.manual_seed(s)` forks into tomesd's generator; `rand_seed=s` seeds ours).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+tomesd = pytest.importorskip("tomesd")
+
+import tokenreduce  # noqa: E402
+from tokenreduce.errors import TokenReduceError  # noqa: E402
+
+TOL = 2e-5  # float32; the merged tokens are summed in another order than tomesd's
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+
+
+@pytest.fixture(scope="module")
+def unet_inputs():
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 10])), \
+        {"encoder_hidden_states": torch.randn(2, 7, 32, generator=g)}
+
+
+def _tomesd_unet(model, args, kwargs, seed, **options):
+    ref = tomesd.apply_patch(copy.deepcopy(model), **options)
+    torch.manual_seed(seed)  # tomesd forks its generator from the global one at its first merge
+    with torch.no_grad():
+        return ref(*args, **kwargs).sample
+
+
+def _ours(model, args, kwargs, **settings):
+    red = tokenreduce.compile(model, args, kwargs, method="tomesd", inner="eager", count_model_flops=False,
+                              **settings)
+    with torch.no_grad():
+        return red, red(*args, **kwargs).sample
+
+
+@pytest.mark.parametrize("options", [
+    dict(ratio=0.5, use_rand=False),
+    dict(ratio=0.3, max_downsample=2, merge_crossattn=True, merge_mlp=True),
+], ids=["r0.5-topleft-attn", "r0.3-random-all-sublayers-ds2"])
+def test_unet_equals_tomesd(unet, unet_inputs, options):
+    args, kwargs = unet_inputs
+    red, got = _ours(unet, args, kwargs, rand_seed=7, **options)
+    want = _tomesd_unet(unet, args, kwargs, 7, **options)
+    with torch.no_grad():
+        full = unet(*args, **kwargs).sample
+    effect = (want - full).abs().max().item()
+    assert effect > 1e-3  # the merge changes the output, so parity is not the unreduced model twice
+    assert (got - want).abs().max().item() < TOL
+    merged = [b for b in red.report.blocks if b.action != "-"]
+    ds = options.get("max_downsample", 1)
+    assert [b.tokens_in for b in merged] == [n for n in (256, 64, 256, 256) if math.isqrt(256 // n) <= ds]
+    assert all(b.tokens_out == b.tokens_in - int(b.tokens_in * options["ratio"]) for b in merged)
+    if options.get("use_rand", True):  # another seed draws other destinations: the comparison can fail
+        other = _tomesd_unet(unet, args, kwargs, 8, **options)
+        assert (got - other).abs().max().item() > 100 * TOL
+
+
+def test_unet_graph_shape(unet, unet_inputs):
+    """One plan per merged block, one apply + unmerge per merged sublayer; the grid between blocks stays whole."""
+    args, kwargs = unet_inputs
+    red, got = _ours(unet, args, kwargs, ratio=0.5, merge_mlp=True, use_rand=False)
+    gm = red.graph_module
+    applies = [n for n in gm.graph.nodes if n.target is torch.ops.tokenreduce.apply_plan.default]
+    unmerges = [n for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "unmerge"]
+    assert len(applies) == len(unmerges) == 3 * 2  # 3 blocks at downsample 1, attn + mlp each
+    assert all(n.meta["val"][0].shape[1] == 128 for n in applies)  # the sublayers run on 256 - int(256 * 0.5)
+    assert all(n.meta["val"].shape[1] == 256 for n in unmerges)
+    assert got.shape == args[0].shape
+
+
+def _dit():
+    torch.manual_seed(0)
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=10, norm_num_groups=8).eval()
+
+
+def _dit_reference(model, args, kwargs, *, ratio, sx, sy, seed, merge_mlp):
+    """The official matching at the official places, with hooks on a copy of the DiT."""
+    model = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    h = w = args[0].shape[-1] // model.config.patch_size
+    current = {}
+
+    def plan(block, inputs):
+        x = inputs[0]
+        r = int(x.shape[1] * ratio)
+        no_rand = x.shape[0] % 2 == 1
+        current["m"], current["u"] = tomesd.merge.bipartite_soft_matching_random2d(
+            x, w, h, sx, sy, r, no_rand=no_rand, generator=gen)
+
+    def merge(module, inputs):
+        return (current["m"](inputs[0]), *inputs[1:])
+
+    def unmerge(module, inputs, output):
+        return current["u"](output)
+
+    for blk in model.transformer_blocks:
+        blk.register_forward_pre_hook(plan)
+        subs = [blk.attn1] + ([blk.ff] if merge_mlp else [])
+        for sub in subs:
+            sub.register_forward_pre_hook(merge)
+            sub.register_forward_hook(unmerge)
+    with torch.no_grad():
+        return model(*args, **kwargs).sample
+
+
+@pytest.mark.parametrize("batch,merge_mlp", [(2, True), (1, False)], ids=["b2-random-attn-mlp", "b1-topleft-attn"])
+def test_dit_equals_official_matching(batch, merge_mlp):
+    model = _dit()
+    g = torch.Generator().manual_seed(2)
+    args = (torch.randn(batch, 4, 8, 8, generator=g),)
+    kwargs = {"timestep": torch.full((batch,), 10), "class_labels": torch.arange(batch)}
+    red, got = _ours(model, args, kwargs, ratio=0.5, max_downsample=2, rand_seed=5, merge_mlp=merge_mlp)
+    want = _dit_reference(model, args, kwargs, ratio=0.5, sx=2, sy=2, seed=5, merge_mlp=merge_mlp)
+    with torch.no_grad():
+        full = model(*args, **kwargs).sample
+    assert (want - full).abs().max().item() > 1e-3
+    assert (got - want).abs().max().item() < TOL
+    assert [b.tokens_out for b in red.report.blocks] == [8, 8]
+
+
+def test_refusals():
+    model = _dit()
+    args = (torch.randn(2, 4, 8, 8),)
+    kwargs = {"timestep": torch.full((2,), 10), "class_labels": torch.arange(2)}
+    # a patch-2 DiT's tokens are 2x coarser than its latent: tomesd's max_downsample=1 merges nowhere
+    with pytest.raises(TokenReduceError, match="exceeds max_downsample=1; the finest is 2") as e:
+        tokenreduce.compile(model, args, kwargs, method="tomesd", inner="eager", count_model_flops=False)
+    assert e.value.setting == "max_downsample" and e.value.hint == "max_downsample=2"
+    # 4 x 4 tokens in 2 x 2 cells: 4 destinations and 12 sources; int(16 * 0.85) = 13 sources cannot merge
+    with pytest.raises(TokenReduceError, match="largest valid ratio for these blocks is 0.75") as e:
+        tokenreduce.compile(model, args, kwargs, method="tomesd", ratio=0.85, max_downsample=2, inner="eager",
+                            count_model_flops=False)
+    assert e.value.setting == "ratio"
+    for bad, setting in [({"ratio": 1.0}, "ratio"), ({"sx": 1, "sy": 1}, "sx"), ({"unmerge": True}, "unmerge"),
+                         ({"merge_attn": False}, "merge_attn"), ({"rand_seed": -1}, "rand_seed")]:
+        with pytest.raises(TokenReduceError) as e:
+            tokenreduce.compile(model, args, kwargs, method="tomesd", **bad)
+        assert e.value.setting == setting
