@@ -348,3 +348,81 @@ def _pool(scores: torch.Tensor, window: int) -> torch.Tensor:
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+# ------------------------------------------------------------------------------ selection methods (VLM)
+# Pure-python selections, written from the papers / official code's arithmetic, on plain float lists.
+def _cos(a: list[float], b: list[float]) -> float:
+    na, nb = math.sqrt(sum(v * v for v in a)), math.sqrt(sum(v * v for v in b))
+    return sum(x * y for x, y in zip(a, b)) / max(na, 1e-12) / max(nb, 1e-12) if na and nb else 0.0
+
+
+def divprune_select(feats: list[list[float]], keep: int) -> list[int]:
+    """DivPrune's greedy max-min diversity (Alvar et al., CVPR 2025): indices into `feats` in the order
+    chosen. First the token whose nearest other token is farthest (cosine distance), then repeatedly the
+    unchosen token whose smallest distance to the chosen ones is largest; ties to the earlier token."""
+    s = len(feats)
+    d = [[1.0 - _cos(feats[i], feats[j]) for j in range(s)] for i in range(s)]
+    nearest = [min((d[i][j] for j in range(s) if j != i), default=math.inf) for i in range(s)]
+    chosen = [max(range(s), key=lambda i: (nearest[i], -i))]
+    while len(chosen) < keep:
+        rest = [i for i in range(s) if i not in chosen]
+        chosen.append(max(rest, key=lambda i: (min(d[c][i] for c in chosen), -i)))
+    return chosen
+
+
+def dart_select(feats: list[list[float]], l1: list[float], span: list[bool], real: list[bool], keep: int,
+                pivot_image: int, pivot_text: int) -> list[int]:
+    """DART (Wen et al., 2025): positions of the kept span tokens of one row. Pivots: the `pivot_image`
+    span tokens and the `pivot_text` real tokens after the span with the largest key L1 norm (the best text
+    pivot repeated when there are fewer); image pivots are kept; then every pivot in sequence order takes
+    its share of `keep - pivot_image` (equal, remainder to the first pivots) among the remaining span tokens
+    least cosine-similar to it."""
+    n = len(feats)
+    cand = [i for i in range(n) if span[i]]
+    img = sorted(cand, key=lambda i: -l1[i])[:pivot_image]
+    last = max(cand)
+    after = [i for i in range(n) if i > last and real[i] and not span[i]]
+    txt = sorted(after, key=lambda i: -l1[i])[:pivot_text]
+    txt += txt[:1] * (pivot_text - len(txt))
+    pivots = sorted(img + txt)
+    kept, remaining = list(img), [i for i in cand if i not in img]
+    base, extra = divmod(keep - pivot_image, len(pivots))
+    for j, p in enumerate(pivots):
+        budget = base + (1 if j < extra else 0)
+        best = sorted(remaining, key=lambda i: _cos(feats[p], feats[i]))[:budget]
+        kept += best
+        remaining = [i for i in remaining if i not in best]
+    return sorted(kept)
+
+
+def select_prefill(ref: RefDecoder, embeds: torch.Tensor, mask: torch.Tensor, span: torch.Tensor, layer: int,
+                   choose, position_ids: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
+    """A prefill that keeps, from block `layer` on, the non-span tokens plus the span tokens `choose` picks:
+    `choose(row, x_row [N, C], keys_prev_row [H_kv, N, d] or None, real_row [N])` -> kept span positions.
+    Returns last logits and per layer (k, v, original positions), like `RefDecoder.prefill`."""
+    b, n, _ = embeds.shape
+    if position_ids is None:
+        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+    def pos_of(idx: torch.Tensor) -> torch.Tensor:
+        if position_ids.dim() == 3:
+            return position_ids.gather(2, idx[None].expand(3, *idx.shape))
+        return position_ids.gather(1, idx)
+
+    idx = torch.arange(n).expand(b, n)
+    x, cache, keys_prev = embeds, [], None
+    for li in range(len(ref.layers)):
+        if li == layer:
+            rows = []
+            for r in range(b):
+                kept = choose(r, x[r], None if keys_prev is None else keys_prev[r], mask[r].bool())
+                rows.append(torch.tensor(sorted([i for i in range(n) if not span[r, i]] + list(kept))))
+            keep_idx = torch.stack(rows)
+            x, idx = _take(x, keep_idx), keep_idx
+        q, k, v = ref.qkv(li, x, pos_of(idx))
+        out, _ = ref.attend(li, q, k, v, ref.allowed(li, idx, idx, mask.bool().gather(1, idx)))
+        cache.append([k, v, idx.clone()])
+        keys_prev = k
+        x = ref.finish(li, x, out)
+    return ref.logits(x[:, -1]), cache

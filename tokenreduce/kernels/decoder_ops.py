@@ -1,4 +1,5 @@
-"""Custom ops of the decoder prefill methods (`torch.ops.tokenreduce.keep_plan`, `capped_row_scores`).
+"""Custom ops of the decoder prefill methods (`torch.ops.tokenreduce.keep_plan`, `capped_row_scores`,
+`kcenter_scores`, `dart_scores`).
 
 One named node in the graph for the plan step of FastV / PyramidDrop / GemFilter; its CPU implementation
 is `kernels.plans.keep_plan`, and the fake implementation states the static output shape. The score step
@@ -7,9 +8,23 @@ reuses `tokenreduce::query_row_scores` (row -1: the last query) when the model's
 the scale and the mask) is ranked by `capped_row_scores`, which applies the same cap, so the ranking sees
 the probabilities the model's attention computes. `capped_row_scores_reference` is its pure-torch
 implementation (also what ONNX export inlines, through the decoder methods' `references()`).
+
+The selection methods that rank by hidden states instead of attention emit one op each, whose output is a
+`[B, N]` score that `keep_plan` turns into the kept indices (selected span tokens score > 0, the rest 0):
+
+* `kcenter_scores` -- DivPrune's greedy max-min (k-center) selection on cosine distance
+  (`methods/divprune.py`);
+* `dart_scores` -- DART's pivot tokens and duplication-aware selection (`methods/dart.py`).
+
+Both are written export-safe: a constant number of steps (k, or the pivot count), argmax / top-k with
+constant k, one-hot comparisons instead of scatter, no data-dependent shapes. They refuse (ValueError)
+counts outside the span.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -72,4 +87,165 @@ def _(q, k, bias, scale, softcap, row):
     return q.new_empty((q.shape[0], k.shape[-2]))
 
 
-REFERENCES = {torch.ops.tokenreduce.capped_row_scores.default: capped_row_scores_reference}
+def span_positions(droppable: torch.Tensor, num_droppable: int) -> torch.Tensor:
+    """`[B, N]` bool with exactly `num_droppable` True per row -> `[B, num_droppable]` their positions,
+    ascending (a top-k of `-position` over the span, so the shape is static)."""
+    pos = torch.arange(droppable.shape[-1], device=droppable.device, dtype=torch.float32)
+    key = torch.where(droppable, -pos, torch.full_like(pos, float("-inf")))
+    return key.topk(num_droppable, dim=-1).indices
+
+
+def from_span(values: torch.Tensor, droppable: torch.Tensor) -> torch.Tensor:
+    """`[B, S]` values of the span tokens (in sequence order) -> `[B, N]`: each span token's value at its
+    position, 0 elsewhere (a gather by the running span count, no scatter)."""
+    slot = (droppable.long().cumsum(-1) - 1).clamp_min(0)
+    return torch.where(droppable, values.gather(1, slot), torch.zeros((), dtype=values.dtype,
+                                                                      device=values.device))
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` scaled to unit L2 norm in float32 (a zero row stays zero: its cosine to anything is 0)."""
+    xf = x.float()
+    return xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def kcenter_scores_reference(x: torch.Tensor, droppable: torch.Tensor, keep: int, num_droppable: int
+                             ) -> torch.Tensor:
+    """DivPrune's greedy max-min diversity selection of `keep` span tokens, as keep scores.
+
+    Args:
+        x: `[B, N, C]` hidden states (the LLM's input embeddings for DivPrune at layer 0).
+        droppable: `[B, N]` bool, exactly `num_droppable` span tokens per row.
+        keep: span tokens to select, `1 .. num_droppable` (a constant: the loop has `keep` steps).
+
+    Returns:
+        `[B, N]` float32: the i-th selected token (0-based) scores `keep - i`, every other token 0.
+
+    Distance is cosine distance `1 - cos(x_i, x_j)` among the span tokens of a row. Step 0 selects the
+    token whose nearest other span token is farthest; each later step selects the not-yet-selected token
+    whose distance to the selected set (its minimum distance to a selected token) is largest. Ties go to
+    the earlier token (argmax's first maximum).
+    """
+    if not 1 <= keep <= num_droppable:
+        raise ValueError(f"keep must be in 1..{num_droppable}, got {keep}")
+    bsz = x.shape[0]
+    idx = span_positions(droppable, num_droppable)  # [B, S]
+    unit = unit_rows(x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1])))
+    dist = 1.0 - unit @ unit.transpose(1, 2)  # [B, S, S]
+    s = num_droppable
+    steps = torch.arange(s, device=x.device)
+    neg = torch.full((), float("-inf"), device=x.device)
+    nearest = dist.masked_fill(torch.eye(s, dtype=torch.bool, device=x.device), float("inf")).amin(-1)
+    chosen = torch.zeros(bsz, s, dtype=torch.bool, device=x.device)
+    rank = torch.zeros(bsz, s, dtype=torch.float32, device=x.device)
+    score = nearest
+    for i in range(keep):
+        pick = torch.where(chosen, neg, score).argmax(-1)  # [B]
+        hit = steps[None, :] == pick[:, None]
+        chosen = chosen | hit
+        rank = rank + hit.float() * float(keep - i)
+        to_pick = dist.gather(1, pick[:, None, None].expand(bsz, 1, s))[:, 0]  # [B, S]
+        score = to_pick if i == 0 else torch.minimum(score, to_pick)
+    return from_span(rank, droppable)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::kcenter_scores", mutates_args=())
+def kcenter_scores(x: torch.Tensor, droppable: torch.Tensor, keep: int, num_droppable: int) -> torch.Tensor:
+    """`kcenter_scores_reference` as one graph node -> `[B, N]` float32."""
+    return kcenter_scores_reference(x, droppable, keep, num_droppable).contiguous()
+
+
+@kcenter_scores.register_fake
+def _(x, droppable, keep, num_droppable):
+    return x.new_empty(x.shape[:2], dtype=torch.float32)
+
+
+def pivot_budgets(remaining: int, pivots: int) -> list[int]:
+    """Span tokens each of `pivots` pivots selects so that they add up to `remaining`: an equal share,
+    the remainder to the first pivots."""
+    base, extra = divmod(remaining, pivots)
+    return [base + (1 if j < extra else 0) for j in range(pivots)]
+
+
+def allowed_keys(bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """`[B|1, N]` bool: the keys the last query may attend to under an attention mask broadcastable to
+    `[B, H, N, N]` (bool True = attend, or additive with a large negative value for masked keys)."""
+    if bias is None:
+        return torch.ones(1, n, dtype=torch.bool)
+    row = bias[..., -1, :]  # [B|1, H|1, N]
+    ok = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    return ok.reshape(ok.shape[0], -1, ok.shape[-1]).any(1)
+
+
+def dart_scores_reference(x: torch.Tensor, keys: torch.Tensor, droppable: torch.Tensor, bias: torch.Tensor | None,
+                          keep: int, num_droppable: int, pivot_image: int, pivot_text: int) -> torch.Tensor:
+    """DART's duplication-aware selection of `keep` span tokens, as keep scores.
+
+    Args:
+        x: `[B, N, C]` hidden states entering the pruned layer (whose cosine similarities measure duplication).
+        keys: `[B, H, N, d]` the previous layer's keys (after rotary; their L1 norm over heads and channels
+            picks the pivots).
+        droppable: `[B, N]` bool, exactly `num_droppable` span tokens per row.
+        bias: the previous layer's attention mask (its last query row tells real tokens from padding), or None.
+        keep: span tokens kept, `pivot_image .. num_droppable`.
+        pivot_image / pivot_text: pivots taken from the span / from the real tokens after the span.
+
+    Returns:
+        `[B, N]` float32: 1 for the `keep` selected span tokens, 0 elsewhere.
+
+    Pivots: the `pivot_image` span tokens and the `pivot_text` real non-span tokens after the last span
+    token with the largest key L1 norm (a row with fewer text candidates repeats its best text pivot). The
+    image pivots are kept. Then each pivot in sequence order selects its budget (`pivot_budgets` of
+    `keep - pivot_image` over all pivots) of not-yet-selected span tokens least cosine-similar to it.
+    """
+    if not 0 <= pivot_image <= keep <= num_droppable:
+        raise ValueError(f"keep must be in {pivot_image}..{num_droppable} (at least the {pivot_image} image "
+                         f"pivots), got {keep}")
+    if pivot_image + pivot_text < 1:
+        raise ValueError("DART needs at least one pivot")
+    bsz, n, _ = x.shape
+    neg = torch.full((), float("-inf"), device=x.device)
+    pos = torch.arange(n, device=x.device)
+    l1 = keys.float().abs().sum(dim=(1, 3))  # [B, N]
+    pivots = []
+    selected = torch.zeros(bsz, n, dtype=torch.bool, device=x.device)
+    if pivot_image:
+        img = torch.where(droppable, l1, neg).topk(pivot_image, dim=-1).indices  # [B, Pi]
+        selected = (pos[None, None, :] == img[:, :, None]).any(1)
+        pivots.append(img)
+    if pivot_text:
+        last_span = torch.where(droppable, pos[None, :], torch.full_like(pos, -1)[None, :]).amax(-1, keepdim=True)
+        after = (pos[None, :] > last_span) & ~droppable & allowed_keys(bias, n).to(x.device)
+        vals, txt = torch.where(after, l1, neg).topk(pivot_text, dim=-1)
+        pivots.append(torch.where(vals > neg, txt, txt[:, :1]))
+    order = torch.cat(pivots, dim=-1).sort(dim=-1).values  # [B, P] pivots in sequence order
+    unit = unit_rows(x)
+    remaining = droppable & ~selected
+    for j, budget in enumerate(pivot_budgets(keep - pivot_image, order.shape[-1])):
+        if budget == 0:
+            continue
+        pivot = unit.gather(1, order[:, j, None, None].expand(-1, 1, unit.shape[-1]))  # [B, 1, C]
+        cos = (unit * pivot).sum(-1)  # [B, N]
+        pick = torch.where(remaining, -cos, neg).topk(budget, dim=-1).indices
+        hit = (pos[None, None, :] == pick[:, :, None]).any(1)
+        selected = selected | hit
+        remaining = remaining & ~hit
+    return selected.float()
+
+
+@torch.library.custom_op(f"{NAMESPACE}::dart_scores", mutates_args=())
+def dart_scores(x: torch.Tensor, keys: torch.Tensor, droppable: torch.Tensor, bias: torch.Tensor | None, keep: int,
+                num_droppable: int, pivot_image: int, pivot_text: int) -> torch.Tensor:
+    """`dart_scores_reference` as one graph node -> `[B, N]` float32."""
+    return dart_scores_reference(x, keys, droppable, bias, keep, num_droppable, pivot_image, pivot_text).contiguous()
+
+
+@dart_scores.register_fake
+def _(x, keys, droppable, bias, keep, num_droppable, pivot_image, pivot_text):
+    return x.new_empty(x.shape[:2], dtype=torch.float32)
+
+
+REFERENCES: dict[Any, Callable[..., Any]] = {
+    torch.ops.tokenreduce.capped_row_scores.default: capped_row_scores_reference,
+    torch.ops.tokenreduce.kcenter_scores.default: kcenter_scores_reference,
+    torch.ops.tokenreduce.dart_scores.default: dart_scores_reference}

@@ -11,6 +11,11 @@ keeps its original position id (rotary), which is what all three official implem
 "SnapKV: LLM Knows What You are Looking for Before Generation", 2024) max-pools the scores over
 neighbouring tokens so a selected token brings its neighbours along (multi-token facts stay whole).
 
+The selection methods (DivPrune, DART; one file each) do not rank by last-query attention: they choose
+span tokens from the hidden states entering the first pruned block (`SelectionMethod.emit_keep`, given a
+`SelectionSite`), and the pass around them gathers and carries positions and masks exactly as for the
+three above.
+
 Refuses: layers out of order or out of range, keep counts outside `1 .. span`, an even `score_pool`.
 """
 
@@ -21,6 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from torch import fx
+
+from tokenreduce.ir.graph import Builder
 from tokenreduce.kernels import decoder_ops
 from tokenreduce.methods.base import (
     DecoderMethod,
@@ -60,7 +68,7 @@ class SpanOptions(Options):
             raise fail("score_pool", f"score_pool must be an odd int >= 1 (1 = off), got {self.score_pool}")
 
 
-def checked_layers(method: DecoderMethod, options: SpanOptions, num_layers: int) -> tuple[int, ...]:
+def checked_layers(method: DecoderMethod, options: Options, num_layers: int) -> tuple[int, ...]:
     """The user's layers (strictly increasing, in range) or the method's defaults."""
     layers = method.layers(options, num_layers)
     if any(b <= a for a, b in zip(layers, layers[1:])):
@@ -88,4 +96,54 @@ class RatioOptions(SpanOptions):
 
     def validate(self) -> None:
         super().validate()
+        self.set("keep_ratio", check_ratio("keep_ratio", self.keep_ratio))
+
+
+def ratio_keep(keep_ratio: float, span: int) -> int:
+    """Span tokens kept at `keep_ratio`: `ceil(keep_ratio * span)` (1.0 keeps every one)."""
+    return max(1, math.ceil(keep_ratio * span))
+
+
+@dataclass
+class SelectionSite:
+    """What a selection method reads where it prunes, and the builder it emits through.
+
+    `hidden [B, N, C]` are the hidden states entering the first pruned block (the LLM's input embeddings
+    at block 0); `droppable [B, N]` bool marks the span tokens still present (`num_droppable` per row);
+    `keys [B, H_kv, N, d]` and `mask` are the cached keys and the attention mask of the stage's
+    `score_block` (None where the site has none). The builder inserts right after `hidden`; its nodes
+    keep reading the unpruned hidden states.
+    """
+
+    builder: Builder
+    hidden: fx.Node
+    droppable: fx.Node
+    num_droppable: int
+    keep: int
+    keys: fx.Node | None
+    mask: fx.Node | None
+
+
+class SelectionMethod(PrefillMethod):
+    """A prefill method that selects span tokens from hidden states (not last-query attention): it emits
+    `[B, N]` keep scores (> 0 for the selected span tokens, exactly `keep` of them), which the pass turns
+    into the kept indices with `tokenreduce::keep_plan`."""
+
+    def emit_scores(self, options: Options, site: SelectionSite) -> fx.Node:
+        raise NotImplementedError(f"{type(self).__name__} must emit its selection scores")
+
+
+@dataclass(frozen=True)
+class SelectionOptions(Options):
+    """Options of the selection methods: one layer and the kept fraction of the span."""
+
+    layers: tuple[int, ...] | None = option(None, "the one decoder block (0-based) whose input is pruned; default: "
+                                                  "the paper's")
+    keep_ratio: float = option(0.5, "fraction of the span tokens kept, in (0, 1]")
+
+    def validate(self) -> None:
+        if self.layers is not None:
+            self.set("layers", check_int_list("layers", self.layers, lo=None))
+            if len(self.layers) != 1:
+                raise fail("layers", f"this method prunes once, at one block: give one layer, got {list(self.layers)}")
         self.set("keep_ratio", check_ratio("keep_ratio", self.keep_ratio))

@@ -1,4 +1,5 @@
-"""Prune prefill tokens of a decoder (FastV, PyramidDrop, GemFilter) and carry positions and masks along.
+"""Prune prefill tokens of a decoder (FastV, PyramidDrop, GemFilter, DivPrune, DART) and carry positions
+and masks along.
 
 Adds one graph input, `span [B, N]` bool (True = the token may be dropped: image tokens, or context the
 user marked), and for every stage the method planned (`methods/fastv.py`, `pyramiddrop.py`, `gemfilter.py`):
@@ -8,6 +9,11 @@ user marked), and for every stage the method planned (`methods/fastv.py`, `pyram
     scores = pool_scores(scores, w)                                       # only with score_pool=w > 1
     keep   = tokenreduce.keep_plan(scores, span_now, k, S)                # ascending indices, static length
     x'     = gather(x_first_reduced_block, keep)
+
+A selection method (`methods/prefill.SelectionMethod`: DivPrune, DART) replaces the first two lines: it
+emits its own `[B, N]` keep scores from the hidden states entering the stage's first pruned block
+(`SelectionSite`: those hidden states, the span still present, and the scoring block's cached keys and
+mask), and `keep_plan` turns them into the same kept indices.
 
 Every block from the stage on then reads `x'`, and its per-token side inputs are gathered by the
 composition of all keeps so far (`kept [B, M]`, original positions):
@@ -32,11 +38,13 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
-from tokenreduce.ir.graph import call, nodes_between, stable_toposort
+from tokenreduce.ir.graph import Builder, call, nodes_between, stable_toposort
 from tokenreduce.kernels import decoder_ops as _dops  # noqa: F401  (registers keep_plan, capped_row_scores)
 from tokenreduce.kernels import ops as _ops  # noqa: F401
 from tokenreduce.kernels import reference as ref
 from tokenreduce.kernels.plans import pool_scores
+from tokenreduce.methods import registry
+from tokenreduce.methods.prefill import SelectionMethod, SelectionSite
 from tokenreduce.passes.common import DecoderContext, PassResult
 
 tr = torch.ops.tokenreduce
@@ -90,9 +98,26 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
                 gathered[key] = call(graph, ref.gather_tokens, (node, index, dim), like)
         return gathered[key]
 
+    method = registry.decoder(ctx.settings.method)
     for db in blocks:
         stage = by_first.get(db.index)
-        if stage is not None:
+        if stage is not None and isinstance(method, SelectionMethod):
+            h = db.block.x_in
+            assert h is not None
+            score_db = blocks[stage.score_block]
+            b = Builder(graph, h, like=db.attention.node)
+            site = SelectionSite(b, h, droppable, num_droppable, stage.keep,
+                                 score_db.kv[0] if score_db.kv is not None else None,
+                                 mask_now.get(stage.score_block, score_db.attention.mask))
+            scores = method.emit_scores(ctx.settings.opts, site)
+            keep = b.add(tr.keep_plan.default, (scores, droppable, stage.keep, num_droppable))
+            x_new = b.add(ref.gather_tokens, (h, keep, 1))
+            h.replace_all_uses_with(x_new, delete_user_cb=b.is_outside)
+            droppable = b.add(ref.gather_tokens, (droppable, keep, 1))
+            kept = b.add(ref.compose_index, (kept, keep)) if kept is not None else keep
+            num_droppable = stage.keep
+            result.rewrites += 1
+        elif stage is not None:
             scorer = blocks[stage.score_block].attention
             # the mask the scoring block's attention reads now (gathered if that block already runs pruned)
             q, k, mask = scorer.q, scorer.k, mask_now.get(stage.score_block, scorer.mask)

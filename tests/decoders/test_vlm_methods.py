@@ -1,0 +1,325 @@
+"""VLM visual-token selection methods (DivPrune, DART) on tiny random-init LLaVA and Qwen2-VL models, checked
+against the independent reference in tests/decoder_reference.py: a pure-python selection on the hidden
+states (greedy k-center for DivPrune; pivots + least-similar tokens for DART) feeding a hand-written eager
+prefill that drops the same tokens. Compared: prefill logits, every layer's cached keys/values and kept
+original positions, and the greedy tokens `generate()` produces after the pruned prefill. Also: each row
+of a batch is selected alone (a prompt pruned alone = its row of the batch), `keep_ratio=1` is the plain
+model, the ops against the pure-python selections, and the pruned prefill through ONNX export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from decoder_reference import RefDecoder, dart_select, divprune_select, select_prefill
+from decoders.families import IMAGE, VIDEO, build
+from decoders.test_qwen_vl import _prompt as qwen_prompt
+from decoders.test_qwen_vl import _sharpen
+
+import tokenreduce
+from tokenreduce import TokenReduceError
+from tokenreduce.kernels import decoder_ops
+
+transformers = pytest.importorskip("transformers")
+tr = torch.ops.tokenreduce
+
+IMG_ID, N_IMG = 150, 16
+
+
+@pytest.fixture(scope="module")
+def llava():
+    torch.manual_seed(0)
+    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8)
+    tc = transformers.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG_ID, vision_feature_layer=-2,
+                                   vision_feature_select_strategy="default")
+    cfg._attn_implementation = "sdpa"
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # sharper attention than random init's near-uniform one
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight *= 4
+            layer.self_attn.k_proj.weight *= 4
+    return model
+
+
+@pytest.fixture(scope="module")
+def llava_prompt():
+    torch.manual_seed(1)
+    ids = torch.cat([torch.randint(3, 100, (2, 3)), torch.full((2, N_IMG), IMG_ID), torch.randint(3, 100, (2, 5))], 1)
+    ids[1, :2] = 0
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding in row 1
+    return ids, mask, torch.randn(2, 3, 32, 32)
+
+
+def _embeds(model, ids, mask, **media):  # type: ignore[no-untyped-def]
+    """The language model's input embeddings and position ids, as the model itself builds them."""
+    grabbed: dict = {}
+    lm = model.model.language_model
+    handle = lm.register_forward_pre_hook(lambda m, a, k: grabbed.update(k), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, **media)
+    handle.remove()
+    return grabbed["inputs_embeds"], grabbed.get("position_ids")
+
+
+def _divprune_choose(span: torch.Tensor, keep: int):  # type: ignore[no-untyped-def]
+    def choose(r, x, keys, real):  # type: ignore[no-untyped-def]
+        pos = torch.nonzero(span[r]).flatten().tolist()
+        feats = x[pos].double().tolist()
+        return [pos[i] for i in divprune_select(feats, keep)]
+    return choose
+
+
+def _dart_choose(span: torch.Tensor, keep: int, pivot_image: int, pivot_text: int):  # type: ignore[no-untyped-def]
+    def choose(r, x, keys, real):  # type: ignore[no-untyped-def]
+        l1 = keys.float().abs().sum((0, 2)).tolist()
+        kept = dart_select(x.double().tolist(), l1, span[r].tolist(), real.tolist(), keep, pivot_image, pivot_text)
+        return kept
+    return choose
+
+
+def _check(dec, pre, ref, ref_logits, ref_cache, mask):  # type: ignore[no-untyped-def]
+    torch.testing.assert_close(pre.logits, ref_logits, atol=1e-4, rtol=1e-4)
+    for layer, (k, v, idx) in zip(pre.cache.layers, ref_cache, strict=True):
+        assert torch.equal(layer.positions, idx)
+        valid = mask.bool().gather(1, idx)[:, None, :, None]  # padding keys hold don't-care values
+        torch.testing.assert_close(layer.keys * valid, k * valid, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer.values * valid, v * valid, atol=1e-4, rtol=1e-4)
+    assert dec.report.tokens_per_block == [c[2].shape[1] for c in ref_cache]
+
+
+# ------------------------------------------------------------------------------------------- the ops
+def test_kcenter_scores_select_the_greedy_max_min_order():
+    """The op's selection order (scores keep, keep-1, ...) is the pure-python greedy max-min on each row's
+    own span tokens; rows with spans at different places select independently."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 20, 8)
+    span = torch.zeros(3, 20, dtype=torch.bool)
+    span[0, 2:14], span[1, 5:17] = True, True
+    span[2, [0, 1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 19]] = True  # not contiguous
+    got = tr.kcenter_scores(x, span, 5, 12)
+    for r in range(3):
+        pos = torch.nonzero(span[r]).flatten().tolist()
+        order = divprune_select(x[r, pos].double().tolist(), 5)
+        want = torch.zeros(20)
+        for i, j in enumerate(order):
+            want[pos[j]] = 5 - i
+        assert torch.equal(got[r], want), (r, got[r], want)
+    # keep = the whole span: every span token gets a distinct rank
+    full = tr.kcenter_scores(x, span, 12, 12)
+    assert sorted(full[0][span[0]].tolist()) == list(range(1, 13)) and not full[0][~span[0]].any()
+
+
+def test_kcenter_never_selects_a_token_twice():
+    """Exact duplicates: after one of two identical tokens is chosen, the other is at distance 0 and is
+    chosen only once every farther token is (the official code could pick the same index again)."""
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])
+    span = torch.ones(1, 4, dtype=torch.bool)
+    got = tr.kcenter_scores(x, span, 4, 4)
+    assert sorted(got[0].tolist()) == [1.0, 2.0, 3.0, 4.0]
+    assert got[0, 1] == 1.0 or got[0, 0] == 1.0  # one duplicate last
+
+
+def test_dart_scores_match_the_pure_python_selection():
+    torch.manual_seed(3)
+    n, s = 24, 14
+    x, keys = torch.randn(2, n, 16), torch.randn(2, 2, n, 4)
+    span = torch.zeros(2, n, dtype=torch.bool)
+    span[0, 3:3 + s], span[1, 6:6 + s] = True, True
+    mask = torch.ones(2, 1, n, n, dtype=torch.bool).tril()
+    mask[1, ..., :2] = False  # row 1: two padding keys
+    for keep, pi, pt in [(7, 2, 2), (14, 4, 4), (3, 3, 1), (5, 0, 2)]:
+        got = tr.dart_scores(x, keys, span, mask, keep, s, pi, pt)
+        for r in range(2):
+            l1 = keys[r].abs().sum((0, 2)).tolist()
+            want = dart_select(x[r].double().tolist(), l1, span[r].tolist(), mask[r, 0, -1].tolist(), keep, pi, pt)
+            assert torch.nonzero(got[r]).flatten().tolist() == want, (keep, pi, pt, r)
+
+
+def test_dart_repeats_the_best_text_pivot_when_the_question_is_short():
+    torch.manual_seed(4)
+    x, keys = torch.randn(1, 10, 8), torch.randn(1, 1, 10, 4)
+    span = torch.zeros(1, 10, dtype=torch.bool)
+    span[0, 1:9] = True  # one token after the span
+    got = tr.dart_scores(x, keys, span, None, 5, 8, 1, 3)
+    want = dart_select(x[0].double().tolist(), keys[0].abs().sum((0, 2)).tolist(), span[0].tolist(), [True] * 10,
+                       5, 1, 3)
+    assert torch.nonzero(got[0]).flatten().tolist() == want and len(want) == 5
+
+
+def test_ops_refuse_counts_outside_the_span():
+    x, span = torch.randn(1, 6, 4), torch.ones(1, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"keep must be in 1..6, got 7"):
+        decoder_ops.kcenter_scores_reference(x, span, 7, 6)
+    with pytest.raises(ValueError, match=r"keep must be in 4..6 \(at least the 4 image pivots\), got 3"):
+        decoder_ops.dart_scores_reference(x, torch.randn(1, 1, 6, 2), span, None, 3, 6, 4, 4)
+
+
+# ------------------------------------------------------------------------------------------- DivPrune
+def test_divprune_llava_matches_reference(llava, llava_prompt):
+    ids, mask, px = llava_prompt
+    n = ids.shape[1]
+    dec = tokenreduce.reduce_decoder(llava, "divprune", keep_ratio=0.25)
+    pre = dec.prefill(ids, mask, pixel_values=px)
+    assert dec.report.span_tokens == N_IMG
+    assert dec.report.tokens_per_block == [n - N_IMG + 4] * 4  # pruned before the first layer
+    embeds, _ = _embeds(llava, ids, mask, pixel_values=px)
+    ref, span = RefDecoder(llava), ids == IMG_ID
+    ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 0, _divprune_choose(span, 4))
+    _check(dec, pre, ref, ref_logits, ref_cache, mask)
+    out = dec.generate(ids, mask, pixel_values=px, max_new_tokens=4)
+    _, ref_cache = select_prefill(ref, embeds, mask, span, 0, _divprune_choose(span, 4))
+    want = ref.decode(ref_logits, ref_cache, mask, 4, llava.model.language_model.embed_tokens)
+    assert torch.equal(out[:, :n], ids) and torch.equal(out[:, n:], want)
+
+
+def test_divprune_rows_are_selected_alone(llava, llava_prompt):
+    """Each prompt pruned alone gives its row of the batch: same logits, same kept positions (row 1 alone
+    has no padding, so its positions shift by the two padding tokens, which the batch keeps)."""
+    ids, mask, px = llava_prompt
+    dec = tokenreduce.reduce_decoder(llava, "divprune", keep_ratio=0.25)
+    both = dec.prefill(ids, mask, pixel_values=px)
+    for r, pad in ((0, 0), (1, 2)):
+        alone = dec.prefill(ids[r:r + 1, pad:], mask[r:r + 1, pad:], pixel_values=px[r:r + 1])
+        torch.testing.assert_close(alone.logits[0], both.logits[r], atol=1e-4, rtol=1e-4)
+        assert torch.equal(alone.kept[0][0] + pad, both.kept[0][r][pad:])  # padding is never dropped
+
+
+def test_divprune_keep_everything_is_the_plain_model(llava, llava_prompt):
+    ids, mask, px = llava_prompt
+    dec = tokenreduce.reduce_decoder(llava, "divprune", keep_ratio=1.0)
+    with torch.no_grad():
+        full = llava(input_ids=ids, attention_mask=mask, pixel_values=px).logits[:, -1]
+        want = llava.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(dec.prefill(ids, mask, pixel_values=px).logits, full, atol=1e-5, rtol=1e-5)
+    assert torch.equal(dec.generate(ids, mask, pixel_values=px, max_new_tokens=4), want)
+
+
+def test_divprune_qwen2_vl_keeps_3_axis_positions():
+    """Qwen2-VL with an image and a video: DivPrune selects among the 24 vision tokens of each row on the
+    embeddings the model builds; kept tokens keep their original mRoPE positions (the reference rotates the
+    cached keys by them) and decoding continues after the vision offset."""
+    model = _sharpen(build("qwen2_vl"))
+    ids, mask, media = qwen_prompt()
+    n = ids.shape[1]
+    types = torch.zeros_like(ids, dtype=torch.int).masked_fill(ids == IMAGE, 1).masked_fill(ids == VIDEO, 2)
+    embeds, positions = _embeds(model, ids, mask, mm_token_type_ids=types, **media)
+    deltas = model.model.rope_deltas
+    dec = tokenreduce.reduce_decoder(model, "divprune", keep_ratio=0.25)
+    pre = dec.prefill(ids, mask, **media)
+    ref, span = RefDecoder(model), (ids == IMAGE) | (ids == VIDEO)
+    ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 0, _divprune_choose(span, 6),
+                                           position_ids=positions)
+    _check(dec, pre, ref, ref_logits, ref_cache, mask)
+    out = dec.generate(ids, mask, max_new_tokens=4, **media)
+    steps = ref.decode(ref_logits, ref_cache, mask, 4, next_pos=mask.sum(-1) + deltas[:, 0])
+    assert torch.equal(out[:, :n], ids) and torch.equal(out[:, n:], steps)
+
+
+def test_divprune_settings_are_checked():
+    with pytest.raises(TokenReduceError, match="give one layer") as e:
+        tokenreduce.reduce_decoder(torch.nn.Linear(1, 1), "divprune", layers=[0, 2])
+    assert e.value.setting == "layers"
+    with pytest.raises(TokenReduceError, match=r"keep_ratio must be in \(0, 1\]"):
+        tokenreduce.reduce_decoder(torch.nn.Linear(1, 1), "divprune", keep_ratio=0.0)
+
+
+def test_divprune_prefill_exports_to_onnx(tmp_path):
+    """The pruned prefill (k-center loop unrolled, constant k) exports and onnxruntime reproduces the eager
+    graph, on a Llama with a marked context span (LLaVA's prefill fails the exporter even unpruned)."""
+    pytest.importorskip("onnxruntime")
+    import types
+
+    from tokenreduce.targets.onnx import export_onnx
+
+    torch.manual_seed(1)
+    ids = torch.randint(3, 128, (1, 24))
+    dec = tokenreduce.reduce_decoder(build("llama"), "divprune", keep_ratio=0.25)
+    compiled, flat = dec.compiled_for(ids, None, (2, 18))
+    assert any(n.target is tr.kcenter_scores.default for n in compiled.gm.graph.nodes)
+    shim = types.SimpleNamespace(graph_module=compiled.gm, example_args=tuple(flat), example_kwargs={},
+                                 dynamic_batch=False)
+    written = export_onnx(shim, tmp_path / "llama_divprune.onnx", verify=True, atol=1e-4)
+    assert written.verified and written.max_abs_diff < 1e-4
+
+
+# ------------------------------------------------------------------------------------------- DART
+def test_dart_llava_matches_reference(llava, llava_prompt):
+    """Layer 2: pivots from block 1's keys (2 from the image, 2 from the question), the other 6 kept image
+    tokens the least similar to them on the hidden states entering block 2."""
+    ids, mask, px = llava_prompt
+    n = ids.shape[1]
+    dec = tokenreduce.reduce_decoder(llava, "dart", layers=[2], keep_ratio=0.5, pivot_image_tokens=2,
+                                     pivot_text_tokens=2)
+    pre = dec.prefill(ids, mask, pixel_values=px)
+    assert dec.report.tokens_per_block == [n, n, n - N_IMG + 8, n - N_IMG + 8]
+    embeds, _ = _embeds(llava, ids, mask, pixel_values=px)
+    ref, span = RefDecoder(llava), ids == IMG_ID
+    choose = _dart_choose(span, 8, 2, 2)
+    ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 2, choose)
+    _check(dec, pre, ref, ref_logits, ref_cache, mask)
+    out = dec.generate(ids, mask, pixel_values=px, max_new_tokens=4)
+    _, ref_cache = select_prefill(ref, embeds, mask, span, 2, choose)
+    want = ref.decode(ref_logits, ref_cache, mask, 4, llava.model.language_model.embed_tokens)
+    assert torch.equal(out[:, :n], ids) and torch.equal(out[:, n:], want)
+
+
+def test_dart_rows_are_selected_alone(llava, llava_prompt):
+    ids, mask, px = llava_prompt
+    dec = tokenreduce.reduce_decoder(llava, "dart", layers=[2], keep_ratio=0.5, pivot_image_tokens=2,
+                                     pivot_text_tokens=2)
+    both = dec.prefill(ids, mask, pixel_values=px)
+    for r, pad in ((0, 0), (1, 2)):
+        alone = dec.prefill(ids[r:r + 1, pad:], mask[r:r + 1, pad:], pixel_values=px[r:r + 1])
+        torch.testing.assert_close(alone.logits[0], both.logits[r], atol=1e-4, rtol=1e-4)
+        assert torch.equal(alone.kept[-1][0] + pad, both.kept[-1][r][pad:])
+
+
+def test_dart_qwen2_vl_matches_reference():
+    model = _sharpen(build("qwen2_vl"))
+    ids, mask, media = qwen_prompt()
+    n = ids.shape[1]
+    types = torch.zeros_like(ids, dtype=torch.int).masked_fill(ids == IMAGE, 1).masked_fill(ids == VIDEO, 2)
+    embeds, positions = _embeds(model, ids, mask, mm_token_type_ids=types, **media)
+    deltas = model.model.rope_deltas
+    dec = tokenreduce.reduce_decoder(model, "dart", keep_ratio=0.25, pivot_image_tokens=2, pivot_text_tokens=3)
+    pre = dec.prefill(ids, mask, **media)
+    ref, span = RefDecoder(model), (ids == IMAGE) | (ids == VIDEO)
+    ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 2, _dart_choose(span, 6, 2, 3),
+                                           position_ids=positions)
+    _check(dec, pre, ref, ref_logits, ref_cache, mask)
+    out = dec.generate(ids, mask, max_new_tokens=4, **media)
+    steps = ref.decode(ref_logits, ref_cache, mask, 4, next_pos=mask.sum(-1) + deltas[:, 0])
+    assert torch.equal(out[:, :n], ids) and torch.equal(out[:, n:], steps)
+
+
+@pytest.mark.parametrize("opts, setting, match", [
+    (dict(layers=[0]), "layers", r"layers must be >= 1, got \[0\]"),
+    (dict(keep_ratio=0.1, pivot_image_tokens=4), "keep_ratio", "keeps 2 of 16 span tokens, fewer than the 4 image"),
+    (dict(pivot_image_tokens=0, pivot_text_tokens=0), "pivot_image_tokens", "at least one pivot"),
+    (dict(pivot_text_tokens=-1), "pivot_text_tokens", "pivot_text_tokens must be >= 0"),
+])
+def test_dart_settings_are_checked(llava, llava_prompt, opts, setting, match):
+    ids, mask, px = llava_prompt
+    with pytest.raises(TokenReduceError, match=match) as e:
+        tokenreduce.reduce_decoder(llava, "dart", **opts).prefill(ids, mask, pixel_values=px)
+    assert e.value.setting == setting
+
+
+def test_dart_prefill_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import types
+
+    from tokenreduce.targets.onnx import export_onnx
+
+    torch.manual_seed(1)
+    ids = torch.randint(3, 128, (1, 24))
+    dec = tokenreduce.reduce_decoder(build("llama"), "dart", keep_ratio=0.5, pivot_image_tokens=2, pivot_text_tokens=2)
+    compiled, flat = dec.compiled_for(ids, None, (2, 18))
+    assert any(n.target is tr.dart_scores.default for n in compiled.gm.graph.nodes)
+    shim = types.SimpleNamespace(graph_module=compiled.gm, example_args=tuple(flat), example_kwargs={},
+                                 dynamic_batch=False)
+    written = export_onnx(shim, tmp_path / "llama_dart.onnx", verify=True, atol=1e-4)
+    assert written.verified and written.max_abs_diff < 1e-4
