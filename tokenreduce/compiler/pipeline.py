@@ -30,12 +30,14 @@ from tokenreduce.passes.insert_reductions import insert_reductions
 from tokenreduce.passes.manager import Pass, run_passes
 from tokenreduce.passes.merge_sublayers import merge_sublayers
 from tokenreduce.passes.prune_decoder_tokens import prune_decoder_tokens
+from tokenreduce.passes.scale_attention_logits import scale_attention_logits
 from tokenreduce.passes.unmerge_outputs import unmerge_outputs
 
 ENCODER_PASSES: list[tuple[str, Pass]] = [
     ("insert_reductions", insert_reductions),
     ("fix_token_shapes", fix_token_shapes),
     ("unmerge_outputs", unmerge_outputs),
+    ("scale_attention_logits", scale_attention_logits),  # TempScale: no token moves
     ("fuse_attention_scores", fuse_attention_scores),  # GPU graphs only
 ]
 
