@@ -161,3 +161,18 @@ def test_refusals():
         with pytest.raises(TokenReduceError) as e:
             tokenreduce.compile(model, args, kwargs, method="tomesd", **bad)
         assert e.value.setting == setting
+
+
+def test_dit_exports_to_onnx(tmp_path):
+    """Static shapes (TopK with constant k, the odd-batch rule read from the batch size) and onnxruntime agrees."""
+    pytest.importorskip("onnxruntime")
+    from tokenreduce.targets.onnx import export_onnx
+
+    model = _dit()
+    args = (torch.randn(2, 4, 8, 8),)
+    kwargs = {"timestep": torch.full((2,), 10), "class_labels": torch.arange(2)}
+    red = tokenreduce.compile(model, args, kwargs, method="tomesd", max_downsample=2, rand_seed=1, inner="eager",
+                              count_model_flops=False)
+    ex = export_onnx(red, tmp_path / "dit_tomesd.onnx")
+    assert ex.verified and not ex.problems and ex.max_abs_diff < 1e-4
+    assert ex.op_counts.get("TopK", 0) == 4  # two per merged block: the ranking and its inverse

@@ -25,7 +25,7 @@ destinations at every call where tomesd draws new ones per call (`rand_seed`, no
 `--seed` seeds random weights and inputs); the order of merged tokens differs (same
 groups, attention sums keys in another order: float rounding); `r` larger than a block's sources is an error
 naming the largest valid ratio (tomesd clamps silently); a setting that merges no block at all is an error.
-The plan is plain torch (argsort, gathers, no scatter, static shapes), emitted as one node and applied by
+The plan is plain torch (TopK with constant k, gathers, no scatter, static shapes), emitted as one node and applied by
 `tokenreduce.apply_plan`; it exports to ONNX.
 """
 
@@ -70,7 +70,9 @@ def tomesd_slots(x: torch.Tensor, order: torch.Tensor, num_dst: int, r: int) -> 
     dst = metric.index_select(1, perm[:num_dst])
     src = metric.index_select(1, perm[num_dst:])
     best, best_dst = (src @ dst.transpose(-1, -2)).max(dim=-1)  # [B, num_src]
-    rank = best.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = most similar source
+    # rank of each source, 0 = most similar; TopK with a constant k (an argsort exports with k read from a shape)
+    edge = best.topk(num_src, dim=-1).indices
+    rank = edge.topk(num_src, dim=-1, largest=False).indices  # the inverse permutation
     kept = num_src - r
     src_slot = torch.where(rank < r, kept + best_dst, rank - r)
     dst_slot = (kept + torch.arange(num_dst, device=x.device)).expand(x.shape[0], num_dst)
