@@ -323,3 +323,91 @@ def test_dart_prefill_exports_to_onnx(tmp_path):
                                  dynamic_batch=False)
     written = export_onnx(shim, tmp_path / "llama_dart.onnx", verify=True, atol=1e-4)
     assert written.verified and written.max_abs_diff < 1e-4
+
+
+# ------------------------------------------------------------------------------------------- VisionZip
+def _visionzip_reference(model, px, dominant, contextual):  # type: ignore[no-untyped-def]
+    """Per image: the projected features the LLM receives after VisionZip's merge `[B, P, C]`, and the kept
+    patch indices. CLS attention and keys of the feature layer computed by hand from its weights."""
+    vt, cfg = model.model.vision_tower, model.config
+    with torch.no_grad():
+        hs = vt(px, output_hidden_states=True).hidden_states
+        f = len(hs) + cfg.vision_feature_layer  # hidden_states[f] is layer f-1's output: layer f-1 is read
+        layer = (getattr(vt, "vision_model", None) or vt).encoder.layers[f - 1]
+        a, h = layer.self_attn, cfg.vision_config.num_attention_heads
+        x = torch.nn.functional.layer_norm(hs[f - 1], (hs[f - 1].shape[-1],), layer.layer_norm1.weight,
+                                           layer.layer_norm1.bias, layer.layer_norm1.eps)
+        b, t, c = x.shape
+        q = (x @ a.q_proj.weight.T + a.q_proj.bias).view(b, t, h, -1).transpose(1, 2)
+        k = (x @ a.k_proj.weight.T + a.k_proj.bias).view(b, t, h, -1).transpose(1, 2)
+        cls = torch.softmax(q[:, :, 0:1] @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1).sum(1)[:, 0, 1:]
+        metric = k.mean(1)[:, 1:].double()
+        feats = hs[f][:, 1:].clone()
+        kept_rows = []
+        for r in range(b):
+            p = feats.shape[1]
+            dom = sorted(range(p), key=lambda i: -float(cls[r, i]))[:dominant]
+            rest = [i for i in range(p) if i not in dom]
+            targets = rest[::max(1, len(rest) // contextual)][:contextual] if contextual else []
+            joined: dict[int, list[int]] = {t_: [] for t_ in targets}
+            for o in (i for i in rest if i not in targets):
+                sims = [float(torch.nn.functional.cosine_similarity(metric[r, o], metric[r, t_], dim=0))
+                        for t_ in targets]
+                joined[targets[max(range(len(targets)), key=lambda j: (sims[j], -j))]].append(o)
+            new = feats[r].clone()
+            for t_, group in joined.items():
+                if group:
+                    new[t_] = feats[r, t_] + feats[r, group].mean(0)
+            feats[r] = new
+            kept_rows.append(sorted(dom + targets))
+        return model.model.multi_modal_projector(feats), kept_rows
+
+
+def test_visionzip_llava_matches_reference(llava, llava_prompt):
+    """keep 8 of 16 image tokens, 2 of them contextual: the vision features are merged before the
+    projector, the LLM runs on the dominant patches and the merged targets from layer 0."""
+    ids, mask, px = llava_prompt
+    n = ids.shape[1]
+    dec = tokenreduce.reduce_decoder(llava, "visionzip", keep_ratio=0.5, contextual_ratio=0.25)
+    pre = dec.prefill(ids, mask, pixel_values=px)
+    assert dec.report.tokens_per_block == [n - N_IMG + 8] * 4
+    embeds, _ = _embeds(llava, ids, mask, pixel_values=px)
+    span = ids == IMG_ID
+    proj, kept_rows = _visionzip_reference(llava, px, 6, 2)
+    embeds = embeds.clone()
+    embeds[span] = proj.reshape(-1, proj.shape[-1]).to(embeds.dtype)  # row-major, as the model scatters them
+
+    def choose(r, x, keys, real):  # type: ignore[no-untyped-def]
+        pos = torch.nonzero(span[r]).flatten().tolist()
+        return [pos[i] for i in kept_rows[r]]
+
+    ref = RefDecoder(llava)
+    ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 0, choose)
+    _check(dec, pre, ref, ref_logits, ref_cache, mask)
+    out = dec.generate(ids, mask, pixel_values=px, max_new_tokens=4)
+    _, ref_cache = select_prefill(ref, embeds, mask, span, 0, choose)
+    want = ref.decode(ref_logits, ref_cache, mask, 4, llava.model.language_model.embed_tokens)
+    assert torch.equal(out[:, :n], ids) and torch.equal(out[:, n:], want)
+
+
+def test_visionzip_rows_are_selected_alone_and_keep_everything_is_the_plain_model(llava, llava_prompt):
+    ids, mask, px = llava_prompt
+    dec = tokenreduce.reduce_decoder(llava, "visionzip", keep_ratio=0.5, contextual_ratio=0.25)
+    both = dec.prefill(ids, mask, pixel_values=px)
+    alone = dec.prefill(ids[1:, 2:], mask[1:, 2:], pixel_values=px[1:])
+    torch.testing.assert_close(alone.logits[0], both.logits[1], atol=1e-4, rtol=1e-4)
+    assert torch.equal(alone.kept[0][0] + 2, both.kept[0][1][2:])
+    same = tokenreduce.reduce_decoder(llava, "visionzip", keep_ratio=1.0)  # every patch a target: nothing merged
+    with torch.no_grad():
+        full = llava(input_ids=ids, attention_mask=mask, pixel_values=px).logits[:, -1]
+    torch.testing.assert_close(same.prefill(ids, mask, pixel_values=px).logits, full, atol=1e-5, rtol=1e-5)
+
+
+def test_visionzip_refuses_a_vision_encoder_outside_the_graph():
+    model = build("qwen2_vl")
+    ids, mask, media = qwen_prompt()
+    with pytest.raises(TokenReduceError, match="runs eagerly outside the graph") as e:
+        tokenreduce.reduce_decoder(model, "visionzip").prefill(ids, mask, **media)
+    assert e.value.setting == "method"
+    with pytest.raises(TokenReduceError, match=r"visionzip selects before the LLM \(layer 0\)"):
+        tokenreduce.reduce_decoder(model, "visionzip", layers=[2])

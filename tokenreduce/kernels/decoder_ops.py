@@ -16,6 +16,10 @@ The selection methods that rank by hidden states instead of attention emit one o
   (`methods/divprune.py`);
 * `dart_scores` -- DART's pivot tokens and duplication-aware selection (`methods/dart.py`).
 
+`visionzip_plan` (`methods/visionzip.py`) works inside the vision tower instead: from one vision layer's
+attention it picks dominant patches (CLS attention) and contextual targets, and returns the layer's
+features with each target replaced by its merged value, plus which patches are kept.
+
 Both are written export-safe: a constant number of steps (k, or the pivot count), argmax / top-k with
 constant k, one-hot comparisons instead of scatter, no data-dependent shapes. They refuse (ValueError)
 counts outside the span.
@@ -245,7 +249,79 @@ def _(x, keys, droppable, bias, keep, num_droppable, pivot_image, pivot_text):
     return x.new_empty(x.shape[:2], dtype=torch.float32)
 
 
+def visionzip_plan_reference(feats: torch.Tensor, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None,
+                             scale: float, dominant: int, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip's dominant + contextual tokens of one vision layer (CLS first, then `P` patches).
+
+    Args:
+        feats: `[B, 1 + P, C]` the layer's output features (what the projector reads, CLS at index 0).
+        q, k: `[B, H, 1 + P, d]` the layer's attention queries and keys (before scaling).
+        bias: the layer's attention mask broadcastable to `[B, H, 1 + P, 1 + P]` (None: no mask).
+        scale: the attention logit scale. dominant / contextual: patch counts, `dominant + contextual <= P`.
+
+    Returns:
+        `merged [B, 1 + P, C]`: `feats` with each contextual target replaced by `target + mean(assigned)`;
+        `kept [B, P]` float32: 1 for the dominant patches and the contextual targets, else 0.
+
+    Dominant: the `dominant` patches the CLS query attends to most (probabilities summed over heads).
+    Contextual: among the other patches in order, targets every `max(1, R // contextual)`-th (the first
+    `contextual`); every other remaining patch joins the target whose head-averaged key is most
+    cosine-similar to its own, and each target adds the mean of the features that joined it.
+    """
+    bsz, t, _ = feats.shape
+    p = t - 1
+    if not (0 <= dominant and 0 <= contextual and 1 <= dominant + contextual <= p):
+        raise ValueError(f"dominant + contextual must be in 1..{p}, got {dominant} + {contextual}")
+    logits = (q[:, :, :1].float() @ k.float().transpose(-1, -2)) * scale  # [B, H, 1, T]
+    if bias is not None:
+        row = bias[..., :1, :]
+        logits = logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row.float()
+    cls = logits.softmax(-1).sum(1)[:, 0, 1:]  # [B, P]
+    pos = torch.arange(p, device=feats.device)
+    dom = cls.topk(dominant, dim=-1).indices if dominant else torch.zeros(bsz, 0, dtype=torch.long, device=feats.device)
+    dom_mask = (pos[None, None, :] == dom[:, :, None]).any(1)  # [B, P]
+    kept = dom_mask.float()
+    patches = feats[:, 1:]
+    if contextual == 0:
+        return feats, kept
+    rest = span_positions(~dom_mask, p - dominant)  # [B, R] remaining patches, ascending
+    r = p - dominant
+    step = max(1, r // contextual)
+    targets = list(range(0, r, step))[:contextual]
+    others = [i for i in range(r) if i not in targets]
+    t_pos, o_pos = rest[:, targets], rest[:, others]  # [B, Ct], [B, R - Ct]
+    metric = k.float().mean(1)[:, 1:]  # [B, P, d] head-averaged keys
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+
+    def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))
+
+    sim = take(unit, o_pos) @ take(unit, t_pos).transpose(1, 2)  # [B, R - Ct, Ct]
+    slots = torch.arange(len(targets), device=feats.device)
+    assign = (sim.argmax(-1)[:, :, None] == slots[None, None, :]).float()  # [B, R - Ct, Ct]
+    counts = assign.sum(1).clamp_min(1.0)[:, :, None]
+    added = assign.transpose(1, 2) @ take(patches.float(), o_pos) / counts  # [B, Ct, C]
+    at = (pos[None, None, :] == t_pos[:, :, None]).float()  # [B, Ct, P]
+    merged = patches.float() + at.transpose(1, 2) @ added
+    kept = kept + at.sum(1)
+    return torch.cat([feats[:, :1], merged.to(feats.dtype)], dim=1), kept
+
+
+@torch.library.custom_op(f"{NAMESPACE}::visionzip_plan", mutates_args=())
+def visionzip_plan(feats: torch.Tensor, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                   dominant: int, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`visionzip_plan_reference` as one graph node -> (`[B, 1 + P, C]` merged features, `[B, P]` kept)."""
+    merged, kept = visionzip_plan_reference(feats, q, k, bias, scale, dominant, contextual)
+    return merged.clone(), kept.contiguous()  # a custom op's output may not alias its input
+
+
+@visionzip_plan.register_fake
+def _(feats, q, k, bias, scale, dominant, contextual):
+    return torch.empty_like(feats), feats.new_empty((feats.shape[0], feats.shape[1] - 1), dtype=torch.float32)
+
+
 REFERENCES: dict[Any, Callable[..., Any]] = {
     torch.ops.tokenreduce.capped_row_scores.default: capped_row_scores_reference,
     torch.ops.tokenreduce.kcenter_scores.default: kcenter_scores_reference,
-    torch.ops.tokenreduce.dart_scores.default: dart_scores_reference}
+    torch.ops.tokenreduce.dart_scores.default: dart_scores_reference,
+    torch.ops.tokenreduce.visionzip_plan.default: visionzip_plan_reference}

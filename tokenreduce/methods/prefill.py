@@ -24,10 +24,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import fx
 
+from tokenreduce.analysis.encoder import Attention
 from tokenreduce.ir.graph import Builder
 from tokenreduce.kernels import decoder_ops
 from tokenreduce.methods.base import (
@@ -122,12 +123,33 @@ class SelectionSite:
     keep: int
     keys: fx.Node | None
     mask: fx.Node | None
+    patch_scores: fx.Node | None = None  # `[B, P]` from `emit_vision` (one image of P patches per row)
+
+
+@dataclass
+class VisionSite:
+    """One vision-tower layer of a VLM whose image features feed the span (LLaVA: the layer the projector
+    reads). `features [B, 1 + P, C]` is the layer's output (CLS first), `attention` its attention (q, k,
+    mask, scale); the builder inserts right after `features`."""
+
+    builder: Builder
+    features: fx.Node
+    attention: Attention
 
 
 class SelectionMethod(PrefillMethod):
     """A prefill method that selects span tokens from hidden states (not last-query attention): it emits
     `[B, N]` keep scores (> 0 for the selected span tokens, exactly `keep` of them), which the pass turns
-    into the kept indices with `tokenreduce::keep_plan`."""
+    into the kept indices with `tokenreduce::keep_plan`.
+
+    A method with `needs_vision` first gets the vision layer (`emit_vision`): it returns the features that
+    replace the layer's output (merged tokens) and `[B, P]` patch scores, which its `emit_scores` maps onto
+    the span (`SelectionSite.patch_scores`)."""
+
+    needs_vision: ClassVar[bool] = False
+
+    def emit_vision(self, options: Options, site: VisionSite, keep: int) -> tuple[fx.Node, fx.Node]:
+        raise NotImplementedError(f"{type(self).__name__} does not read the vision tower")
 
     def emit_scores(self, options: Options, site: SelectionSite) -> fx.Node:
         raise NotImplementedError(f"{type(self).__name__} must emit its selection scores")

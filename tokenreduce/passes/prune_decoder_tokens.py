@@ -38,13 +38,16 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
-from tokenreduce.ir.graph import Builder, call, nodes_between, stable_toposort
+from tokenreduce.analysis.decoder import is_causal
+from tokenreduce.analysis.encoder import analyse_block, find_attention
+from tokenreduce.errors import TokenReduceError
+from tokenreduce.ir.graph import Builder, call, nodes_between, reach, stable_toposort
 from tokenreduce.kernels import decoder_ops as _dops  # noqa: F401  (registers keep_plan, capped_row_scores)
 from tokenreduce.kernels import ops as _ops  # noqa: F401
 from tokenreduce.kernels import reference as ref
 from tokenreduce.kernels.plans import pool_scores
 from tokenreduce.methods import registry
-from tokenreduce.methods.prefill import SelectionMethod, SelectionSite
+from tokenreduce.methods.prefill import SelectionMethod, SelectionSite, VisionSite
 from tokenreduce.passes.common import DecoderContext, PassResult
 
 tr = torch.ops.tokenreduce
@@ -109,6 +112,10 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
             site = SelectionSite(b, h, droppable, num_droppable, stage.keep,
                                  score_db.kv[0] if score_db.kv is not None else None,
                                  mask_now.get(stage.score_block, score_db.attention.mask))
+            if method.needs_vision:
+                vsite = vision_site(gm, h, num_droppable)
+                merged, site.patch_scores = method.emit_vision(ctx.settings.opts, vsite, stage.keep)
+                vsite.features.replace_all_uses_with(merged, delete_user_cb=vsite.builder.is_outside)
             scores = method.emit_scores(ctx.settings.opts, site)
             keep = b.add(tr.keep_plan.default, (scores, droppable, stage.keep, num_droppable))
             x_new = b.add(ref.gather_tokens, (h, keep, 1))
@@ -171,6 +178,36 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
     stable_toposort(graph)
     result.changed = True
     return result
+
+
+def vision_site(gm: fx.GraphModule, x0: fx.Node, span: int) -> VisionSite:
+    """The vision layer whose output features become the span tokens (LLaVA: the layer `vision_feature_layer`
+    names): the last bidirectional attention the LLM's input embeddings are computed from, and its block's
+    output (the residual add after the MLP). Refuses graphs without one (Qwen2-VL's vision encoder runs
+    eagerly, outside the graph), other block layouts, and features that are not one image of `span`
+    patches plus a CLS token per row."""
+    up = set(reach([x0], "all_input_nodes", None))
+    atts = [a for a in find_attention(gm) if not is_causal(a) and a.node in up]
+    if not atts:
+        raise TokenReduceError("this method reads the vision tower's attention, but no bidirectional attention in the "
+                               "captured prefill feeds the LLM's input embeddings (a VLM whose vision encoder runs "
+                               "eagerly outside the graph, such as Qwen2-VL, or a text model)", setting="method")
+    att = atts[-1]
+    blk = analyse_block(0, att)
+    outs = [u for u in (blk.residual_add.users if blk.residual_add is not None else ())
+            if u.target is torch.ops.aten.add.Tensor and u in up]
+    if blk.layout != "pre-ln" or len(outs) != 1:
+        raise TokenReduceError(f"the vision layer feeding the LLM ({att.spelling or att.kind} attention) is not a pre-LN "
+                               "block with one residual output; only CLIP-style vision towers are supported",
+                               setting="method")
+    feats = outs[0]
+    fshape, xshape = tuple(feats.meta["val"].shape), tuple(x0.meta["val"].shape)
+    if len(fshape) != 3 or fshape[0] != xshape[0] or fshape[1] != span + 1:
+        raise TokenReduceError(
+            f"the vision features are {list(fshape)} for {xshape[0]} prompts with {span} image tokens each; this "
+            "method needs one image per prompt whose patches are its image tokens, plus a CLS token (LLaVA with "
+            "vision_feature_select_strategy='default')", setting="method")
+    return VisionSite(Builder(gm.graph, feats, like=att.node), feats, att)
 
 
 def _outside(nodes: set[fx.Node]):  # type: ignore[no-untyped-def]
