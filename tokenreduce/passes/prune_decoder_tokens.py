@@ -1,5 +1,5 @@
-"""Prune prefill tokens of a decoder (FastV, PyramidDrop, GemFilter, DivPrune, DART) and carry positions
-and masks along.
+"""Prune prefill tokens of a decoder (FastV, PyramidDrop, GemFilter, DivPrune, DART, VisionZip) and carry
+positions and masks along.
 
 Adds one graph input, `span [B, N]` bool (True = the token may be dropped: image tokens, or context the
 user marked), and for every stage the method planned (`methods/fastv.py`, `pyramiddrop.py`, `gemfilter.py`):
@@ -10,10 +10,13 @@ user marked), and for every stage the method planned (`methods/fastv.py`, `pyram
     keep   = tokenreduce.keep_plan(scores, span_now, k, S)                # ascending indices, static length
     x'     = gather(x_first_reduced_block, keep)
 
-A selection method (`methods/prefill.SelectionMethod`: DivPrune, DART) replaces the first two lines: it
-emits its own `[B, N]` keep scores from the hidden states entering the stage's first pruned block
+A selection method (`methods/prefill.SelectionMethod`: DivPrune, DART, VisionZip) replaces the first two
+lines: it emits its own `[B, N]` keep scores from the hidden states entering the stage's first pruned block
 (`SelectionSite`: those hidden states, the span still present, and the scoring block's cached keys and
-mask), and `keep_plan` turns them into the same kept indices.
+mask), and `keep_plan` turns them into the same kept indices. A method that reads the vision tower
+(VisionZip) first gets its `VisionSite` (`vision_site`: the vision layer whose output features become the
+span tokens); the features it returns (merged tokens) replace that layer's output for everything
+downstream (projector, placeholder scatter), and its `[B, P]` patch scores become the span scores.
 
 Every block from the stage on then reads `x'`, and its per-token side inputs are gathered by the
 composition of all keeps so far (`kept [B, M]`, original positions):
