@@ -37,7 +37,7 @@ import tokenreduce.targets.onnx as onnx_target
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.kernels import reference
 from tokenreduce.passes import inline_reference_ops
-from tokenreduce.targets.onnx import check_static, export_onnx, verify_onnx
+from tokenreduce.targets.onnx import check_static, export_failure, export_onnx, verify_onnx
 from tokenreduce.targets.tensorrt import check_tensorrt
 
 EXPORT_BATCH = 4
@@ -450,3 +450,22 @@ def test_check_static_reports_each_problem_once_per_node():
     problems = check_static(model)
     for needle in ("NonZero", "TopK k is not a constant", "ScatterND"):
         assert any(needle in p for p in problems), (needle, problems)
+
+
+def test_export_failure_names_the_innermost_cause():
+    """torch.onnx's summary says only which of its steps failed; the line adds the cause it wraps."""
+    summary = ("Failed to convert the exported program to an ONNX model. \x1b[96mThis is step 3/3\x1b[0m of exporting "
+               "the model to ONNX. Next steps:\n- If there is a missing ONNX function, implement it.")
+    try:
+        try:
+            try:
+                raise LookupError("No ONNX function found for aten._is_all_true.default\nmore detail")
+            except LookupError as root:
+                raise ValueError("Error when translating node %_is_all_true") from root
+        except ValueError as middle:
+            raise RuntimeError(summary) from middle
+    except RuntimeError as exc:
+        line = export_failure(exc)
+    assert line == ("Failed to convert the exported program to an ONNX model (step 3/3); "
+                    "cause: LookupError: No ONNX function found for aten._is_all_true.default")
+    assert export_failure(RuntimeError("no wrapped cause")) == "no wrapped cause"

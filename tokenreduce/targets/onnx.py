@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -272,6 +273,36 @@ def export_graph(
     return result
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STEP = re.compile(r"\s*This is step (\d)/(\d) of exporting the model to ONNX\.?( Next steps:)?")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = _ANSI.sub("", str(exc)).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def export_failure(exc: BaseException) -> str:
+    """One line for a failed `torch.onnx.export`: the exporter's own summary (which step failed) and the
+    innermost cause it wraps, which names the op or construct (`No ONNX function found for aten._is_all_true`),
+    where the summary alone says only which of its three steps failed."""
+    summary = _first_line(exc)
+    step = _STEP.search(summary)
+    if step:
+        summary = _STEP.sub("", summary).rstrip(" .") + f" (step {step.group(1)}/{step.group(2)})"
+    root: BaseException = exc
+    seen = {id(exc)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        root = nxt
+    if root is exc:
+        return summary
+    cause = _first_line(root)
+    if len(cause) > 300:
+        cause = cause[:297] + "..."
+    return f"{summary}; cause: {type(root).__name__}: {cause}"
+
+
 def _export_program(gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_batch: bool,
                     opset: int | None, plan_form: str) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     """torch.onnx (dynamo) export of `gm` with the tokenreduce ops inlined; returns the program and the
@@ -297,7 +328,7 @@ def _export_program(gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str
                                         dynamic_shapes=dynamic_shapes,
                                         optimize=True, opset_version=opset, verbose=False)
     except Exception as exc:  # noqa: BLE001
-        raise TokenReduceError(f"ONNX export failed: {str(exc).splitlines()[0]}") from exc
+        raise TokenReduceError(f"ONNX export failed: {export_failure(exc)}") from exc
     if program is None:
         raise TokenReduceError("ONNX export failed: torch.onnx.export returned no program")
     return program, trace_args, trace_kwargs
