@@ -42,8 +42,13 @@ from tokenreduce.errors import TokenReduceError
 NAMESPACE = "tokenreduce"
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the scores are computed in: float32, or float64 for float64 inputs (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def attention_probabilities(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """`softmax(q k^T * scale + bias)` in float32 -> `[B, H, N, N]`.
+    """`softmax(q k^T * scale + bias)` in (at least) float32 -> `[B, H, N, N]`.
 
     Args:
         q, k: `[B, H, N, d]` as fed to the block's attention (self-attention: as many queries as keys).
@@ -55,22 +60,23 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor
         raise TokenReduceError(
             f"attention-graph scores need self-attention (as many queries as keys); got {q.shape[-2]} queries "
             f"over {k.shape[-2]} keys")
-    logits = (q.float() @ k.float().transpose(-1, -2)) * scale
+    acc = accumulation_dtype(q.dtype)
+    logits = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
     if bias is not None:
         if bias.dtype == torch.bool:
-            logits = logits.masked_fill(~bias, torch.finfo(torch.float32).min)
+            logits = logits.masked_fill(~bias, torch.finfo(acc).min)
         else:
-            logits = logits + bias.float()
+            logits = logits + bias.to(acc)
     return logits.softmax(dim=-1)
 
 
 def query_weights(valid: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """`[B, N]` float32 weight of each query, summing to 1 per row: `valid / sum(valid)` (a real row always
-    has one valid token), or `1 / N` without padding. `like` is the `[B, H, N, N]` probabilities."""
+    """`[B, N]` weight of each query (`like`'s dtype), summing to 1 per row: `valid / sum(valid)` (a real row
+    always has one valid token), or `1 / N` without padding. `like` is the `[B, H, N, N]` probabilities."""
     bsz, n = like.shape[0], like.shape[-2]
     if valid is None:
-        return torch.full((bsz, n), 1.0 / n, dtype=torch.float32, device=like.device)
-    w = valid.to(torch.float32)
+        return torch.full((bsz, n), 1.0 / n, dtype=like.dtype, device=like.device)
+    w = valid.to(like.dtype)
     return w / w.sum(dim=-1, keepdim=True).clamp(min=1.0)
 
 
@@ -87,11 +93,11 @@ def pagerank_of_probabilities(probs: torch.Tensor, valid: torch.Tensor | None, i
 
     `s^0 = query_weights(valid)` per head; `s^{t+1}_j = sum_i s^t_i P[h, i, j]` `iterations` times (each step
     keeps `sum_j s_j = 1`, since every row of `P` sums to 1); the heads are then aggregated by their root
-    mean square (`rms`) or their mean. Returns `[B, N]` float32.
+    mean square (`rms`) or their mean. Returns `[B, N]` in (at least) float32.
     """
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise TokenReduceError(f"PageRank iterations must be an int >= 1, got {iterations!r}", setting="iterations")
-    probs = _masked_rows(probs.float(), valid)
+    probs = _masked_rows(probs.to(accumulation_dtype(probs.dtype)), valid)
     s = query_weights(valid, probs)[:, None, None, :].expand(-1, probs.shape[1], 1, -1)  # [B, H, 1, N]
     for _ in range(iterations):  # a constant count: unrolled into a static graph
         s = s @ probs
@@ -100,9 +106,9 @@ def pagerank_of_probabilities(probs: torch.Tensor, valid: torch.Tensor | None, i
 
 
 def received_of_probabilities(probs: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Attention each token receives: `sum_i w_i P[h, i, j]` averaged over heads -> `[B, N]` float32, from
-    probabilities `[B, H, N, N]` (rows = queries; `w = query_weights(valid)`)."""
-    probs = _masked_rows(probs.float(), valid)
+    """Attention each token receives: `sum_i w_i P[h, i, j]` averaged over heads -> `[B, N]` (at least
+    float32), from probabilities `[B, H, N, N]` (rows = queries; `w = query_weights(valid)`)."""
+    probs = _masked_rows(probs.to(accumulation_dtype(probs.dtype)), valid)
     w = query_weights(valid, probs)
     return (probs * w[:, None, :, None]).sum(dim=2).mean(dim=1)
 

@@ -215,7 +215,9 @@ class ZeroTPrune(EncoderMethod):
             _, similar = stage_counts(m, k, options.similarity_share)
             if similar > (k + similar) // 2:
                 best = largest_similar(k, m - k)
-                share = math.floor(best / (m - k) * 1000) / 1000
+                share = math.ceil(best / (m - k) * 1000) / 1000  # short, and gives exactly `best`
+                if stage_counts(m, k, share)[1] != best:
+                    share = best / (m - k)
                 raise TokenReduceError(
                     f"Zero-TPrune similarity_share={options.similarity_share} at block {b.index} ({b.name}) asks the "
                     f"S-stage to remove {similar} of the {m - k} pruned tokens, but it pairs each pruned token with a "
