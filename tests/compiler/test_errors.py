@@ -117,10 +117,11 @@ def test_negative_r(timm_vit):
 
 
 def test_evit_without_cls_suggests_alternatives(timm_vit_nocls):
+    # score="cls" asks for the CLS row; the default "auto" ranks a CLS-free model by received attention
     with pytest.raises(TokenReduceError) as info:
-        _compile(timm_vit_nocls, (images(2, 64),), method="evit", keep_ratio=0.5)
+        _compile(timm_vit_nocls, (images(2, 64),), method="evit", keep_ratio=0.5, score="cls")
     msg = str(info.value)
-    assert "CLS" in msg and "protected_tokens" in msg and "tome" in msg
+    assert "CLS" in msg and "protected_tokens" in msg and "tome" in msg and "score='received'" in msg
 
 
 def test_evit_unmerge_without_fuse_is_refused(timm_vit):

@@ -12,11 +12,6 @@ from __future__ import annotations
 from matrix.builders import FAMILIES
 from matrix.harness import checks_of
 
-# EViT ranks tokens by the CLS token's attention: models without a leading CLS token are refused by name
-# (the user can name one with protected_tokens=1, or use ToMe).
-NO_CLS = ("refused: EViT ranks tokens by the CLS token's attention, and this model has no protected leading token; "
-          "pass protected_tokens=1 if its first token is a CLS token, or use method='tome'")
-EVIT_NO_CLS = {"evit-identity": NO_CLS, "evit": NO_CLS}
 PVT = ("spatial-reduction attention (256 queries over 4 keys computed from a downsampled copy of the tokens, "
        "PVT-style); token reduction would change the keys' spatial grid")
 CAUSAL = "causal attention (decoder); encoder methods (ToMe/EViT) need bidirectional attention"
@@ -24,18 +19,12 @@ CAUSAL = "causal attention (decoder); encoder methods (ToMe/EViT) need bidirecti
 QWEN_VL_ROWS = "n/a: multimodal inputs without a leading batch axis"
 QWEN_VL_PADDED = "n/a: the unpruned prefill does not export to ONNX either: ONNX verification failed: onnxruntime differs"
 
+# Models without a CLS token (SigLIP, GAP ViTs, CaiT's self-attention stage, Wav2Vec2, Whisper) work with EViT:
+# its default score="auto" ranks their tokens by the attention each receives (methods/evit.py).
 KNOWN: dict[str, dict[str, str]] = {
-    "timm-siglip": EVIT_NO_CLS,
-    "timm-gap": EVIT_NO_CLS,
-    # the self-attention stage has no CLS token (CaiT adds it for the class-attention blocks only)
-    "timm-cait": EVIT_NO_CLS,
-    "timm-pvt-v2": {**EVIT_NO_CLS,
-                    "tome": f"unreduced: {PVT}", "pitome": f"unreduced: {PVT}"},
-    "hf-clip-text": {**EVIT_NO_CLS,
-                     "tome": f"unreduced: {CAUSAL}", "pitome": f"unreduced: {CAUSAL}"},
-    "hf-siglip": EVIT_NO_CLS,
-    "hf-wav2vec2": EVIT_NO_CLS,
-    "hf-whisper-encoder": EVIT_NO_CLS,
+    "timm-pvt-v2": {"evit": f"unreduced: {PVT}", "tome": f"unreduced: {PVT}", "pitome": f"unreduced: {PVT}"},
+    "hf-clip-text": {"evit": f"unreduced: {CAUSAL}", "tome": f"unreduced: {CAUSAL}",
+                     "pitome": f"unreduced: {CAUSAL}"},
     # 3 layers, global attention every 3rd: EViT at block 1 meets the local (windowed) blocks 1 and 2; the
     # ONNX file differs from the eager graph by 0.013 even unreduced (method none)
     "hf-modernbert": {"evit": "unreduced: a later block (2, layers.2) uses sliding-window attention (window 5); a "
