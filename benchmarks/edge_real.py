@@ -31,6 +31,12 @@ at most 1.5x the fp32 reduction error plus 5% of the largest |output|, on the ex
 would cost ~40 s per text length. The full int8 file is the baseline: its difference from the fp32 file is
 recorded, not gated (the table's quality column says what int8 costs).
 
+Each MiniLM length costs two exports, two quantizations and a few compiles (about 35 s on an idle core,
+minutes on a loaded one), so lengths run most frequent first and each one's results go to `--cache`
+(reused only for the same token ids and timing settings): a run cut short resumes, lengths can be split
+over processes (`--lengths 5-12`, `--lengths 13-46`, then one run with the default `--lengths all`), and
+the table covers the pairs whose two sentences both have a measured length (it says how many of the 1379).
+
 Latency: onnxruntime sessions with 1 intra-op thread (`--threads`) at batch 1, `ORT_ENABLE_ALL`; the first
 call untimed, `--warmup` untimed rounds, `--repeats` interleaved timed rounds (fp32 full, fp32 ToMe, int8
 full, int8 ToMe, ...), medians (`benchmarks/edge_onnx.py`'s `interleaved`). The machine is shared, so only
@@ -53,6 +59,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -244,7 +251,24 @@ def run_minilm(args: argparse.Namespace, work: Path, log: Callable[[str], None])
     emb = {k: np.zeros((len(sentences), dim)) for k in VARIANTS}
     per_length: dict[int, dict[str, Any]] = {}
     r_prev = 1
-    for length, idx in groups.items():
+    wanted = parse_lengths(args.lengths)
+    settings = {"target_flops": args.target_flops, "threads": args.threads, "repeats": args.text_repeats,
+                "warmup": args.warmup}
+    # most frequent lengths first: if the run is cut short, the lengths measured cover the most pairs
+    for length, idx in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        if per_length:  # start the r search at the nearest measured length's r
+            r_prev = per_length[min(per_length, key=lambda L: abs(L - length))]["r"]
+        ids_block = np.asarray([token_ids[i] for i in idx], dtype=np.int64)
+        cached = load_cached(args.cache, length, ids_block, settings)
+        if cached is not None:
+            per_length[length], got = cached
+            for key in VARIANTS:
+                emb[key][idx] = got[key]
+            r_prev = per_length[length]["r"]
+            log(f"minilm L={length}: cached ({args.cache})")
+            continue
+        if wanted is not None and length not in wanted:
+            continue
         t0 = time.perf_counter()
         ids = torch.tensor([token_ids[idx[0]]], dtype=torch.long)
         example = ((ids,), {"attention_mask": torch.ones_like(ids)})
@@ -272,29 +296,88 @@ def run_minilm(args: argparse.Namespace, work: Path, log: Callable[[str], None])
                               "median_ms": med, "samples_ms": times, "seconds": time.perf_counter() - t0}
         if not args.keep_onnx:
             shutil.rmtree(work / f"minilm-{length}")
+        save_cached(args.cache, length, ids_block, settings, per_length[length], got)
         log(f"minilm L={length} ({len(idx)} sentences): r={r} FLOPs ratio "
             f"{variants.flops_after / variants.flops_before:.3f} | "
             + " | ".join(f"{k} {med[k]:.2f} ms" for k in VARIANTS)
             + f" | int8 measured/allowed {variants.int8_margin['int8 ToMe']:.2f} | {time.perf_counter() - t0:.0f} s")
     n = len(pairs)
-    gold = [p[2] for p in pairs]
-    counts = {length: len(idx) for length, idx in groups.items()}
-    total = sum(counts.values())
-    flops_before = sum(counts[L] * per_length[L]["flops_before"] for L in groups)
-    flops_after = sum(counts[L] * per_length[L]["flops_after"] for L in groups)
-    median_length = sorted(len(t) for t in token_ids)[total // 2]
+    missing = sorted(L for L in groups if L not in per_length)
+    covered = [i for i in range(n) if len(token_ids[i]) in per_length and len(token_ids[n + i]) in per_length]
+    if len(covered) < 2:
+        log(f"minilm: too few pairs with both lengths measured ({len(covered)}); no table")
+        return {"model": "all-MiniLM-L6-v2", "partial": True, "missing_lengths": missing,
+                "per_length": {str(k): v for k, v in per_length.items()}}
+    if missing:
+        log(f"minilm: lengths {missing} not measured; the table covers the {len(covered)} of {n} pairs whose "
+            f"sentences both have a measured length")
+    sent = covered + [n + i for i in covered]
+    gold = [pairs[i][2] for i in covered]
+    counts = Counter(len(token_ids[i]) for i in sent)
+    total = len(sent)
+    flops_before = sum(c * per_length[L]["flops_before"] for L, c in counts.items())
+    flops_after = sum(c * per_length[L]["flops_after"] for L, c in counts.items())
+    median_length = sorted(len(token_ids[i]) for i in sent)[total // 2]
     rows = []
     for key in VARIANTS:
-        quality = spearman_x100(emb[key][:n], emb[key][n:], gold)
-        mean_ms = sum(counts[L] * per_length[L]["median_ms"][key] for L in groups) / total
+        quality = spearman_x100(emb[key][covered], emb[key][[n + i for i in covered]], gold)
+        mean_ms = sum(c * per_length[L]["median_ms"][key] for L, c in counts.items()) / total
         rows.append({"model": "all-MiniLM-L6-v2", "variant": key, "quality": quality,
                      "flops_ratio": flops_after / flops_before if "ToMe" in key else 1.0,
                      "latency_ms": per_length[median_length]["median_ms"][key], "mean_latency_ms": mean_ms,
-                     "cosine_vs_fp32_full": cosine_stats(emb[key], emb["fp32 full"])})
-    return {"model": "all-MiniLM-L6-v2", "metric": "STS-B test Spearman x100", "pairs": n,
-            "sentences": total, "median_length": median_length,
-            "r_by_length": {L: per_length[L]["r"] for L in groups}, "rows": rows,
+                     "cosine_vs_fp32_full": cosine_stats(emb[key][sent], emb["fp32 full"][sent])})
+    return {"model": "all-MiniLM-L6-v2", "metric": "STS-B test Spearman x100", "pairs": len(covered),
+            "pairs_in_split": n, "missing_lengths": missing, "sentences": total, "median_length": median_length,
+            "r_by_length": {L: per_length[L]["r"] for L in sorted(per_length)}, "rows": rows,
             "per_length": {str(k): v for k, v in per_length.items()}}
+
+
+def parse_lengths(spec: str) -> set[int] | None:
+    """`--lengths`: "all" (None) or comma-separated token counts and inclusive ranges ("5-24,30")."""
+    if spec == "all":
+        return None
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError as exc:
+        raise TokenReduceError(f"--lengths {spec!r}: give 'all' or token counts and ranges like '5-24,30'",
+                               setting="lengths") from exc
+    return out
+
+
+def cache_paths(cache: str, length: int) -> tuple[Path, Path]:
+    return Path(cache) / f"minilm-L{length}.json", Path(cache) / f"minilm-L{length}.npz"
+
+
+def save_cached(cache: str | None, length: int, ids: np.ndarray, settings: dict[str, Any], record: dict[str, Any],
+                emb: dict[str, np.ndarray]) -> None:
+    """One length's record and embeddings, with the token ids and settings they were measured for."""
+    if cache is None:
+        return
+    meta, arrays = cache_paths(cache, length)
+    meta.parent.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {"ids": ids, **{k.replace(" ", "_"): v for k, v in emb.items()}}
+    np.savez(arrays, **payload)
+    meta.write_text(json.dumps({"settings": settings, "record": record}, default=str))
+
+
+def load_cached(cache: str | None, length: int, ids: np.ndarray,
+                settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """A length's cached record and embeddings, or None when absent or measured for other sentences/settings."""
+    if cache is None:
+        return None
+    meta, arrays = cache_paths(cache, length)
+    if not (meta.is_file() and arrays.is_file()):
+        return None
+    data = json.loads(meta.read_text())
+    stored = np.load(arrays)
+    if data["settings"] != settings or not np.array_equal(stored["ids"], ids):
+        return None
+    record = data["record"]
+    record["median_ms"] = {k: float(v) for k, v in record["median_ms"].items()}
+    return record, {k: stored[k.replace(" ", "_")] for k in VARIANTS}
 
 
 def cosine_stats(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
@@ -402,12 +485,17 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
              "vs fp32 full | cosine to fp32 full (mean / min) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
+        if res.get("partial"):
+            continue
         ref = res["rows"][0]
+        model = res["model"]
+        if res.get("pairs_in_split", 0) > res.get("pairs", 0):
+            model += f" ({res['pairs']} of {res['pairs_in_split']} pairs)"
         for row in res["rows"]:
             mean = row.get("mean_latency_ms")
             mean_cells = (f"{mean:.2f} | {mean / ref['mean_latency_ms']:.2f}x" if mean is not None else "- | -")
             cos = row["cosine_vs_fp32_full"]
-            lines.append(f"| {res['model']} | {row['variant']} | {row['flops_ratio']:.3f} | {row['quality']:.2f} | "
+            lines.append(f"| {model} | {row['variant']} | {row['flops_ratio']:.3f} | {row['quality']:.2f} | "
                          f"{row['quality'] - ref['quality']:+.2f} | {row['latency_ms']:.2f} | "
                          f"{row['latency_ms'] / ref['latency_ms']:.2f}x | {mean_cells} | "
                          f"{cos['mean']:.4f} / {cos['min']:.3f} |")
@@ -432,6 +520,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--image-batch", type=int, default=8)
     ap.add_argument("--dinov2-r-start", type=int, default=14)
+    ap.add_argument("--lengths", default="all",
+                    help="MiniLM: measure only these token counts ('5-24,30'); with --cache, runs over disjoint "
+                         "lengths fill one cache and a run with 'all' makes the table from it")
+    ap.add_argument("--cache", default=None, help="MiniLM: folder of per-length results (resume, split runs)")
     ap.add_argument("--keep-onnx", default=None, help="keep the ONNX files in this folder (default: deleted)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)

@@ -6,7 +6,8 @@
   `DynamicQuantizeLinear`; static: `QuantizeLinear`), the fp32 files' embeddings/features through
   onnxruntime equal to the eager model's (mean pooling / CLS written here), the int8 ones close but not
   equal.
-* `group_by_length` and the markdown table's deltas and ratios against values computed here.
+* `group_by_length`, `parse_lengths`, the per-length cache (round trip; refused for other token ids or
+  timing settings) and the markdown table's deltas and ratios against values computed here.
 """
 
 from __future__ import annotations
@@ -77,6 +78,27 @@ def test_choose_r_tie_goes_to_smaller_r(edge):  # type: ignore[no-untyped-def]
 def test_group_by_length(edge):  # type: ignore[no-untyped-def]
     groups = edge.group_by_length([[1, 2, 3], [4], [5, 6, 7], [8, 9], [1]])
     assert list(groups.items()) == [(1, [1, 4]), (2, [3]), (3, [0, 2])]
+
+
+def test_parse_lengths(edge):  # type: ignore[no-untyped-def]
+    assert edge.parse_lengths("all") is None
+    assert edge.parse_lengths("5-7,12") == {5, 6, 7, 12}
+    with pytest.raises(edge.TokenReduceError, match="lengths"):
+        edge.parse_lengths("5-x")
+
+
+def test_cache_round_trip_and_mismatch(edge, tmp_path):  # type: ignore[no-untyped-def]
+    ids = np.arange(12).reshape(2, 6)
+    emb = {k: np.full((2, 3), float(i)) for i, k in enumerate(edge.VARIANTS)}
+    settings = {"target_flops": 0.65, "threads": 1, "repeats": 3, "warmup": 1}
+    record = {"r": 2, "median_ms": {k: 1.5 for k in edge.VARIANTS}}
+    edge.save_cached(str(tmp_path), 6, ids, settings, record, emb)
+    got_record, got_emb = edge.load_cached(str(tmp_path), 6, ids, settings)
+    assert got_record == record and all(np.array_equal(got_emb[k], emb[k]) for k in edge.VARIANTS)
+    assert edge.load_cached(str(tmp_path), 6, ids + 1, settings) is None  # other sentences
+    assert edge.load_cached(str(tmp_path), 6, ids, {**settings, "repeats": 4}) is None  # other timing
+    assert edge.load_cached(str(tmp_path), 7, ids, settings) is None
+    assert edge.load_cached(None, 6, ids, settings) is None
 
 
 def op_types(path: Path) -> set[str]:
