@@ -91,11 +91,11 @@ def test_unet_graph_shape(unet, unet_inputs):
     assert got.shape == args[0].shape
 
 
-def _dit():
+def _dit(num_classes=10):
     torch.manual_seed(0)
     return diffusers.DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
-        patch_size=2, num_embeds_ada_norm=10, norm_num_groups=8).eval()
+        patch_size=2, num_embeds_ada_norm=num_classes, norm_num_groups=8).eval()
 
 
 def _dit_reference(model, args, kwargs, *, ratio, sx, sy, seed, merge_mlp):
@@ -163,16 +163,144 @@ def test_refusals():
         assert e.value.setting == setting
 
 
-def test_dit_exports_to_onnx(tmp_path):
-    """Static shapes (TopK with constant k, the odd-batch rule read from the batch size) and onnxruntime agrees."""
+@pytest.mark.parametrize("per_step", [False, True], ids=["drawn-at-compile", "per-step"])
+def test_dit_exports_to_onnx(tmp_path, per_step):
+    """Static shapes (TopK with constant k; the odd-batch rule and the per-step destinations are integer
+    arithmetic on the batch size and the timestep) and onnxruntime agrees with eager."""
     pytest.importorskip("onnxruntime")
     from tokenreduce.targets.onnx import export_onnx
 
     model = _dit()
     args = (torch.randn(2, 4, 8, 8),)
     kwargs = {"timestep": torch.full((2,), 10), "class_labels": torch.arange(2)}
-    red = tokenreduce.compile(model, args, kwargs, method="tomesd", max_downsample=2, rand_seed=1, inner="eager",
-                              count_model_flops=False)
+    red = tokenreduce.compile(model, args, kwargs, method="tomesd", max_downsample=2, rand_seed=1, per_step=per_step,
+                              inner="eager", count_model_flops=False)
     ex = export_onnx(red, tmp_path / "dit_tomesd.onnx")
     assert ex.verified and not ex.problems and ex.max_abs_diff < 1e-4
-    assert ex.op_counts.get("TopK", 0) == 4  # two per merged block: the ranking and its inverse
+    assert ex.op_counts.get("TopK", 0) == 3 * 2  # per merged block: the permutation's inverse, the ranking, its inverse
+
+
+def _step_choices(t: float, salt: int, cells: int, per_cell: int) -> list[int]:
+    """`per_step` destinations as specified (methods/tomesd.py, `step_choice`), in plain Python integers."""
+    p = 2_147_483_647
+    ti = int(torch.tensor(float(t), dtype=torch.float32).item() * 1000) % p
+    out = []
+    for j in range(cells):
+        v = (ti * 7919 + j * 104_729 + salt) % p + 1
+        for _ in range(3):
+            v = v * 48_271 % p
+        out.append(v // 65_536 % per_cell)
+    return out
+
+
+def test_dit_per_step_destinations_follow_the_timestep(monkeypatch):
+    """One compiled graph; every call derives its destinations from the timestep input. Reference: the official
+    matching at the official places, fed those destinations where it would draw random ones."""
+    model = _dit()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    labels = torch.arange(2)
+    red = tokenreduce.compile(model, (x,), {"timestep": torch.full((2,), 10), "class_labels": labels},
+                              method="tomesd", max_downsample=2, rand_seed=5, per_step=True, inner="eager",
+                              count_model_flops=False)
+    gen = torch.Generator().manual_seed(5)
+    salts = [int(torch.randint(2_147_483_647, (1,), generator=gen)) for _ in model.transformer_blocks]
+    choices = []
+    for t in (10, 500):
+        kwargs = {"timestep": torch.full((2,), t), "class_labels": labels}
+        with torch.no_grad():
+            got = red(x, **kwargs).sample
+        step = [_step_choices(t, s, 4, 4) for s in salts]
+        choices.append(step)
+        drawn = iter([torch.tensor(c).reshape(2, 2, 1) for c in step])
+        with monkeypatch.context() as mp:
+            mp.setattr(torch, "randint", lambda *a, _drawn=drawn, **k: next(_drawn))
+            want = _dit_reference(model, (x,), kwargs, ratio=0.5, sx=2, sy=2, seed=0, merge_mlp=False)
+        assert (got - want).abs().max().item() < TOL
+    assert choices[0] != choices[1]  # another step, other destinations, same graph
+
+
+class _Adapter(torch.nn.Module):
+    """What a diffusers pipeline reads of its denoiser besides calling it: `config`, `dtype`, `device`."""
+
+    def __init__(self, reduced, like):
+        super().__init__()
+        self.reduced, self.config, self._dtype = reduced, like.config, like.dtype
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def forward(self, *args, **kwargs):
+        return self.reduced(*args, **kwargs)
+
+
+def test_dit_pipeline_end_to_end(monkeypatch):
+    """A whole DiTPipeline (tiny random VAE, DDIM, classifier-free guidance: batch 4) runs with the reduced DiT,
+    through `torch.compile(backend="tokenreduce")` (one graph for every step) and through `tokenreduce.compile`,
+    and produces the images of the same pipeline with the official matching hooked into the DiT."""
+    dit = _dit(num_classes=1000)  # the pipeline's guidance uses class 1000 as the null class
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                                  latent_channels=4, norm_num_groups=8, sample_size=16).eval()
+
+    def run(denoiser):
+        pipe = diffusers.DiTPipeline(transformer=denoiser, vae=vae, scheduler=diffusers.DDIMScheduler())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(class_labels=[1, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    options = {"method": "tomesd", "max_downsample": 2, "rand_seed": 5, "inner": "eager"}
+    torch._dynamo.reset()
+    before = tokenreduce.backend_stats().builds
+    via_backend = run(torch.compile(dit, backend="tokenreduce", options=options))
+    assert tokenreduce.backend_stats().builds == before + 1  # one graph for the three steps
+    example = (torch.randn(4, 4, 8, 8),), {"timestep": torch.full((4,), 10), "class_labels": torch.arange(4)}
+    reduced = tokenreduce.compile(dit, *example, count_model_flops=False, **options)
+    via_compile = run(_Adapter(reduced, dit))
+    gen = torch.Generator().manual_seed(5)  # the compile-time draws, fed to the official matching at every call
+    draws = [torch.randint(4, (2, 2, 1), generator=gen) for _ in dit.transformer_blocks]
+    calls = iter(range(1000))
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "randint", lambda *a, **k: draws[next(calls) % len(draws)])
+        hooked = copy.deepcopy(dit)
+        reference = run(_HookedDiT(hooked))
+    unreduced = run(dit)
+    assert via_backend.shape == (2, 16, 16, 3) and abs(reference - unreduced).max() > 1e-3
+    assert abs(via_backend - reference).max() < 1e-4
+    assert abs(via_compile - reference).max() < 1e-4
+
+
+class _HookedDiT(torch.nn.Module):
+    """A DiT whose blocks run the official tomesd matching (ratio 0.5, 2 x 2 cells) on self-attention."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.dit, self.config, self._dtype = dit, dit.config, dit.dtype
+        h = w = dit.config.sample_size // dit.config.patch_size
+        current = {}
+
+        def plan(block, inputs):
+            x = inputs[0]
+            current["m"], current["u"] = tomesd.merge.bipartite_soft_matching_random2d(
+                x, w, h, 2, 2, int(x.shape[1] * 0.5), no_rand=x.shape[0] % 2 == 1, generator=torch.Generator())
+
+        for blk in dit.transformer_blocks:
+            blk.register_forward_pre_hook(plan)
+            blk.attn1.register_forward_pre_hook(lambda m, inputs: (current["m"](inputs[0]), *inputs[1:]))
+            blk.attn1.register_forward_hook(lambda m, inputs, out: current["u"](out))
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def forward(self, *args, **kwargs):
+        return self.dit(*args, **kwargs)

@@ -12,6 +12,8 @@ group's value) before the residual add. This file finds, in the ATen graph, what
 * a **block** is one self-attention sublayer followed by at most one cross-attention sublayer (k/v computed
   from outside the token stream: text embeddings) and one MLP sublayer; its input `x_in` (the hidden states
   before the first norm, `[B, N, C]`) is what tomesd matches tokens on;
+* the **timestep input**: the graph input reaching a `sin`/`cos` (the sinusoidal timestep embedding), from
+  which per-step destinations are derived (`methods/tomesd.py`, `per_step`);
 * the **token grid** of a block: from the model's first 4-D input `[B, C, H, W]` (the latent `sample`), with
   tomesd's own arithmetic: `downsample = ceil(sqrt(H * W // N))`, grid `ceil(H / ds) x ceil(W / ds)`, which
   must hold exactly N tokens.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx
 
 from tokenreduce.analysis.attention import Attention, find_attention
@@ -41,6 +44,7 @@ from tokenreduce.ir.graph import (
     module_path,
     nodes_between,
     projection_input,
+    reach,
     shape,
     static_dim,
 )
@@ -90,6 +94,7 @@ class DenoiserAnalysis(ModelAnalysis):
 
     dblocks: list[DenoiserBlock] = field(default_factory=list)
     image_size: tuple[int, int] = (0, 0)  # (H, W) of the 4-D image input
+    timestep: fx.Node | None = None  # the graph input feeding a sinusoidal embedding (sin/cos), if one does
 
 
 def image_input(gm: fx.GraphModule) -> tuple[fx.Node, int, int]:
@@ -106,6 +111,20 @@ def image_input(gm: fx.GraphModule) -> tuple[fx.Node, int, int]:
         "tomesd needs the token grid of each block, read from the denoiser's 4-D image input [B, C, H, W] "
         "(the latent `sample`); this graph has no 4-D input with a static height and width (a packed-latent "
         "transformer such as Flux takes [B, N, C] tokens)", setting="method")
+
+
+def timestep_input(gm: fx.GraphModule, image: fx.Node) -> fx.Node | None:
+    """The graph input (other than the image) whose values reach a `sin`/`cos`: the diffusion timestep of a
+    sinusoidal timestep embedding (diffusers' `Timesteps`, DiT's AdaLN embedding). None when there is none."""
+    trig = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (torch.ops.aten.sin.default,
+                                                                                   torch.ops.aten.cos.default)]
+    if not trig:
+        return None
+    feeding = set(reach(trig, "all_input_nodes", None))
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node is not image and node in feeding:
+            return node
+    return None
 
 
 def _residual_close(start: fx.Node, merge_at: fx.Node, limit: int = 60) -> tuple[fx.Node, fx.Node, fx.Node] | None:
@@ -213,7 +232,7 @@ def _mlp_sublayer(h: fx.Node, attention_nodes: set[fx.Node]) -> Sublayer | None:
 
 def analyse_denoiser(gm: fx.GraphModule) -> DenoiserAnalysis:
     """Find the denoiser's transformer blocks, their sublayers and token grids."""
-    _, height, width = image_input(gm)
+    image, height, width = image_input(gm)
     attentions = find_attention(gm)
     attention_nodes = {a.node for a in attentions}
     selfs, crosses = [], {}
@@ -285,4 +304,5 @@ def analyse_denoiser(gm: fx.GraphModule) -> DenoiserAnalysis:
             blk.skip_reason = (f"its {n} tokens are not a {gh} x {gw} grid (the image input is {height} x {width}, "
                                f"downsample {ds}); tomesd picks destinations on the 2-D token grid")
     return DenoiserAnalysis(blocks=[], num_protected=0, protected_reason="denoiser: every token can merge",
-                            text_model=False, dblocks=blocks, image_size=(height, width))
+                            text_model=False, dblocks=blocks, image_size=(height, width),
+                            timestep=timestep_input(gm, image))

@@ -302,6 +302,7 @@ class MergeSite:
     x: fx.Node
     grid: tuple[int, int]
     plan: BlockPlan
+    timestep: fx.Node | None = None  # the graph input feeding the sinusoidal timestep embedding, if any
 
 
 class DenoiserMethod(EncoderMethod):

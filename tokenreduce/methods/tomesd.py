@@ -21,12 +21,13 @@ package's on the same weights (tests/diffusion/test_tomesd.py):
 
 Departures (docs/diffusion.md): the random destinations are drawn once, when compiling (`rand_seed`; None forks
 torch's global generator then, as tomesd forks it at its first call), so one compiled graph uses the same
-destinations at every call where tomesd draws new ones per call (`rand_seed`, not `seed`: the command line's
-`--seed` seeds random weights and inputs); the order of merged tokens differs (same
-groups, attention sums keys in another order: float rounding); `r` larger than a block's sources is an error
-naming the largest valid ratio (tomesd clamps silently); a setting that merges no block at all is an error.
-The plan is plain torch (TopK with constant k, gathers, no scatter, static shapes), emitted as one node and applied by
-`tokenreduce.apply_plan`; it exports to ONNX.
+destinations at every call where tomesd draws new ones per call; `per_step=True` instead derives them in the graph
+from the timestep input (a new draw per denoising step, one graph, no random op; not tomesd's random stream).
+`rand_seed`, not `seed`: the command line's `--seed` already seeds random weights and inputs. The order of merged
+tokens differs (same groups; attention sums keys in another order: float rounding); `r` larger than a block's
+sources is an error naming the largest valid ratio (tomesd clamps silently); a setting that merges no block at
+all is an error. The plan is plain torch (TopK with constant k, gathers, no scatter, static shapes), emitted as
+nodes and applied by `tokenreduce.apply_plan`; it exports to ONNX.
 """
 
 from __future__ import annotations
@@ -54,56 +55,85 @@ from tokenreduce.methods.base import (
 )
 
 
-def tomesd_slots(x: torch.Tensor, order: torch.Tensor, num_dst: int, r: int) -> torch.Tensor:
-    """Merged slot of every token of `x [B, N, C]`: `[B, N]` int64 in `0..N - r - 1`.
+def destination_perm(choice: torch.Tensor, h: int, w: int, sx: int, sy: int) -> torch.Tensor:
+    """`[h * w]` token indices: the destinations (one per whole `sy x sx` cell, cell by cell) then the sources.
 
-    `order [K, 2, N]`: per choice of destinations, a permutation listing the destination tokens first (`num_dst`
-    of them) then the sources, and its inverse. With `K == 2` the first is used for even batches and the second
-    (top-left destinations) for odd ones. Slots: unmerged sources first (most similar first), then one per
-    destination; a merged source takes its destination's slot.
-    """
-    sel = order.select(0, x.shape[0] % 2) if order.shape[0] == 2 else order.select(0, 0)
-    perm, inverse = sel[0], sel[1]
+    `choice [cells]` int64: the destination's index inside each cell, row-major in the cell (0 = top-left).
+    Tokens in the rows and columns past the last whole cell are sources. Gathers and static shapes only."""
+    m, hc, wc = sx * sy, h // sy, w // sx
+    dev = choice.device
+    k = torch.arange(m, device=dev)
+    rows = torch.arange(hc, device=dev)[:, None, None] * sy + k // sx
+    cols = torch.arange(wc, device=dev)[None, :, None] * sx + k % sx
+    members = (rows * w + cols).reshape(hc * wc, m)  # flat index of every token of every cell
+    dst = members.gather(1, choice[:, None]).reshape(-1)
+    j = torch.arange(m - 1, device=dev)[None, :]
+    others = j + (j >= choice[:, None]).to(torch.int64)  # the m - 1 indices in the cell that are not the choice
+    parts = [dst, members.gather(1, others).reshape(-1)]
+    grid = torch.arange(h * w, device=dev).reshape(h, w)
+    if hc * sy < h:  # rows below the last whole cell (no empty pieces: the ONNX exporter refuses them in a cat)
+        parts.append(grid[hc * sy:, :].reshape(-1))
+    if wc * sx < w:  # columns right of it
+        parts.append(grid[:hc * sy, wc * sx:].reshape(-1))
+    return torch.cat(parts)
+
+
+def tomesd_slots(x: torch.Tensor, choice: torch.Tensor, h: int, w: int, sx: int, sy: int, r: int) -> torch.Tensor:
+    """Merged slot of every token of `x [B, N, C]` (the block input, `N = h * w`): `[B, N]` int64 in
+    `0..N - r - 1`. Destinations from `choice [cells]` (`destination_perm`); each source's most cosine-similar
+    destination, the `r` most similar sources merged. Slots: unmerged sources first (most similar first), then
+    one per destination; a merged source takes its destination's slot. TopK with constant k ranks (an argsort
+    exports with k read from a shape)."""
+    perm = destination_perm(choice, h, w, sx, sy)
     n = x.shape[1]
+    num_dst = choice.shape[0]
     num_src = n - num_dst
+    inverse = perm.topk(n, largest=False).indices
     metric = x / x.norm(dim=-1, keepdim=True)
     dst = metric.index_select(1, perm[:num_dst])
     src = metric.index_select(1, perm[num_dst:])
     best, best_dst = (src @ dst.transpose(-1, -2)).max(dim=-1)  # [B, num_src]
-    # rank of each source, 0 = most similar; TopK with a constant k (an argsort exports with k read from a shape)
-    edge = best.topk(num_src, dim=-1).indices
-    rank = edge.topk(num_src, dim=-1, largest=False).indices  # the inverse permutation
+    edge = best.topk(num_src, dim=-1).indices  # sources by similarity, most similar first
+    rank = edge.topk(num_src, dim=-1, largest=False).indices  # the inverse permutation: 0 = most similar
     kept = num_src - r
     src_slot = torch.where(rank < r, kept + best_dst, rank - r)
     dst_slot = (kept + torch.arange(num_dst, device=x.device)).expand(x.shape[0], num_dst)
     return torch.cat([dst_slot, src_slot], dim=1).index_select(1, inverse)
 
 
-def destination_order(h: int, w: int, sx: int, sy: int, choice: torch.Tensor | None) -> torch.Tensor:
-    """`[2, h * w]`: destinations then sources (each in raster order), and the inverse permutation.
+def batch_choice(x: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
+    """`choices [K, cells]`: K == 2 holds the random draw and top-left (zeros); an odd batch takes the second
+    (tomesd: random destinations only for even batches). K == 1: always that one."""
+    return choices.select(0, (x.shape[0] % 2) * (choices.shape[0] - 1))
 
-    `choice [h // sy, w // sx]`: index of the destination inside each `sy x sx` cell (row-major in the cell);
-    None = 0, the cell's top-left token. Rows and columns past the last whole cell are sources."""
-    hc, wc = h // sy, w // sx
-    if choice is None:
-        choice = torch.zeros(hc, wc, dtype=torch.int64)
-    is_dst = torch.zeros(h, w, dtype=torch.bool)
-    rows = torch.arange(hc)[:, None] * sy + choice // sx
-    cols = torch.arange(wc)[None, :] * sx + choice % sx
-    is_dst[rows, cols] = True
-    flat = is_dst.flatten()
-    idx = torch.arange(h * w)
-    perm = torch.cat([idx[flat], idx[~flat]])
-    return torch.stack([perm, perm.argsort()])
+
+# A multiplicative congruential generator (Park-Miller "minimal standard"): products stay below 2^47 in int64,
+# so eager, inductor and onnxruntime compute the same integers.
+MCG_MODULUS = 2_147_483_647
+MCG_MULTIPLIER = 48_271
+
+
+def step_choice(x: torch.Tensor, timestep: torch.Tensor, salt: int, cells: int, per_cell: int) -> torch.Tensor:
+    """Destinations derived from the denoising step: `[cells]` in `0..per_cell - 1`, a function of the first
+    sample's timestep (times 1000, truncated), the block's `salt` and the cell index; top-left for an odd
+    batch. Integer arithmetic only, so the graph needs no random op and no extra input."""
+    t = (timestep.reshape(-1)[:1].to(torch.float32) * 1000).to(torch.int64) % MCG_MODULUS
+    j = torch.arange(cells, device=timestep.device)
+    v = (t * 7919 + j * 104_729 + salt) % MCG_MODULUS + 1
+    for _ in range(3):
+        v = (v * MCG_MULTIPLIER) % MCG_MODULUS
+    return (v // 65_536) % per_cell * ((x.shape[0] + 1) % 2)
 
 
 @dataclass
 class TomesdPlan(BlockPlan):
-    """A block's plan: its grid, destinations per batch parity (`order`, see `tomesd_slots`), sublayers."""
+    """A block's plan: its grid, its destinations (`choices`, see `batch_choice`; or `salt` for per-step
+    destinations, see `step_choice`) and the sublayers it merges."""
 
     grid: tuple[int, int] = (0, 0)
     num_dst: int = 0
-    order: torch.Tensor | None = None
+    choices: torch.Tensor | None = None
+    salt: int | None = None
     sublayers: tuple[str, ...] = ()
 
 
@@ -122,6 +152,8 @@ class TomesdOptions(Options):
     merge_attn: bool = option(True, "merge tokens for self-attention")
     merge_crossattn: bool = option(False, "merge tokens for cross-attention")
     merge_mlp: bool = option(False, "merge tokens for the MLP")
+    per_step: bool = option(False, "new random destinations at every call, derived from the timestep input "
+                                   "(compiled once; not tomesd's random stream); needs use_rand")
 
     def validate(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float) or not math.isfinite(self.ratio) \
@@ -137,11 +169,14 @@ class TomesdOptions(Options):
         check_bool("use_rand", self.use_rand)
         if self.rand_seed is not None:
             check_int("rand_seed", self.rand_seed, lo=0)
-        for name in ("merge_attn", "merge_crossattn", "merge_mlp"):
+        for name in ("merge_attn", "merge_crossattn", "merge_mlp", "per_step"):
             check_bool(name, getattr(self, name))
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
             raise fail("merge_attn", "merge_attn, merge_crossattn and merge_mlp are all False: nothing would "
                                      "run on merged tokens")
+        if self.per_step and not self.use_rand:
+            raise fail("per_step", "per_step=True draws random destinations per step; with use_rand=False they "
+                                   "are always the top-left ones")
 
 
 class Tomesd(DenoiserMethod):
@@ -196,14 +231,17 @@ class Tomesd(DenoiserMethod):
             if not here:
                 bp.reason = f"no {' / '.join(missing)} sublayer found"
                 continue
-            orders = []
-            if options.use_rand:
-                choice = torch.randint(options.sy * options.sx, size=(h // options.sy, w // options.sx, 1),
-                                       generator=gen)
-                orders.append(destination_order(h, w, options.sx, options.sy, choice[..., 0]))
-            orders.append(destination_order(h, w, options.sx, options.sy, None))
+            if options.per_step:
+                bp.salt = int(torch.randint(MCG_MODULUS, (1,), generator=gen))
+            else:
+                rows = [torch.zeros(num_dst, dtype=torch.int64)]  # top-left: odd batches, or use_rand=False
+                if options.use_rand:  # tomesd's draw: randint(sy * sx, (h // sy, w // sx, 1)), block by block
+                    drawn = torch.randint(options.sy * options.sx, size=(h // options.sy, w // options.sx, 1),
+                                          generator=gen)
+                    rows.insert(0, drawn.reshape(-1))
+                bp.choices = torch.stack(rows)
             bp.action, bp.r, bp.tokens_out = self.name, r, n - r
-            bp.grid, bp.num_dst, bp.order, bp.sublayers = (h, w), num_dst, torch.stack(orders), here
+            bp.grid, bp.num_dst, bp.sublayers = (h, w), num_dst, here
             if missing:
                 bp.reason = f"no {' / '.join(missing)} sublayer in this block"
         if too_many:
@@ -230,18 +268,28 @@ class Tomesd(DenoiserMethod):
 
     def emit_slots(self, options: Options, site: MergeSite) -> fx.Node:
         bp = site.plan
-        assert isinstance(bp, TomesdPlan) and bp.order is not None
+        assert isinstance(bp, TomesdPlan) and isinstance(options, TomesdOptions)
         b = site.builder
-        gm = b.graph.owning_module
-        assert gm is not None
-        name = f"tomesd_order_{bp.index}"
-        gm.register_buffer(name, bp.order.clone(), persistent=False)
-        with b.graph.inserting_after(b.anchor):
-            order = b.graph.get_attr(name)
-        order.meta["tokenreduce"] = True
-        b.anchor = order
-        b.nodes.add(order)
-        return b.add(tomesd_slots, (site.x, order, bp.num_dst, bp.r))
+        (h, w), m = bp.grid, options.sx * options.sy
+        if bp.salt is not None:
+            if site.timestep is None:
+                raise TokenReduceError(
+                    "per_step=True derives the destinations from the timestep, but no graph input of this denoiser "
+                    "reaches a sinusoidal timestep embedding (sin/cos)", setting="per_step")
+            choice = b.add(step_choice, (site.x, site.timestep, bp.salt, bp.num_dst, m))
+        else:
+            assert bp.choices is not None
+            gm = b.graph.owning_module
+            assert gm is not None
+            name = f"tomesd_choices_{bp.index}"
+            gm.register_buffer(name, bp.choices.clone(), persistent=False)
+            with b.graph.inserting_after(b.anchor):
+                choices = b.graph.get_attr(name)
+            choices.meta["tokenreduce"] = True
+            b.anchor = choices
+            b.nodes.add(choices)
+            choice = b.add(batch_choice, (site.x, choices))
+        return b.add(tomesd_slots, (site.x, choice, h, w, options.sx, options.sy, bp.r))
 
     def action(self, bp: BlockPlan, analysis: ModelAnalysis) -> str:
         subs = ", ".join(bp.sublayers) if isinstance(bp, TomesdPlan) else ""

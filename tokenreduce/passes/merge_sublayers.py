@@ -44,7 +44,7 @@ def merge_sublayers(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
         if not bp.reduces:
             continue
         assert blk.x_in is not None
-        slot = method.emit_slots(opts, MergeSite(Builder(graph, blk.x_in), blk.x_in, blk.grid, bp))
+        slot = method.emit_slots(opts, MergeSite(Builder(graph, blk.x_in), blk.x_in, blk.grid, bp, analysis.timestep))
         for kind in method.sublayers(opts):
             sub = blk.sublayers.get(kind)
             if sub is None:
