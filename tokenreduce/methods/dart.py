@@ -21,8 +21,9 @@ Where this departs from the official code, on purpose:
   LLM's final RMSNorm, whose per-token scale cancels in the cosine but whose elementwise weight does not
   (the analysis does not expose the final norm's weight to apply it);
 * batch > 1: each row picks its own pivots among its own span and question, padding excluded (read from
-  layer K-1's attention mask); a row whose question has fewer real tokens than `pivot_text_tokens` repeats
-  its best text pivot (the last prompt token always qualifies).
+  the last query's row of layer K-1's attention mask, so on a sliding-window layer a question token outside
+  the last token's window is not a pivot either); a row whose question has fewer such tokens than
+  `pivot_text_tokens` repeats its best text pivot (the last prompt token always qualifies).
 
 The selection is `tokenreduce::dart_scores` (`kernels/decoder_ops.py`): a fixed number of top-k steps with
 constant k, so the graph is static and exports to ONNX. Refuses: more than one layer, layer 0 (the keys of
