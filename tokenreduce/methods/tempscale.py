@@ -104,7 +104,7 @@ class TempScale(EncoderMethod):
         t = bp.temperature if isinstance(bp, TempScalePlan) else float("nan")
         return f"tempscale tau={t:g}"
 
-    sweep_option = "temperature"
+    sweep_option = None  # not a reduction: `tokenreduce eval` sweeps r / keep_ratio; see benchmarks/tempscale_minilm.py
 
     def label(self, values: Mapping[str, Any]) -> str:
         return f"TempScale tau={values.get('temperature', TempScaleOptions.temperature):g}"
