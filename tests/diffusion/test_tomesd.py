@@ -98,8 +98,8 @@ def _dit(num_classes=10):
         patch_size=2, num_embeds_ada_norm=num_classes, norm_num_groups=8).eval()
 
 
-def _dit_reference(model, args, kwargs, *, ratio, sx, sy, seed, merge_mlp):
-    """The official matching at the official places, with hooks on a copy of the DiT."""
+def _dit_reference(model, args, kwargs, *, ratio, sx, sy, seed, merge_mlp, merge_crossattn=False):
+    """The official matching at the official places, with hooks on a copy of the DiT / PixArt model."""
     model = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
     h = w = args[0].shape[-1] // model.config.patch_size
@@ -120,7 +120,7 @@ def _dit_reference(model, args, kwargs, *, ratio, sx, sy, seed, merge_mlp):
 
     for blk in model.transformer_blocks:
         blk.register_forward_pre_hook(plan)
-        subs = [blk.attn1] + ([blk.ff] if merge_mlp else [])
+        subs = [blk.attn1] + ([blk.attn2] if merge_crossattn else []) + ([blk.ff] if merge_mlp else [])
         for sub in subs:
             sub.register_forward_pre_hook(merge)
             sub.register_forward_hook(unmerge)
@@ -141,6 +141,26 @@ def test_dit_equals_official_matching(batch, merge_mlp):
     assert (want - full).abs().max().item() > 1e-3
     assert (got - want).abs().max().item() < TOL
     assert [b.tokens_out for b in red.report.blocks] == [8, 8]
+
+
+def test_pixart_equals_official_matching():
+    """PixArt (AdaLN-single; its cross-attention reads the residual stream without a norm): all three sublayers."""
+    torch.manual_seed(0)
+    model = diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, cross_attention_dim=16, caption_channels=12, norm_num_groups=8,
+        use_additional_conditions=False).eval()
+    g = torch.Generator().manual_seed(4)
+    args = (torch.randn(2, 4, 8, 8, generator=g),)
+    kwargs = {"encoder_hidden_states": torch.randn(2, 5, 12, generator=g), "timestep": torch.tensor([10, 10])}
+    settings = dict(ratio=0.5, max_downsample=2, rand_seed=6, merge_crossattn=True, merge_mlp=True)
+    red, got = _ours(model, args, kwargs, **settings)
+    want = _dit_reference(model, args, kwargs, ratio=0.5, sx=2, sy=2, seed=6, merge_mlp=True, merge_crossattn=True)
+    with torch.no_grad():
+        full = model(*args, **kwargs).sample
+    assert (want - full).abs().max().item() > 1e-3
+    assert (got - want).abs().max().item() < TOL
+    assert [b.action for b in red.report.blocks] == ["tomesd r=8 (attn, crossattn, mlp)"] * 2
 
 
 def test_refusals():
