@@ -333,9 +333,12 @@ def run_minilm(args: argparse.Namespace, work: Path, log: Callable[[str], None])
 
 
 def parse_lengths(spec: str) -> set[int] | None:
-    """`--lengths`: "all" (None) or comma-separated token counts and inclusive ranges ("5-24,30")."""
+    """`--lengths`: "all" (None), "none" (measure nothing: the table from `--cache` alone) or comma-separated
+    token counts and inclusive ranges ("5-24,30")."""
     if spec == "all":
         return None
+    if spec == "none":
+        return set()
     out: set[int] = set()
     try:
         for part in spec.split(","):
@@ -521,8 +524,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--image-batch", type=int, default=8)
     ap.add_argument("--dinov2-r-start", type=int, default=14)
     ap.add_argument("--lengths", default="all",
-                    help="MiniLM: measure only these token counts ('5-24,30'); with --cache, runs over disjoint "
-                         "lengths fill one cache and a run with 'all' makes the table from it")
+                    help="MiniLM: measure only these token counts ('5-24,30'), or 'none' (the table from --cache "
+                         "alone); runs over disjoint lengths can fill one --cache")
     ap.add_argument("--cache", default=None, help="MiniLM: folder of per-length results (resume, split runs)")
     ap.add_argument("--keep-onnx", default=None, help="keep the ONNX files in this folder (default: deleted)")
     ap.add_argument("--json", default=None)

@@ -82,6 +82,7 @@ def test_group_by_length(edge):  # type: ignore[no-untyped-def]
 
 def test_parse_lengths(edge):  # type: ignore[no-untyped-def]
     assert edge.parse_lengths("all") is None
+    assert edge.parse_lengths("none") == set()
     assert edge.parse_lengths("5-7,12") == {5, 6, 7, 12}
     with pytest.raises(edge.TokenReduceError, match="lengths"):
         edge.parse_lengths("5-x")
