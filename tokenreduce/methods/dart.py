@@ -68,7 +68,6 @@ class Dart(SelectionMethod):
     name = "dart"
     summary = "at layer K, keep pivot tokens and the span tokens that duplicate them least (Wen et al., 2025)"
     options_type = DartOptions
-    sweep_option = "keep_ratio"
 
     def default_layers(self, num_layers: int) -> tuple[int, ...]:
         return (min(DART_LAYER, num_layers - 1),)

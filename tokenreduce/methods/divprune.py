@@ -51,7 +51,6 @@ class Divprune(SelectionMethod):
     summary = "keep the most diverse span tokens, greedy max-min on cosine distance, before the LLM (Alvar et al., " \
               "CVPR 2025)"
     options_type = DivpruneOptions
-    sweep_option = "keep_ratio"
 
     def default_layers(self, num_layers: int) -> tuple[int, ...]:
         return (0,)

@@ -63,7 +63,6 @@ class Visionzip(SelectionMethod):
     name = "visionzip"
     summary = "keep the tokens the vision CLS attends to most and merge the rest into a few (Yang et al., CVPR 2025)"
     options_type = VisionzipOptions
-    sweep_option = "keep_ratio"
     needs_vision = True
 
     def default_layers(self, num_layers: int) -> tuple[int, ...]:
