@@ -410,3 +410,21 @@ def test_visionzip_refuses_a_vision_encoder_outside_the_graph():
     assert e.value.setting == "method"
     with pytest.raises(TokenReduceError, match=r"visionzip selects before the LLM \(layer 0\)"):
         tokenreduce.reduce_decoder(model, "visionzip", layers=[2])
+
+
+def test_visionzip_plan_exports_to_onnx(tmp_path):
+    """The VisionZip plan op alone (LLaVA's prefill fails the exporter even unpruned): ONNX export inlines its
+    reference and onnxruntime gives the same merged features and kept patches."""
+    pytest.importorskip("onnxruntime")
+    from tokenreduce.targets.onnx import export_graph
+
+    class Plan(torch.nn.Module):
+        def forward(self, feats, q, k):  # type: ignore[no-untyped-def]
+            merged, kept = tr.visionzip_plan(feats, q, k, None, 0.25, 5, 3)
+            return merged, kept
+
+    torch.manual_seed(5)
+    args = (torch.randn(2, 17, 8), torch.randn(2, 2, 17, 4), torch.randn(2, 2, 17, 4))
+    gm = torch.export.export(Plan(), args).module()
+    written = export_graph(gm, args, {}, tmp_path / "visionzip_plan.onnx", verify=True, atol=1e-5, dynamic_batch=False)
+    assert written.verified and written.max_abs_diff < 1e-5
