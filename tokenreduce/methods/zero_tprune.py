@@ -31,7 +31,7 @@ the paper) scores 0 (padding keys receive no attention and padding queries give 
 
 Refuses: `unmerge=True` (pruned tokens leave no slot to restore), options outside their ranges (the messages
 name them), a block where the S-stage would remove more tokens than its A half holds (the error names the
-largest valid `similarity_share` there), keep counts below 1, layers outside the model.
+largest valid `similarity_share` there), layers outside the model.
 """
 
 from __future__ import annotations
@@ -198,20 +198,17 @@ class ZeroTPrune(EncoderMethod):
         if options.layers is not None:
             check_layers(options.layers, nb)
         layers = list(options.layers) if options.layers is not None else default_layers(nb)
+
         def reduce(b: Any, bp: BlockPlan) -> None:
             n = bp.tokens_in
             m = n - p
-            k = keep_count(n, p, options.keep_ratio)
+            k = keep_count(n, p, options.keep_ratio)  # >= 1: keep_ratio > 0
             if m <= 0:
                 bp.reason = f"no candidate tokens: the block has {n} tokens and {p} are protected"
                 return
             if k >= m:
                 bp.reason = f"keep_ratio={options.keep_ratio} keeps all {m} candidate tokens"
                 return
-            if k < 1:
-                raise TokenReduceError(
-                    f"Zero-TPrune keep_ratio={options.keep_ratio} keeps no token at block {b.index} ({n} tokens)",
-                    setting="keep_ratio")
             _, similar = stage_counts(m, k, options.similarity_share)
             if similar > (k + similar) // 2:
                 best = largest_similar(k, m - k)
