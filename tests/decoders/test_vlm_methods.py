@@ -11,9 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from decoder_reference import RefDecoder, dart_select, divprune_select, select_prefill
-from decoders.families import IMAGE, VIDEO, build
-from decoders.test_qwen_vl import _prompt as qwen_prompt
-from decoders.test_qwen_vl import _sharpen
+from decoders.families import IMAGE, VIDEO, VISION_END, VISION_START, build
 
 import tokenreduce
 from tokenreduce import TokenReduceError
@@ -51,6 +49,36 @@ def llava_prompt():
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding in row 1
     return ids, mask, torch.randn(2, 3, 32, 32)
+
+
+def qwen_prompt():  # type: ignore[no-untyped-def]
+    """Two rows, each: text, an image (grid [1, 8, 8] -> 16 tokens), text, a video ([2, 4, 4] -> 8 tokens),
+    the question; row 1 left-padded by 2."""
+    torch.manual_seed(2)
+
+    def row(pad: int) -> torch.Tensor:
+        def text(k: int) -> torch.Tensor:
+            return torch.randint(3, 100, (k,))
+
+        return torch.cat([torch.zeros(pad, dtype=torch.long), text(5 - pad), torch.tensor([VISION_START]),
+                          torch.full((16,), IMAGE), torch.tensor([VISION_END]), text(2), torch.tensor([VISION_START]),
+                          torch.full((8,), VIDEO), torch.tensor([VISION_END]), text(4)])
+
+    ids = torch.stack([row(0), row(2)])
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    media = dict(pixel_values=torch.randn(2 * 64, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 8, 8]] * 2),
+                 pixel_values_videos=torch.randn(2 * 32, 3 * 2 * 14 * 14), video_grid_thw=torch.tensor([[2, 4, 4]] * 2))
+    return ids, mask, media
+
+
+def sharpened(model):  # type: ignore[no-untyped-def]
+    """Sharper attention than random init's near-uniform one, so a wrong position changes the tokens."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight *= 8
+            layer.self_attn.k_proj.weight *= 8
+    return model
 
 
 def _embeds(model, ids, mask, **media):  # type: ignore[no-untyped-def]
@@ -201,7 +229,7 @@ def test_divprune_qwen2_vl_keeps_3_axis_positions():
     """Qwen2-VL with an image and a video: DivPrune selects among the 24 vision tokens of each row on the
     embeddings the model builds; kept tokens keep their original mRoPE positions (the reference rotates the
     cached keys by them) and decoding continues after the vision offset."""
-    model = _sharpen(build("qwen2_vl"))
+    model = sharpened(build("qwen2_vl"))
     ids, mask, media = qwen_prompt()
     n = ids.shape[1]
     types = torch.zeros_like(ids, dtype=torch.int).masked_fill(ids == IMAGE, 1).masked_fill(ids == VIDEO, 2)
@@ -277,7 +305,7 @@ def test_dart_rows_are_selected_alone(llava, llava_prompt):
 
 
 def test_dart_qwen2_vl_matches_reference():
-    model = _sharpen(build("qwen2_vl"))
+    model = sharpened(build("qwen2_vl"))
     ids, mask, media = qwen_prompt()
     n = ids.shape[1]
     types = torch.zeros_like(ids, dtype=torch.int).masked_fill(ids == IMAGE, 1).masked_fill(ids == VIDEO, 2)
