@@ -50,10 +50,13 @@ def test_settings_are_checked_not_coerced(opts, setting, match):
 
 
 def test_an_option_of_another_method_is_refused_naming_its_method():
-    with pytest.raises(TokenReduceError, match="keep_ratio is a evit / fastv / pyramiddrop setting, not a tome one"):
+    owners = "evit / zero_tprune / fastv / pyramiddrop / divprune / dart / visionzip"
+    with pytest.raises(TokenReduceError, match=f"keep_ratio is a {owners} setting, not a tome one"):
         Settings.from_options(method="tome", r=2, keep_ratio=0.5)
-    with pytest.raises(TokenReduceError, match="unknown setting"):
+    with pytest.raises(TokenReduceError, match="ratio is a tomesd setting, not a tome one"):
         Settings.from_options(method="tome", ratio=0.5)
+    with pytest.raises(TokenReduceError, match="unknown setting"):
+        Settings.from_options(method="tome", merge_ratio=0.5)
 
 
 def test_settings_split_common_fields_and_method_options():

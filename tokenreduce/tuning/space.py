@@ -254,6 +254,16 @@ def label_of(method: EncoderMethod) -> str:
     return (method.label({}) or method.name).split(" ")[0]
 
 
+def fuses(c: Candidate) -> bool:
+    """Whether a keep-ratio candidate adds a fused token: its `fuse` option, else its method's default (EViT
+    fuses by default; methods without the option, such as Zero-TPrune, never do)."""
+    s = c.settings
+    if "fuse" in s:
+        return bool(s["fuse"])
+    options = registry.get(c.method).options_type
+    return bool(getattr(options(), "fuse", False))
+
+
 def proxy_of(shape: ModelShape, c: Candidate) -> float:
     """Estimated FLOPs ratio of a candidate (before compiling it)."""
     s = c.settings
@@ -261,5 +271,5 @@ def proxy_of(shape: ModelShape, c: Candidate) -> float:
         r = s["r"]
         return shape.flops_proxy(r if isinstance(r, list) else shape.clip_schedule([r] * shape.num_blocks))
     if "keep_ratio" in s:
-        return shape.flops_proxy_pruning(s["keep_ratio"], s.get("layers") or [], bool(s.get("fuse", True)))
+        return shape.flops_proxy_pruning(s["keep_ratio"], s.get("layers") or [], fuses(c))
     return 1.0
