@@ -227,7 +227,12 @@ def test_unmerge_with_shares_is_refused_and_topk1_unmerges(bert):
     red = tokenreduce.compile(bert, (ids,), {"attention_mask": mask}, method="token_transforming", r=2, topk=1,
                               unmerge=True, inner="eager", count_model_flops=False)
     with torch.no_grad():
-        assert output_tensor(red(ids, attention_mask=mask)).shape == (4, 16, 64)
+        out = output_tensor(red(ids, attention_mask=mask))
+    assert out.shape == (4, 16, 64)
+    # hard merging unmerges as ToMe: each original position gets its slot's row, so the unpadded row 0 (16 tokens,
+    # 2 merged away at each of 4 blocks) has exactly 8 distinct rows
+    assert red.report.blocks[-1].tokens_out == 8
+    assert torch.unique(out[0], dim=0).shape[0] == 8
 
 
 def test_too_large_r_names_the_largest_valid_r(vit64):
