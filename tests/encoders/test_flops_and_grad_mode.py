@@ -3,6 +3,8 @@
 - A view of a parameter made under `no_grad` (`requires_grad` but no `grad_fn`: CaiT's `cls_token.expand`,
   SigLIP's attention-pool latent) used to make torch's per-module FLOP tracker assert; the count is now
   exact on such a module (checked against the hand-counted matmul FLOPs) and on tiny timm SigLIP / CaiT.
+- Attention on a CPU is counted: torch's counter has formulas for the CUDA SDPA kernels only and counted the
+  CPU kernel as 0 FLOPs (every CPU report left out q k^T and p v); checked against the hand count, GQA included.
 - Whatever else fails while counting is reported as "FLOPs unavailable: <why>", never raised.
 - Data2Vec-vision (relative position bias as SDPA mask) compiled under `torch.no_grad()` but not with grad
   enabled: the compiled graphs must be equal in both modes and give the same outputs run in both modes.
@@ -15,6 +17,18 @@ import torch
 
 import tokenreduce
 from tokenreduce.compiler import report as report_mod
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_cpu_attention_is_counted(kv_heads):
+    b, h, n, m, d, dv = 2, 4, 5, 7, 3, 6
+    q, k, v = torch.randn(b, h, n, d), torch.randn(b, kv_heads, m, d), torch.randn(b, kv_heads, m, dv)
+
+    def attend(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=kv_heads != h)
+
+    # q k^T: [b*h, n, d] x [b*h, d, m]; p v: [b*h, n, m] x [b*h, m, dv]; multiply-add = 2 FLOPs
+    assert report_mod.count_flops(attend, (q, k, v)) == 2 * b * h * n * m * d + 2 * b * h * n * m * dv
 
 
 class _ExpandedParam(torch.nn.Module):
