@@ -138,18 +138,17 @@ def kcenter_scores_reference(x: torch.Tensor, droppable: torch.Tensor, keep: int
     dist = 1.0 - unit @ unit.transpose(1, 2)  # [B, S, S]
     s = num_droppable
     steps = torch.arange(s, device=x.device)
-    neg = torch.full((), float("-inf"), device=x.device)
-    nearest = dist.masked_fill(torch.eye(s, dtype=torch.bool, device=x.device), float("inf")).amin(-1)
-    chosen = torch.zeros(bsz, s, dtype=torch.bool, device=x.device)
-    rank = torch.zeros(bsz, s, dtype=torch.float32, device=x.device)
-    score = nearest
-    for i in range(keep):
-        pick = torch.where(chosen, neg, score).argmax(-1)  # [B]
-        hit = steps[None, :] == pick[:, None]
-        chosen = chosen | hit
-        rank = rank + hit.float() * float(keep - i)
-        to_pick = dist.gather(1, pick[:, None, None].expand(bsz, 1, s))[:, 0]  # [B, S]
-        score = to_pick if i == 0 else torch.minimum(score, to_pick)
+    score = dist.masked_fill(torch.eye(s, dtype=torch.bool, device=x.device), float("inf")).amin(-1)  # nearest
+    picks = []
+    for i in range(keep):  # five small ops per step; a selected token's score is -inf from then on
+        pick = score.argmax(-1)  # [B]
+        row = dist.gather(1, pick[:, None, None].expand(bsz, 1, s))[:, 0]  # [B, S] distances to the pick
+        row = row.masked_fill(steps[None, :] == pick[:, None], float("-inf"))
+        score = row if i == 0 else torch.minimum(score, row)
+        picks.append(pick)
+    order = torch.stack(picks, dim=1)  # [B, keep]
+    weight = float(keep) - torch.arange(keep, device=x.device, dtype=torch.float32)
+    rank = ((steps[None, None, :] == order[:, :, None]).float() * weight[None, :, None]).sum(1)  # [B, S]
     return from_span(rank, droppable)
 
 
