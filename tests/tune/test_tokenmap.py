@@ -48,6 +48,8 @@ def _panel_cells(png: np.ndarray, box: tuple[int, int, int, int], grid: tuple[in
     ({"method": "tome", "r": 6}, 0),
     ({"method": "pitome", "r": [10, 6, 4, 2]}, 0),
     ({"method": "evit", "keep_ratio": 0.5, "layers": [1]}, 1),
+    ({"method": "token_transforming", "r": 6}, 0),  # each patch shown in the slot with its largest share
+    ({"method": "zero_tprune", "keep_ratio": 0.5, "layers": [1]}, 0),
 ])
 def test_colour_groups_match_reported_tokens(photo, tmp_path, settings, fused):
     tm = token_map(_vit(), photo, image_size=64, **settings)
@@ -62,7 +64,7 @@ def test_colour_groups_match_reported_tokens(photo, tmp_path, settings, fused):
         expected = blk.tokens_out - tm.num_protected - fused
         assert len(colours - {GREY}) == expected
         assert grey.sum() == (panel.groups < 0).sum()
-        if settings["method"] == "evit":  # the pruned patches are the candidates EViT did not keep
+        if settings["method"] in ("evit", "zero_tprune"):  # the pruned patches are the candidates not kept
             assert grey.sum() == 64 - expected
         else:
             assert grey.sum() == 0

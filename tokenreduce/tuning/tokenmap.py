@@ -29,6 +29,7 @@ import torch
 from torch import fx
 
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.kernels.reference import apply_matrix
 from tokenreduce.methods import registry
 from tokenreduce.util.files import atomic_path
 
@@ -142,7 +143,10 @@ def imagenet_input(image: np.ndarray) -> torch.Tensor:
 
 
 class _SlotRecorder(fx.Interpreter):
-    """Runs a reduced graph and keeps the `slot` and output count of every `apply_plan`, in execution order."""
+    """Runs a reduced graph and keeps the `slot` and output count of every `apply_plan`, in execution order.
+    A dense many-to-many plan (`apply_matrix`, Token Transforming) shares a token among several slots; its
+    map shows each token in the slot that receives the largest share of it (a token with no share anywhere,
+    a dropped one, gets slot N')."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
@@ -151,6 +155,12 @@ class _SlotRecorder(fx.Interpreter):
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if target is torch.ops.tokenreduce.apply_plan.default:
             self.slots.append((args[1].detach().clone(), int(args[4])))
+        elif target is apply_matrix:
+            matrix = args[1].detach()  # [B, N', N]
+            n_out = int(matrix.shape[1])
+            dominant = matrix.argmax(dim=1)
+            self.slots.append((torch.where(matrix.amax(dim=1) > 0, dominant, torch.full_like(dominant, n_out)),
+                               n_out))
         return super().call_function(target, args, kwargs)
 
 
