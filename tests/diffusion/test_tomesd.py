@@ -175,7 +175,8 @@ def test_refusals():
                             count_model_flops=False)
     assert e.value.setting == "ratio"
     for bad, setting in [({"ratio": 1.0}, "ratio"), ({"sx": 1, "sy": 1}, "sx"), ({"unmerge": True}, "unmerge"),
-                         ({"merge_attn": False}, "merge_attn"), ({"rand_seed": -1}, "rand_seed")]:
+                         ({"merge_attn": False}, "merge_attn"), ({"rand_seed": -1}, "rand_seed"),
+                         ({"protected_tokens": 1}, "protected_tokens")]:
         with pytest.raises(TokenReduceError) as e:
             tokenreduce.compile(model, args, kwargs, method="tomesd", **bad)
         assert e.value.setting == setting

@@ -61,6 +61,10 @@ class Settings:
                                    f"{type(self.options).__name__}", setting="method")
         if self.protected_tokens is not None:
             check_int("protected_tokens", self.protected_tokens, lo=0)
+            if m.placement == "denoiser":
+                raise TokenReduceError(f"protected_tokens does not apply to {self.method!r}: a denoiser's tokens are "
+                                       "all image patches on its grid; drop protected_tokens",
+                                       setting="protected_tokens")
         check_bool("unmerge", self.unmerge)
         check_choice("inner", self.inner, INNER_COMPILERS)
         check_bool("dynamic_batch", self.dynamic_batch)
