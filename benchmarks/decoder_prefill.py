@@ -41,6 +41,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "pyramiddrop": ("pyramiddrop", dict(keep_ratio=0.5)),
     "gemfilter+pool": ("gemfilter", dict(layers=[14], keep_tokens=512, score_pool=15)),
     "gemfilter-L8": ("gemfilter", dict(layers=[8], keep_tokens=256, score_pool=15)),
+    "divprune": ("divprune", dict(keep_ratio=0.5)),
+    "dart": ("dart", dict(layers=[2], keep_ratio=0.5)),
 }
 
 

@@ -37,6 +37,8 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     "gemfilter": ("gemfilter", dict(layers=[14], keep_tokens=512)),
     "gemfilter+pool": ("gemfilter", dict(layers=[14], keep_tokens=512, score_pool=15)),
     "gemfilter-L8": ("gemfilter", dict(layers=[8], keep_tokens=256, score_pool=15)),  # the fast setting
+    "divprune": ("divprune", dict(keep_ratio=0.5)),
+    "dart": ("dart", dict(layers=[2], keep_ratio=0.5)),
 }
 
 

@@ -361,9 +361,12 @@ def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, inner: str 
 
     Args:
         model: a `LlamaForCausalLM`-style model (or `LlavaForConditionalGeneration`), unmodified.
-        method: a decoder method (`tokenreduce.methods.registry.names("decoder")`: "fastv", "pyramiddrop",
-            "gemfilter"); "none" captures the same prefill graph without pruning (the baseline benchmarks
-            compare against).
+        method: a decoder method (`tokenreduce.methods.registry.names("decoder")`): "fastv", "pyramiddrop",
+            "gemfilter" rank the span by the last query's attention; "divprune" (max-min diversity, before
+            the LLM), "dart" (duplication around pivot tokens, at a chosen layer) and "visionzip" (dominant
+            + merged contextual image tokens from the vision tower's CLS attention; LLaVA-style models)
+            select visual tokens (docs/decoders.md); "none" captures the same prefill graph without pruning
+            (the baseline benchmarks compare against).
         inner: "eager" (default: runs the rewritten graph as is) or "inductor".
         count_model_flops: count prefill FLOPs before/after for the report (on fake tensors where the
             model allows; 'FLOPs unavailable: why' in the report when counting fails).
@@ -371,7 +374,11 @@ def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, inner: str 
             layers -- FastV: `[K]` (prune after block K-1's attention ranks, default 2); PyramidDrop: the
                 stage blocks (default 8/16/24 of 32, scaled); GemFilter: `[L]`, the filter layer (default
                 13/32 of the depth).
-            keep_ratio -- FastV / PyramidDrop: fraction of the span kept at each stage (default 0.5).
+            keep_ratio -- FastV / PyramidDrop: fraction of the span kept at each stage (default 0.5);
+                DivPrune / DART / VisionZip: fraction kept (defaults from their papers' scripts: 0.098,
+                0.222, 64/576).
+            pivot_image_tokens, pivot_text_tokens -- DART: pivots from the span and from the question.
+            contextual_ratio -- VisionZip: share of the kept tokens that are merged contextual tokens.
             keep_tokens -- GemFilter: span tokens kept (default: the paper's 1024, or a quarter of the span
                 when that is smaller).
             score_pool -- max-pool the last-query scores over this many neighbouring tokens before ranking
