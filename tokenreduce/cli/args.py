@@ -77,6 +77,24 @@ def positive_int_list(text: str) -> list[int]:
     return values
 
 
+def float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def numbers_or_path(text: str) -> list[float] | str:
+    """Comma-separated numbers (`inf` allowed), or else a file path (the method reads and checks it)."""
+    try:
+        return float_list(text)
+    except argparse.ArgumentTypeError:
+        return text
+
+
 def r_value(text: str) -> int | list[int]:
     values = int_list(text)
     if min(values) < 0:
@@ -146,9 +164,11 @@ def add_model(p: argparse.ArgumentParser, *, batch_list: bool, onnx_ok: bool = F
 # parses by the type of its options field (`methods.base.field_kind`).
 OPTION_PARSERS: dict[str, Callable[[str], Any]] = {
     "r": r_value, "layers": int_list, "keep_ratio": ratio, "keep_tokens": positive_int, "score_pool": positive_int,
+    "thresholds": numbers_or_path, "mean_r": float_list,
 }
 KIND_PARSERS: dict[type, Callable[[str], Any]] = {int: int, float: float, str: str, tuple: int_list}
-OPTION_METAVARS = {"r": "R[,R...]", "layers": "I[,I...]", "keep_ratio": "K", "keep_tokens": "K"}
+OPTION_METAVARS = {"r": "R[,R...]", "layers": "I[,I...]", "keep_ratio": "K", "keep_tokens": "K",
+                   "thresholds": "T[,T...]|FILE", "mean_r": "M[,M...]"}
 
 
 def option_help(name: str) -> str:
