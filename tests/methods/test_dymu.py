@@ -1,0 +1,240 @@
+"""DyMU / DToMe (`method="dymu"`) and `calibrate_dymu` against an independent reference written here.
+
+The reference (`ref_merge`) is a Python loop over the rules the method file states: A = even, B = odd
+positions, protected leading tokens never merge, each A token's most similar B token by cosine of the
+head-averaged keys, and every A token whose best similarity is above the block's threshold is merged into its B
+token (size-weighted average; sizes add). The reference keeps its own token order (CLS, unmerged A, B): the
+compared outputs (CLS logits) do not depend on the order of the other tokens. It never imports
+`tokenreduce.methods.dymu` or the plan kernels.
+
+Checked: the compiled tiny timm ViT against a hand-written forward that merges with the reference, input by
+input, with the per-input counts that `recording()` reports (and that those counts differ between inputs);
+`calibrate_dymu` against edges computed by hand at the first block (exactly M * r above its threshold), the
+mean merges it reports against a recount, its file read back by `thresholds=PATH` (report shows the calibrated
+mean); refusals: batch > 1 at run time, ONNX export (naming `method='tome'` with the calibrated r), bad options.
+Inductor parity (dynamic shapes through graph breaks) is a slow test: its first compile takes about a minute on
+two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TOL, images, make_timm_vit
+from torch import Tensor
+
+import tokenreduce
+from tokenreduce import TokenReduceError
+
+SIZE = 64  # 8x8 patches + CLS = 65 tokens
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def ref_merge(h: Tensor, size: Tensor, k: Tensor, threshold: float | None, p: int) -> tuple[Tensor, Tensor, int]:
+    """One DToMe step on one input: `h [N, C]`, `size [N]`, `k [H, N, d]` -> merged h, sizes, merges."""
+    n = h.shape[0]
+    if threshold is None:
+        return h, size, 0
+    metric = k.mean(dim=0)
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    cos = (unit @ unit.T).tolist()
+    a_side = [i for i in range(0, n, 2) if i >= p]
+    b_side = [i for i in range(1, n, 2) if i >= p]
+    groups: dict[int, list[int]] = {b: [b] for b in b_side}
+    kept_a = []
+    for a in a_side:
+        best = max(b_side, key=lambda b: cos[a][b])
+        if cos[a][best] > threshold:
+            groups[best].append(a)
+        else:
+            kept_a.append(a)
+    rows, sizes = [], []
+    for i in list(range(p)) + kept_a:
+        rows.append(h[i])
+        sizes.append(size[i])
+    for members in groups.values():
+        w = torch.stack([size[i] for i in members])
+        rows.append((torch.stack([h[i] for i in members]) * w[:, None]).sum(0) / w.sum())
+        sizes.append(w.sum())
+    return torch.stack(rows), torch.stack(sizes), n - len(rows)
+
+
+def ref_vit_forward(model: torch.nn.Module, x: Tensor, thresholds: list[float | None]) -> tuple[Tensor, list[int]]:
+    """timm ViT (CLS pooling, proportional attention) at batch 1 by hand; returns logits and tokens per block."""
+    p = model.num_prefix_tokens
+    x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    size = torch.ones(x.shape[1])
+    counts = []
+    for i, blk in enumerate(model.blocks):
+        att = blk.attn
+        _, n, c = x.shape
+        qkv = att.qkv(blk.norm1(x)).reshape(1, n, 3, att.num_heads, c // att.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = att.q_norm(q), att.k_norm(k)
+        logits = (q @ k.transpose(-2, -1)) * att.scale + size.log()[None, None, None, :]
+        out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(1, n, c)
+        h = x + blk.ls1(att.proj(att.norm(out)))
+        t = thresholds[i] if i < len(thresholds) else None
+        h0, size, _ = ref_merge(h[0], size, k[0], t, p)
+        counts.append(h0.shape[0])
+        h = h0[None]
+        x = h + blk.ls2(blk.mlp(blk.norm2(h)))
+    return model.head(model.fc_norm(model.norm(x)[:, 0])), counts
+
+
+def first_block_edges(model: torch.nn.Module, x: Tensor) -> list[float]:
+    """Every non-protected A token's best cosine at block 0 (its keys from the model's own layers)."""
+    p = model.num_prefix_tokens
+    z = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    blk = model.blocks[0]
+    att = blk.attn
+    _, n, c = z.shape
+    k = att.k_norm(att.qkv(blk.norm1(z)).reshape(1, n, 3, att.num_heads, c // att.num_heads)[:, :, 1].transpose(1, 2))
+    metric = k[0].mean(dim=0)
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    cos = unit @ unit.T
+    return [max(float(cos[a, b]) for b in range(1, n, 2) if b >= p) for a in range(0, n, 2) if a >= p]
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return make_timm_vit(img_size=SIZE)
+
+
+def compile_dymu(model, x, **settings):
+    return tokenreduce.compile(model, (x,), method="dymu", inner="eager", **settings)
+
+
+# ------------------------------------------------------------------------------------------------ the method
+def test_compiled_vit_matches_hand_reference_with_per_input_counts(vit):
+    from tokenreduce.methods.dymu import recording
+
+    thresholds = [0.3, 0.25, None, 0.2]
+    xs = images(4, size=SIZE, seed=3)
+    red = compile_dymu(vit, xs[:1], thresholds=thresholds)
+    seen = []
+    with torch.no_grad():
+        for i in range(xs.shape[0]):
+            want, counts = ref_vit_forward(vit, xs[i:i + 1], thresholds)
+            with recording() as rec:
+                got = red(xs[i:i + 1])
+            torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+            assert rec.counts == [{0: counts[0], 1: counts[1], 3: counts[3]}]
+            assert counts[2] == counts[1]  # no threshold at block 2: nothing merges there
+            seen.append(tuple(counts))
+    assert len(set(seen)) > 1, f"the counts should follow the input, got {seen}"
+    assert all(c[0] < 65 for c in seen)
+
+
+def test_threshold_above_every_cosine_merges_nothing(vit):
+    x = images(1, size=SIZE, seed=5)
+    red = compile_dymu(vit, x, thresholds=[1.5, 1.5])
+    with torch.no_grad():
+        torch.testing.assert_close(red(x), vit(x), atol=TOL, rtol=TOL)
+
+
+def test_batches_are_refused_at_run_time(vit):
+    x = images(2, size=SIZE)
+    red = compile_dymu(vit, x[:1], thresholds=[0.3])
+    with pytest.raises(TokenReduceError, match="once per input"):
+        red(x)
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+@pytest.fixture(scope="module")
+def calibrated(vit, tmp_path_factory):
+    from tokenreduce.tuning.dymu_calibration import calibrate_dymu
+
+    path = tmp_path_factory.mktemp("dymu") / "thresholds.json"
+    xs = images(6, size=SIZE, seed=7)
+    return calibrate_dymu(vit, xs, r=5, output=path), path, xs
+
+
+def test_calibration_puts_m_times_r_first_block_edges_above_the_threshold(vit, calibrated):
+    res, _, xs = calibrated
+    with torch.no_grad():
+        edges = [e for i in range(xs.shape[0]) for e in first_block_edges(vit, xs[i:i + 1])]
+    above = sum(e > res.thresholds[0] for e in edges)
+    assert above == 5 * xs.shape[0]
+    assert res.mean_r[0] == pytest.approx(5.0)
+
+
+def test_calibrated_thresholds_reach_the_mean_and_match_the_reference(vit, calibrated):
+    res, path, xs = calibrated
+    finals = []
+    with torch.no_grad():
+        for i in range(xs.shape[0]):
+            _, counts = ref_vit_forward(vit, xs[i:i + 1], res.thresholds)
+            finals.append(counts[-1])
+    assert finals == res.tokens_per_input
+    assert res.mean_tokens == pytest.approx(sum(finals) / len(finals))
+    for block, m in enumerate(res.mean_r):  # exactly M * r merges per block on the calibration inputs (no ties)
+        assert m == pytest.approx(5.0), (block, res.mean_r)
+    data = json.loads(path.read_text())
+    assert data["format"] == "tokenreduce-dymu-thresholds" and data["thresholds"] == res.thresholds
+    red = compile_dymu(vit, xs[:1], thresholds=str(path))
+    assert [(b.tokens_in, b.tokens_out) for b in red.report.blocks] == [(65, 60), (60, 55), (55, 50), (50, 45)]
+    assert "data-dependent" in red.report.blocks[0].reason
+    assert red.report.flops_ratio is not None and red.report.flops_ratio < 1.0
+
+
+def test_calibration_needs_one_target(vit):
+    from tokenreduce.tuning.dymu_calibration import calibrate_dymu
+
+    with pytest.raises(TokenReduceError, match="exactly one of r"):
+        calibrate_dymu(vit, images(2, size=SIZE), r=3, target_tokens=40)
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def test_onnx_export_is_refused_naming_tome(vit, calibrated, tmp_path):
+    from tokenreduce.targets.onnx import export_onnx
+
+    _, path, xs = calibrated
+    red = compile_dymu(vit, xs[:1], thresholds=str(path))
+    with pytest.raises(TokenReduceError, match=r"method='tome' with r=5"):
+        export_onnx(red, tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("opts, setting, match", [
+    (dict(), "thresholds", "dymu needs thresholds"),
+    (dict(thresholds=[0.3, float("nan")]), "thresholds", r"thresholds\[1\] must be a number"),
+    (dict(thresholds=["a"]), "thresholds", r"thresholds\[0\] must be a number"),
+    (dict(thresholds="/nonexistent/t.json"), "thresholds", "not found; write one with"),
+    (dict(thresholds=[0.3], mean_r=[-1]), "mean_r", "mean_r must be numbers >= 0"),
+])
+def test_options_are_checked(opts, setting, match):
+    with pytest.raises(TokenReduceError, match=match) as info:
+        tokenreduce.Settings.from_options({"method": "dymu", **opts})
+    assert info.value.setting == setting
+
+
+def test_too_many_thresholds_name_the_block_count(vit):
+    with pytest.raises(TokenReduceError, match="model has 4"):
+        compile_dymu(vit, images(1, size=SIZE), thresholds=[0.3] * 5)
+
+
+def test_malformed_file_is_refused(tmp_path):
+    bad = tmp_path / "t.json"
+    bad.write_text(json.dumps({"thresholds": [0.1]}))
+    with pytest.raises(TokenReduceError, match="not a dymu thresholds file"):
+        tokenreduce.Settings.from_options({"method": "dymu", "thresholds": str(bad)})
+
+
+@pytest.mark.slow
+def test_inductor_follows_the_counts_through_graph_breaks(vit):
+    from tokenreduce.methods.dymu import recording
+
+    thresholds = [0.3, 0.25, None, 0.2]
+    xs = images(3, size=SIZE, seed=3)
+    red = tokenreduce.compile(vit, (xs[:1],), method="dymu", inner="inductor", thresholds=thresholds)
+    with torch.no_grad():
+        for i in range(xs.shape[0]):
+            want, counts = ref_vit_forward(vit, xs[i:i + 1], thresholds)
+            with recording() as rec:
+                got = red(xs[i:i + 1])
+            torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+            assert rec.counts[-1][3] == counts[3]
+    assert math.isfinite(float(got.sum()))
