@@ -10,6 +10,8 @@ This module owns that translation, so every subcommand (convert, inspect, bench)
   for text configs.
 - `FILE.pt2`: a program saved with `torch.export.save`; inputs from its placeholders' shapes.
 - `module:function`: a Python function returning `(model, example_inputs)` (a tuple or a dict).
+- `diffusers:FOLDER`: a diffusion denoiser (a diffusers model or pipeline folder) with one denoiser call's
+  inputs; `sources_diffusers.py` holds it.
 
 Every failure (unknown name, missing file, import error, wrong return value) is a `TokenReduceError`
 with a one-line message saying what was expected.
@@ -47,7 +49,7 @@ from torch.utils import _pytree as pytree
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.util.batch import batch_of
 
-SOURCE_FORMS = "timm:NAME, hf:PATH, FILE.pt2 or module:function"
+SOURCE_FORMS = "timm:NAME, hf:PATH, diffusers:FOLDER, FILE.pt2 or module:function"
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                     "pytorch_model.bin.index.json")
@@ -61,7 +63,7 @@ class ModelSource:
     """A loaded model with example inputs, and a way to make inputs at another batch size."""
 
     spec: str
-    kind: str  # "timm" | "hf" | "pt2" | "function"
+    kind: str  # "timm" | "hf" | "diffusers" | "pt2" | "function"
     model: torch.nn.Module
     example_args: tuple[Any, ...]
     example_kwargs: dict[str, Any]
@@ -233,6 +235,10 @@ def load_hf(path_str: str, *, batch: int, image_size: int | None, seq_len: int |
         raise TokenReduceError(f"no such directory: {path_str} (hf: takes a local Hugging Face model folder)")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise TokenReduceError(f"{path_str} is not a Hugging Face model folder (no config.json in it)")
+    from tokenreduce.sources_diffusers import is_diffusers_folder
+
+    if is_diffusers_folder(path):
+        raise TokenReduceError(f"{path_str} is a diffusers folder, not a transformers one: use diffusers:{path_str}")
     os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for the network, even for auxiliary files
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the CLI draws its own progress
@@ -595,7 +601,11 @@ def _is_timm_model(name: str) -> bool:
 
 def describe_unknown(spec: str) -> TokenReduceError:
     hint = ""
-    if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
+    from tokenreduce.sources_diffusers import is_diffusers_folder
+
+    if Path(spec).is_dir() and is_diffusers_folder(Path(spec)):
+        hint = f"; for a diffusers model or pipeline folder use diffusers:{spec}"
+    elif Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
         hint = f"; for a Hugging Face folder use hf:{spec}"
     elif spec.endswith((".pt", ".pth", ".bin", ".safetensors")):
         hint = "; a weights file needs an architecture: timm:NAME --checkpoint FILE"
@@ -615,7 +625,7 @@ def load_model(
     seed: int = 0,
     trust_pickle: bool = False,
 ) -> ModelSource:
-    """Load MODEL (`timm:NAME`, `hf:PATH`, `FILE.pt2`, `module:function`) with example inputs. A `.pt2`
+    """Load MODEL (`timm:NAME`, `hf:PATH`, `diffusers:FOLDER`, `FILE.pt2`, `module:function`) with example inputs. A `.pt2`
     file that would run code while loading is refused unless `trust_pickle` (see `pt2_code_risks`)."""
     model_args = dict(model_args or {})
     if batch is not None and batch < 1:
@@ -623,13 +633,20 @@ def load_model(
     kind = source_kind(spec)
     if checkpoint is not None and kind != "timm":
         raise TokenReduceError("--checkpoint applies to timm: models (hf: folders carry their own weights)")
-    if model_args and kind in ("hf", "pt2"):
+    if model_args and kind in ("hf", "pt2", "diffusers"):
         raise TokenReduceError(f"--model-arg applies to timm: and module:function sources, not {kind}")
     if kind == "timm":
         return load_timm(spec[len("timm:"):], checkpoint=checkpoint, model_args=model_args, batch=batch or 1,
                          image_size=image_size, seed=seed)
     if kind == "hf":
         return load_hf(spec[len("hf:"):], batch=batch or 1, image_size=image_size, seq_len=seq_len, seed=seed)
+    if kind == "diffusers":
+        from tokenreduce.sources_diffusers import load_diffusers
+
+        model, make, description = load_diffusers(spec[len("diffusers:"):], image_size=image_size, seq_len=seq_len,
+                                                  seed=seed)
+        args, kw = make(batch or 1)
+        return ModelSource(spec, "diffusers", model, args, kw, description, make_inputs=make)
     if kind == "pt2":
         return load_pt2(spec, batch=batch or 1, seq_len=seq_len, seed=seed, trust_pickle=trust_pickle)
     if kind == "function":
@@ -642,9 +659,11 @@ def load_model(
 
 
 def source_kind(spec: str) -> str:
-    """"timm", "hf", "pt2", "onnx", "function" or "unknown" (from the string alone)."""
+    """"timm", "hf", "diffusers", "pt2", "onnx", "function" or "unknown" (from the string alone)."""
     if spec.startswith("timm:"):
         return "timm"
+    if spec.startswith("diffusers:"):
+        return "diffusers"
     if spec.startswith("hf:"):
         return "hf"
     if spec.endswith(".pt2"):
