@@ -238,3 +238,18 @@ def test_inductor_follows_the_counts_through_graph_breaks(vit):
             torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
             assert rec.counts[-1][3] == counts[3]
     assert math.isfinite(float(got.sum()))
+
+
+def test_folder_of_arrays_and_target_tokens_give_the_same_thresholds_as_a_tensor_and_r(vit, tmp_path):
+    import numpy as np
+
+    from tokenreduce.tuning.dymu_calibration import calibrate_dymu
+
+    xs = images(3, size=SIZE, seed=11)
+    for i in range(xs.shape[0]):
+        np.save(tmp_path / f"{i}.npy", xs[i].numpy())
+    by_folder = calibrate_dymu(vit, tmp_path, target_tokens=45, input_shape=(3, SIZE, SIZE))
+    assert by_folder.target_r == [5, 5, 5, 5]  # (65 - 45) / 4 blocks
+    by_tensor = calibrate_dymu(vit, xs, r=5)
+    assert by_folder.thresholds == pytest.approx(by_tensor.thresholds)
+    assert by_folder.tokens_per_input == by_tensor.tokens_per_input

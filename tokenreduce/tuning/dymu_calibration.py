@@ -103,7 +103,7 @@ def calibrate_dymu(model: torch.nn.Module, inputs: Any, *, r: int | Sequence[int
     """Per-block thresholds giving, on average over `inputs`, `r` merges per block (an int for every block or a
     per-block list), or `target_tokens` tokens after the last block (spread as a constant r). Writes the JSON
     to `output` when given (`method="dymu", thresholds=output` reads it). `settings`: other compile settings
-    (`protected_tokens`, `prop_attn`, ...)."""
+    (`protected_tokens`, `prop_attn`, ...); calibration always runs eagerly (`inner` is ignored)."""
     if (r is None) == (target_tokens is None):
         raise TokenReduceError("give exactly one of r (mean merges per block) and target_tokens (mean tokens after "
                                "the last block)", setting="r")
@@ -111,9 +111,9 @@ def calibrate_dymu(model: torch.nn.Module, inputs: Any, *, r: int | Sequence[int
     if not items:
         raise TokenReduceError("calibrate_dymu needs at least one input", setting="inputs")
     example = items[0]
-    probe = tr_compile(model, example, method="none", count_model_flops=False, **settings) if not \
-        isinstance(example, Mapping) else tr_compile(model, (), example, method="none", count_model_flops=False,
-                                                     **settings)
+    common = {**settings, "inner": "eager", "count_model_flops": False}  # the plans run eagerly (Python counts)
+    args, kwargs = ((), example) if isinstance(example, Mapping) else ((example,), None)
+    probe = tr_compile(model, args, kwargs, method="none", **common)
     blocks = list(probe.report.blocks)
     num_blocks = len(blocks)
     n0 = blocks[0].tokens_in if blocks else 0
@@ -131,10 +131,8 @@ def calibrate_dymu(model: torch.nn.Module, inputs: Any, *, r: int | Sequence[int
     # one compile whose thresholds `recording(overrides=...)` replaces at run time; nominal counts = the targets
     nominal = [float(v) for v in rs]
     last = active[-1] + 1
-    reduced = tr_compile(model, example if not isinstance(example, Mapping) else (), example if
-                         isinstance(example, Mapping) else None, method="dymu",
-                         thresholds=[0.0 if v > 0 else None for v in rs[:last]], mean_r=nominal[:last],
-                         count_model_flops=False, inner="eager", **settings)
+    reduced = tr_compile(model, args, kwargs, method="dymu", thresholds=[0.0 if v > 0 else None for v in rs[:last]],
+                         mean_r=nominal[:last], **common)
     found: dict[int, float] = {}
     with torch.no_grad():
         for i in active:
