@@ -150,13 +150,14 @@ def test_convert_unet_folder(folders, tmp_path, capfd):
     assert merged == [(256, 128)] * 3  # the 16 x 16 level; the 8 x 8 mid block is coarser than max_downsample=1
 
 
-def test_inspect_and_bench(folders, capfd):
+def test_convert_pixart_and_bench_dit(folders, tmp_path, capfd):
     root, _ = folders
-    data = _run(capfd, "inspect", f"diffusers:{root / 'pixart'}", "--method", "tomesd", "--max-downsample", "2",
-                "--seq-len", "5")
-    assert data["inputs"] == {"arg0": [1, 4, 8, 8], "timestep": [1], "encoder_hidden_states": [1, 5, 12]}
-    tomesd = data["methods"]["tomesd"]
-    assert tomesd["applicable"] and 0 < tomesd["flops_ratio"] < 1
+    # PixArt's no-op `squeeze(1)` on [B, N, C] is dropped before the export (ONNX's Squeeze refuses it)
+    data = _run(capfd, "convert", f"diffusers:{root / 'pixart'}", "--method", "tomesd", "--max-downsample", "2",
+                "--merge-crossattn", "--seq-len", "5", "-o", str(tmp_path / "pixart.onnx"))
+    assert data["inputs"] == {"arg0": [2, 4, 8, 8], "timestep": [2], "encoder_hidden_states": [2, 5, 12]}
+    assert data["onnx"]["verified"] and data["onnx"]["max_abs_diff"] <= 1e-4
+    assert [b["action"] for b in data["report"]["blocks"]] == ["tomesd r=8 (attn, crossattn)"] * 2
     data = _run(capfd, "bench", f"diffusers:{root / 'dit'}", "--method", "tomesd", "--max-downsample", "2",
                 "--batch", "1,2", "--repeats", "2", "--warmup", "0")
     rows = data["rows"]

@@ -303,6 +303,26 @@ def export_failure(exc: BaseException) -> str:
     return f"{summary}; cause: {type(root).__name__}: {cause}"
 
 
+def drop_noop_squeezes(gm: torch.fx.GraphModule) -> int:
+    """Remove `squeeze(dim)` nodes whose dims all have a static size other than 1 (a no-op in torch), and
+    return how many. torch.onnx writes them as ONNX `Squeeze`, which the ONNX spec refuses on such a dim, so
+    shape inference fails ("Dimension of input 1 must be 1 instead of 16": PixArt's `squeeze(1)` on
+    `[B, N, C]` before its unpatchify, even unreduced)."""
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims):
+            continue
+        val = getattr(node.args[0], "meta", {}).get("val")
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        if isinstance(val, torch.Tensor) and all(isinstance(val.shape[d], int) and val.shape[d] != 1 for d in dims):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            dropped += 1
+    if dropped:
+        gm.recompile()
+    return dropped
+
+
 def _export_program(gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_batch: bool,
                     opset: int | None, plan_form: str) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     """torch.onnx (dynamo) export of `gm` with the tokenreduce ops inlined; returns the program and the
@@ -310,6 +330,7 @@ def _export_program(gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str
     gm_inlined = copy.deepcopy(gm).eval()
     if isinstance(gm_inlined, torch.fx.GraphModule):
         inline_reference_ops(gm_inlined, exported_apply=plan_form == "exported")
+        drop_noop_squeezes(gm_inlined)
     dynamic_shapes = None
     trace_args, trace_kwargs = args, kwargs
     if dynamic_batch:
