@@ -76,7 +76,10 @@ def test_user_metric_decides(vit, calib, every_constant_r):
 
 
 def test_full_search_respects_the_budget_and_tries_every_family(vit, calib, tmp_path):
-    plan = tune(vit, calib, {"flops": 0.6}, max_candidates=4, greedy_groups=2, calib_batch=2)
+    # ToMe's three schedule families and EViT's keep-ratio family: four (method, family) groups, so the four
+    # candidate slots, taken in turn from each group, cover all of them
+    plan = tune(vit, calib, {"flops": 0.6}, methods=["tome", "evit"], max_candidates=4, greedy_groups=2,
+                calib_batch=2)
     families = {r["family"] for r in plan.candidates}
     assert {"greedy"} <= families and len(families) >= 3
     assert {r["method"] for r in plan.candidates} >= {"tome", "evit"}

@@ -170,17 +170,22 @@ def print_inspect(ui: UI, payload: dict[str, Any]) -> None:
              f"dynamic batch: {'yes' if payload['dynamic_batch'] else 'no'}"
              + ("; text model" if payload["text_model"] else ""))
     methods = payload["methods"]
+    n0 = next((b["tokens"] for b in payload["blocks"] if b["reducible"]), 0)
+    # per-block columns only for the methods that move tokens here; the rest (not applicable, or no token
+    # moves such as TempScale) are in the summary below, with the reason
+    moving = [m for m in methods.values() if m["applicable"] and m["tokens_out"] != n0]
     table = Table(title=f"{len(payload['blocks'])} transformer blocks", title_justify="left")
-    for col, just in (("#", "right"), ("block", "left"), ("layout", "left"), ("tokens (unreduced)", "right"),
-                      ("attention", "left"), ("status", "left")):
+    for col, just in (("#", "right"), ("block", "left"), ("layout", "left"), ("tokens (unreduced)", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
-    for m in methods.values():
-        table.add_column(m["setting"] if m["applicable"] else f"{m['setting']} (n/a)", justify="right")
+    table.add_column("attention", justify="left", min_width=len("F.scaled_dot_product_attention"))
+    table.add_column("status", justify="left")
+    for m in moving:
+        table.add_column(m["setting"], justify="right")
     for b in payload["blocks"]:
         status = (Text("reducible", style="green") if b["reducible"]
                   else Text(f"skip: {b['skip_reason']}", style="yellow"))
         cells: list[Any] = [str(b["index"]), b["name"], b["layout"], str(b["tokens"]), b["attention"], status]
-        for m in methods.values():
+        for m in moving:
             cells.append(plan_cell(m, b["index"]))
         table.add_row(*cells)
     ui.print(table)
@@ -191,7 +196,6 @@ def print_inspect(ui: UI, payload: dict[str, Any]) -> None:
     for col, just in (("method", "left"), ("tokens", "right"), ("FLOPs", "right"), ("FLOPs ratio", "right"),
                       ("note", "left")):
         summary.add_column(col, justify=just)  # type: ignore[arg-type]
-    n0 = next((b["tokens"] for b in payload["blocks"] if b["reducible"]), 0)
     summary.add_row("unreduced", str(n0), fmt_flops(payload["flops"]), "1.000", "")
     for m in methods.values():
         if not m["applicable"]:
