@@ -37,6 +37,13 @@ def tune(model: Any, calib_inputs: Any, budget: Any, target: str | None = None, 
     return search.tune(model, calib_inputs, budget, target, **options)  # type: ignore[no-any-return]
 
 
+def calibrate_dymu(model: Any, inputs: Any, **options: Any) -> Any:
+    """Per-block DyMU thresholds for a target mean merge count (`tokenreduce.tuning.dymu_calibration`, whose
+    docstring lists the options); the result's `.settings()` go to `compile(..., method="dymu", ...)`."""
+    calibration = importlib.import_module("tokenreduce.tuning.dymu_calibration")
+    return calibration.calibrate_dymu(model, inputs, **options)
+
+
 __all__ = ["Plan", "ReducedDecoder", "ReducedModule", "Report", "Settings", "TokenReduceError", "backend_stats",
-           "compile", "reduce_decoder", "tune"]
+           "calibrate_dymu", "compile", "reduce_decoder", "tune"]
 __version__ = "0.1.0"

@@ -135,7 +135,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 def add_model(p: argparse.ArgumentParser, *, batch_list: bool, onnx_ok: bool = False) -> None:
     p.add_argument("model", metavar="MODEL" if not onnx_ok else "MODEL|FILE.onnx",
-                   help="timm:NAME, hf:PATH, FILE.pt2 or module:function" + (", or an .onnx file" if onnx_ok else ""))
+                   help="timm:NAME, hf:PATH, diffusers:FOLDER, FILE.pt2 or module:function" + (", or an .onnx file" if onnx_ok else ""))
     g = p.add_argument_group("model and inputs")
     g.add_argument("--checkpoint", metavar="FILE", help="timm: load these weights (local file) instead of random init")
     g.add_argument("--model-arg", metavar="KEY=VALUE", action="append", default=[],
@@ -153,9 +153,10 @@ def add_model(p: argparse.ArgumentParser, *, batch_list: bool, onnx_ok: bool = F
                             "a module:function returns)")
     g.add_argument("--image-size", type=positive_int, metavar="S",
                    help="vision models: input height and width (default: the model's configured size; timm "
-                        "models are built with img_size=S)")
+                        "models are built with img_size=S); diffusers denoisers: latent height and width")
     g.add_argument("--seq-len", type=positive_int, metavar="L",
-                   help="text models: sequence length (default: 128; decoder LLMs: 512)")
+                   help="text models: sequence length (default: 128; decoder LLMs: 512); diffusers denoisers: "
+                        "text-state tokens (default: 77)")
     g.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default: 0)")
     g.add_argument("--prompt", metavar="TEXT|@FILE",
                    help="decoder LLMs/VLMs: the prompt, tokenized with the folder's tokenizer (default: random "

@@ -153,7 +153,7 @@ def plan_method(opts: dict[str, Any], captured: Any, flops_before: int, note: st
     plans = red.plans
     entry.update(
         applicable=True,
-        blocks=[{"index": p.index, "tokens_in": p.tokens_in, "tokens_out": p.tokens_out, "action": p.action,
+        blocks=[{"index": p.index, "name": p.name, "tokens_in": p.tokens_in, "tokens_out": p.tokens_out, "action": p.action,
                  "r": p.r, "keep": p.keep, "reason": p.reason} for p in plans],
         tokens_out=plans[-1].tokens_out if plans else None,
         flops=flops,
@@ -186,7 +186,7 @@ def print_inspect(ui: UI, payload: dict[str, Any]) -> None:
                   else Text(f"skip: {b['skip_reason']}", style="yellow"))
         cells: list[Any] = [str(b["index"]), b["name"], b["layout"], str(b["tokens"]), b["attention"], status]
         for m in moving:
-            cells.append(plan_cell(m, b["index"]))
+            cells.append(plan_cell(m, b))
         table.add_row(*cells)
     ui.print(table)
     p = payload["protected_tokens"]
@@ -206,12 +206,18 @@ def print_inspect(ui: UI, payload: dict[str, Any]) -> None:
     ui.print(summary)
 
 
-def plan_cell(method: dict[str, Any], index: int) -> Any:
+def plan_cell(method: dict[str, Any], block: dict[str, Any]) -> Any:
+    """The method's plan for one row of the block table, matched by block name (a denoiser's plans count
+    transformer blocks while its rows are attentions, self and cross), else by index."""
     from rich.text import Text
 
     if not method["applicable"]:
         return "-"
-    bp = next((b for b in method["blocks"] if b["index"] == index), None)
+    plans = method["blocks"]
+    if any(b.get("name") == block["name"] for b in plans):
+        bp = next((b for b in plans if b.get("name") == block["name"]), None)
+    else:
+        bp = next((b for b in plans if b["index"] == block["index"]), None)
     if bp is None:
         return "-"
     if bp["tokens_out"] != bp["tokens_in"]:
