@@ -121,9 +121,11 @@ def _has_norm(nodes: set[fx.Node]) -> bool:
     return any(n.target in P.LAYER_NORM or n.target in P.NORM_STATS for n in nodes)
 
 
-def _residual_add(att: Attention, src: fx.Node, limit: int = 40) -> tuple[fx.Node, fx.Node] | None:
-    """The first add after the attention output whose other operand is the block input: (add, x_in)."""
-    frontier, seen = [att.output], {att.output}
+def adds_after(start: fx.Node, limit: int) -> tuple[list[fx.Node], set[fx.Node]]:
+    """The adds reached from `start` breadth first (at most `limit` levels), in the order met, without going
+    through another attention (softmax or SDPA): the candidates for the residual add that closes a sublayer;
+    and every node reached (`start` included), to tell an add's branch operand from its residual one."""
+    frontier, seen = [start], {start}
     order: list[fx.Node] = []
     for _ in range(limit):
         nxt = []
@@ -138,6 +140,12 @@ def _residual_add(att: Attention, src: fx.Node, limit: int = 40) -> tuple[fx.Nod
         if not nxt:
             break
         frontier = nxt
+    return order, seen
+
+
+def _residual_add(att: Attention, src: fx.Node, limit: int = 40) -> tuple[fx.Node, fx.Node] | None:
+    """The first add after the attention output whose other operand is the block input: (add, x_in)."""
+    order, seen = adds_after(att.output, limit)
     for add in order:
         a, b = args_of(add)[0], args_of(add)[1]
         if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):

@@ -34,6 +34,7 @@ import torch
 from torch import fx
 
 from tokenreduce.analysis.attention import Attention, find_attention
+from tokenreduce.analysis.blocks import adds_after
 from tokenreduce.analysis.encoder import ModelAnalysis
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.ir import patterns as P
@@ -131,21 +132,7 @@ def _residual_close(start: fx.Node, merge_at: fx.Node, limit: int = 60) -> tuple
     """The first add after `start` (breadth first, not through another attention) whose other operand `h` is
     not computed from `start` and is what `merge_at` is computed from by norm/modulation ops only (no
     projection, no attention between them): `(add, h, branch)`."""
-    frontier, seen = [start], {start}
-    adds: list[fx.Node] = []
-    for _ in range(limit):
-        nxt = []
-        for n in frontier:
-            for u in n.users:
-                if u in seen or u.op != "call_function" or u.target in P.SOFTMAX or u.target in P.SDPA_SPELLINGS:
-                    continue
-                seen.add(u)
-                nxt.append(u)
-                if u.target in P.ADD:
-                    adds.append(u)
-        if not nxt:
-            break
-        frontier = nxt
+    adds, seen = adds_after(start, limit)
     for add in adds:
         ops = [a for a in args_of(add)[:2] if isinstance(a, fx.Node)]
         if len(ops) != 2:
