@@ -30,6 +30,26 @@ def max_r(num_tokens: int, num_protected: int) -> int:
     return max((num_tokens - num_protected) // 2, 0)
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` scaled to unit length along the last axis. A zero row (DeBERTa zeroes padding embeddings; with a
+    bias-free key projection its key is 0) stays 0, so its cosine with every token is 0 instead of NaN, whose
+    ordering differs between torch and ONNX TopK."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def merge_metric(metric: torch.Tensor, r: int, num_protected: int, method: str,
+                 setting: str | None = None) -> torch.Tensor:
+    """The `[B, N, d]` matching metric of a merge step (keys `[B, H, N, d]` are averaged over heads), after
+    checking `0 <= r <= max_r(N, num_protected)`; the error names `method` and the largest valid r."""
+    if metric.dim() == 4:
+        metric = metric.mean(dim=1)
+    n = metric.shape[1]
+    if r < 0 or r > max_r(n, num_protected):
+        raise TokenReduceError(f"{method} r={r} is too large for {n} tokens with {num_protected} protected; "
+                               f"the largest valid r is {max_r(n, num_protected)}", setting=setting)
+    return metric
+
+
 def bipartite_plan(
     metric: torch.Tensor, r: int, num_protected: int, valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,18 +66,10 @@ def bipartite_plan(
         rep: `[B, N - r]` int64, representative input token of each output slot.
         keep: `[B, N]` merge-weight multiplier (metric dtype): 1, or 0 for a source merged across padding.
     """
-    if metric.dim() == 4:
-        metric = metric.mean(dim=1)
+    metric = merge_metric(metric, r, num_protected, "ToMe")
     bsz, n, _ = metric.shape
-    if r < 0 or r > max_r(n, num_protected):
-        raise TokenReduceError(
-            f"ToMe r={r} is too large for {n} tokens with {num_protected} protected; "
-            f"the largest valid r is {max_r(n, num_protected)}"
-        )
     device = metric.device
-    # a zero key (DeBERTa zeroes padding embeddings; with a bias-free key projection its key is 0) has cosine
-    # 0 with every token instead of NaN, whose ordering differs between torch and ONNX TopK
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+    metric = unit_rows(metric)
     a, b = metric[:, 0::2, :], metric[:, 1::2, :]
     n_a, n_b = a.shape[1], b.shape[1]
     scores = a @ b.transpose(-1, -2)  # [B, nA, nB]

@@ -43,7 +43,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from tokenreduce.analysis.encoder import ModelAnalysis
 from tokenreduce.errors import TokenReduceError
-from tokenreduce.kernels.plans import max_r, plan_from_matches
+from tokenreduce.kernels.plans import max_r, plan_from_matches, unit_rows
 from tokenreduce.methods.base import (
     BlockPlan,
     EncoderMethod,
@@ -117,7 +117,7 @@ def dymu_plan(k: torch.Tensor, threshold: float, num_protected: int, block: int,
         raise TokenReduceError(
             f"dymu runs one input per call (this call has a batch of {bsz}): each input merges its own number of "
             "tokens; call the module once per input, or use method='tome' for batches", setting="method")
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+    metric = unit_rows(metric)
     a, b = metric[:, 0::2, :], metric[:, 1::2, :]
     scores = a @ b.transpose(-1, -2)  # [B, nA, nB]
     n_a, n_b = scores.shape[1], scores.shape[2]

@@ -50,9 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from tokenreduce.analysis.encoder import ModelAnalysis
-from tokenreduce.errors import TokenReduceError
 from tokenreduce.kernels import reference as ref
-from tokenreduce.kernels.plans import max_r, plan_from_matches
+from tokenreduce.kernels.plans import merge_metric, plan_from_matches
 from tokenreduce.methods.base import (
     BlockPlan,
     Options,
@@ -143,13 +142,9 @@ def pitome_plan(
         keep: `[B, N]` merge-weight multiplier (metric dtype): 1, or 0 for a source merged across padding
             (a padding token with no padding partner; with `bsm`, also a real one when r leaves no choice).
     """
-    if metric.dim() == 4:
-        metric = metric.mean(dim=1)
+    metric = merge_metric(metric, r, num_protected, "PiToMe", setting="r")
     bsz, n, _ = metric.shape
     p = num_protected
-    if r < 0 or r > max_r(n, p):
-        raise TokenReduceError(f"PiToMe r={r} is too large for {n} tokens with {p} protected; "
-                               f"the largest valid r is {max_r(n, p)}", setting="r")
     device = metric.device
     prot = torch.arange(p, device=device).expand(bsz, p)
     if r == 0:

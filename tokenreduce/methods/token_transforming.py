@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from tokenreduce.errors import TokenReduceError
-from tokenreduce.kernels.plans import bipartite_plan, max_r
+from tokenreduce.kernels.plans import bipartite_plan, merge_metric, unit_rows
 from tokenreduce.methods.base import (
     BlockPlan,
     Options,
@@ -82,13 +82,9 @@ def transform_plan(
         slot: `[B, N]` int64, each token's dominant slot (its own for a kept token), `N - r` when dropped.
         rep: `[B, N - r]` int64, the input token each slot keeps (ToMe's representative).
     """
-    if metric.dim() == 4:
-        metric = metric.mean(dim=1)
+    metric = merge_metric(metric, r, num_protected, "Token Transforming", setting="r")
     bsz, n, _ = metric.shape
     p = num_protected
-    if r < 0 or r > max_r(n, p):
-        raise TokenReduceError(f"Token Transforming r={r} is too large for {n} tokens with {p} protected; "
-                               f"the largest valid r is {max_r(n, p)}", setting="r")
     device = metric.device
     tokens = torch.arange(n, device=device)
     if r == 0:
@@ -99,7 +95,7 @@ def transform_plan(
     slots = torch.arange(n_out, device=device)
     is_source = rep.gather(1, slot_hard) != tokens  # a token that is not its slot's representative
     hard = (slot_hard[:, :, None] == slots).to(metric.dtype)  # [B, N, N']
-    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+    unit = unit_rows(metric)
     targets = unit.gather(1, rep[:, :, None].expand(-1, -1, unit.shape[-1]))  # [B, N', d]
     sim = unit @ targets.transpose(-1, -2)  # [B, N, N']
     allowed = (slots >= p)[None, None, :].expand(bsz, n, n_out)

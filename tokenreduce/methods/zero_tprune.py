@@ -46,6 +46,7 @@ import torch
 from tokenreduce.analysis.encoder import ModelAnalysis
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.kernels import attention_graph
+from tokenreduce.kernels.plans import unit_rows
 from tokenreduce.methods.base import (
     BlockPlan,
     EncoderMethod,
@@ -125,7 +126,7 @@ def zero_tprune_plan(
     kept_a = a_idx
     if similar > 0:
         metric = (k.mean(dim=1) if k.dim() == 4 else k)[:, p:].float()
-        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+        metric = unit_rows(metric)
         sim = _rows(metric, a_idx) @ _rows(metric, b_idx).transpose(-1, -2)  # [B, nA, nB]
         best = sim.max(dim=-1).values  # [B, nA]: each A token's cosine to its most similar B token
         if vc is not None:  # padding above every cosine (<= 1), ordered by index: pruned first
