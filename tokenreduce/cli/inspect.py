@@ -179,6 +179,8 @@ def print_inspect(ui: UI, payload: dict[str, Any]) -> None:
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     table.add_column("attention", justify="left", min_width=len("F.scaled_dot_product_attention"))
     table.add_column("status", justify="left")
+    row_names = {b["name"] for b in payload["blocks"]}
+    by_name = {m["setting"]: any(p.get("name") in row_names for p in m["blocks"]) for m in moving}
     for m in moving:
         table.add_column(m["setting"], justify="right")
     for b in payload["blocks"]:
@@ -186,7 +188,7 @@ def print_inspect(ui: UI, payload: dict[str, Any]) -> None:
                   else Text(f"skip: {b['skip_reason']}", style="yellow"))
         cells: list[Any] = [str(b["index"]), b["name"], b["layout"], str(b["tokens"]), b["attention"], status]
         for m in moving:
-            cells.append(plan_cell(m, b))
+            cells.append(plan_cell(m, b, by_name[m["setting"]]))
         table.add_row(*cells)
     ui.print(table)
     p = payload["protected_tokens"]
@@ -206,18 +208,16 @@ def print_inspect(ui: UI, payload: dict[str, Any]) -> None:
     ui.print(summary)
 
 
-def plan_cell(method: dict[str, Any], block: dict[str, Any]) -> Any:
-    """The method's plan for one row of the block table, matched by block name (a denoiser's plans count
-    transformer blocks while its rows are attentions, self and cross), else by index."""
+def plan_cell(method: dict[str, Any], block: dict[str, Any], by_name: bool) -> Any:
+    """The method's plan for one row of the block table: matched by block name when the method's plans are
+    named like the rows (a denoiser's plans count transformer blocks while its rows are attentions, self and
+    cross, so an index would land on the wrong row), else by index."""
     from rich.text import Text
 
     if not method["applicable"]:
         return "-"
-    plans = method["blocks"]
-    if any(b.get("name") == block["name"] for b in plans):
-        bp = next((b for b in plans if b.get("name") == block["name"]), None)
-    else:
-        bp = next((b for b in plans if b["index"] == block["index"]), None)
+    key, value = ("name", block["name"]) if by_name else ("index", block["index"])
+    bp = next((b for b in method["blocks"] if b.get(key) == value), None)
     if bp is None:
         return "-"
     if bp["tokens_out"] != bp["tokens_in"]:
