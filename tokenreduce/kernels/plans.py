@@ -50,6 +50,18 @@ def merge_metric(metric: torch.Tensor, r: int, num_protected: int, method: str,
     return metric
 
 
+def mask_protected(scores: torch.Tensor, num_protected: int) -> torch.Tensor:
+    """Bipartite scores `[B, nA, nB]` (A = even tokens, B = odd) with every edge from or to a protected token
+    set to -inf: the leading `num_protected` tokens are (P + 1) // 2 A tokens and P // 2 B tokens."""
+    p_a, p_b = (num_protected + 1) // 2, num_protected // 2
+    n_a, n_b = scores.shape[-2], scores.shape[-1]
+    if p_a:
+        scores = scores.masked_fill((torch.arange(n_a, device=scores.device) < p_a)[None, :, None], -torch.inf)
+    if p_b:
+        scores = scores.masked_fill((torch.arange(n_b, device=scores.device) < p_b)[None, None, :], -torch.inf)
+    return scores
+
+
 def bipartite_plan(
     metric: torch.Tensor, r: int, num_protected: int, valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,25 +79,16 @@ def bipartite_plan(
         keep: `[B, N]` merge-weight multiplier (metric dtype): 1, or 0 for a source merged across padding.
     """
     metric = merge_metric(metric, r, num_protected, "ToMe")
-    bsz, n, _ = metric.shape
-    device = metric.device
+    n = metric.shape[1]
     metric = unit_rows(metric)
     a, b = metric[:, 0::2, :], metric[:, 1::2, :]
-    n_a, n_b = a.shape[1], b.shape[1]
     scores = a @ b.transpose(-1, -2)  # [B, nA, nB]
-    p_a, p_b = (num_protected + 1) // 2, num_protected // 2
-    neg_inf = -torch.inf
     if valid is not None:  # cross-padding edges rank below every cosine: padding->real, then real->padding
         va, vb = valid[:, 0::2], valid[:, 1::2]
         pad_to_real = ~va[:, :, None] & vb[:, None, :]
         real_to_pad = va[:, :, None] & ~vb[:, None, :]
         scores = scores.masked_fill(pad_to_real, -2.0).masked_fill(real_to_pad, -3.0)
-    if p_a:
-        scores = scores.masked_fill((torch.arange(n_a, device=device) < p_a)[None, :, None], neg_inf)
-    if p_b:
-        scores = scores.masked_fill((torch.arange(n_b, device=device) < p_b)[None, None, :], neg_inf)
-
-    node_max, node_idx = scores.max(dim=-1)
+    node_max, node_idx = mask_protected(scores, num_protected).max(dim=-1)
     return plan_from_matches(node_max, node_idx, r, num_protected, valid, n, metric.dtype)
 
 

@@ -43,7 +43,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from tokenreduce.analysis.encoder import ModelAnalysis
 from tokenreduce.errors import TokenReduceError
-from tokenreduce.kernels.plans import max_r, plan_from_matches, unit_rows
+from tokenreduce.kernels.plans import mask_protected, max_r, plan_from_matches, unit_rows
 from tokenreduce.methods.base import (
     BlockPlan,
     EncoderMethod,
@@ -120,16 +120,11 @@ def dymu_plan(k: torch.Tensor, threshold: float, num_protected: int, block: int,
     metric = unit_rows(metric)
     a, b = metric[:, 0::2, :], metric[:, 1::2, :]
     scores = a @ b.transpose(-1, -2)  # [B, nA, nB]
-    n_a, n_b = scores.shape[1], scores.shape[2]
-    p_a, p_b = (num_protected + 1) // 2, num_protected // 2
     if valid is not None:  # an edge touching padding never merges (below any cosine threshold)
         va, vb = valid[:, 0::2], valid[:, 1::2]
         scores = scores.masked_fill(~(va[:, :, None] & vb[:, None, :]), -torch.inf)
-    if p_a:
-        scores = scores.masked_fill((torch.arange(n_a, device=k.device) < p_a)[None, :, None], -torch.inf)
-    if p_b:
-        scores = scores.masked_fill((torch.arange(n_b, device=k.device) < p_b)[None, None, :], -torch.inf)
-    node_max, node_idx = scores.max(dim=-1)
+    node_max, node_idx = mask_protected(scores, num_protected).max(dim=-1)
+    p_a = (num_protected + 1) // 2  # protected A tokens: their edges are not scores to record
     limit = max_r(n, num_protected)
     if isinstance(k, FakeTensor):
         r = min(nominal_r, limit)
