@@ -12,6 +12,12 @@ verified against the eager graph (`export_graph`), so both forms compute the sam
 `--profile` adds onnxruntime's per-op-type kernel time of one batch-1 file of each kind (where the time goes).
 `--levels` also times the exported reduced file under the onnxruntime graph optimisation levels
 basic / extended / all.
+`--oracle` also times a token-count oracle: the unreduced timm model with each block's attention run on the first
+n_in tokens and its MLP on the first n_out (`x[:, :n]`, Slice nodes), the reduced model's counts at that block. It
+does the reduced model's GEMM and attention work with no plan ops at all, so its efficiency bounds what any plan
+subgraph can reach (its output is not the reduced model's; it is timed, not verified). It also times the same
+model on one token per block (`floor`): the per-call cost that no token reduction removes (reading the weights,
+per-node overheads).
 
 Methodology as `benchmarks/vit_speed.py` (house style): the first call of each session is untimed, then
 `--warmup` untimed rounds, then `--repeats` interleaved timed rounds, medians; the machine is shared, so
@@ -57,6 +63,26 @@ def session(path: Path, threads: int, level: str = "all") -> Any:
                                      "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                                      "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class TokenCountOracle(torch.nn.Module):
+    """A timm ViT that runs block i's attention on its first `counts_in[i]` tokens and its MLP on the first
+    `counts_out[i]`: the reduced model's GEMM and attention work (ToMe and EViT reduce between the two), no plan ops."""
+
+    def __init__(self, vit: torch.nn.Module, counts_in: list[int], counts_out: list[int]) -> None:
+        super().__init__()
+        self.vit = vit
+        self.counts = list(zip(counts_in, counts_out, strict=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.vit
+        x = v.norm_pre(v._pos_embed(v.patch_embed(x)))
+        for blk, (n_in, n_out) in zip(v.blocks, self.counts, strict=True):
+            x = x[:, :n_in]
+            x = x + blk.ls1(blk.attn(blk.norm1(x)))
+            x = x[:, :n_out]
+            x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        return v.forward_head(v.norm(x))
 
 
 def interleaved(calls: dict[str, Any], repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -105,6 +131,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--levels", action="store_true")
+    ap.add_argument("--oracle", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import timm
@@ -134,6 +161,16 @@ def main() -> None:
                 print(f"{label} {form}: verified, max abs diff {exp.max_abs_diff:.2g}, "
                       f"{sum(exp.op_counts.values())} nodes, {exp.op_counts.get('ScatterElements', 0)} ScatterElements",
                       flush=True)
+            if args.oracle:
+                files["oracle"] = folder / f"{key}-oracle.onnx"
+                counts_in = [b.tokens_in for b in red.report.blocks]
+                counts_out = [b.tokens_out for b in red.report.blocks]
+                for name, c_in, c_out in (("oracle", counts_in, counts_out), ("floor", [1] * len(counts_in),
+                                                                               [1] * len(counts_in))):
+                    files[name] = folder / f"{key}-{name}.onnx"
+                    torch.onnx.export(TokenCountOracle(model, c_in, c_out).eval(), (x,), str(files[name]),
+                                      input_names=["x"], dynamic_axes={"x": {0: "b"}}, dynamo=False)
+                print(f"{label} oracle: tokens in/out per block {list(zip(counts_in, counts_out))}", flush=True)
             for t in threads:
                 sessions = {k: session(p, t) for k, p in files.items()}
                 if args.levels:
