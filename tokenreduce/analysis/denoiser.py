@@ -35,6 +35,16 @@ from torch import fx
 
 from tokenreduce.analysis.attention import Attention, find_attention
 from tokenreduce.analysis.blocks import adds_after
+from tokenreduce.analysis.denoiser_joint import (
+    JointSpan,
+    attention_free_reach,
+    cuts_after,
+    joint_cat,
+    parallel_join,
+    part_lengths,
+    projection_of,
+    side_positions,
+)
 from tokenreduce.analysis.encoder import ModelAnalysis
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.ir import patterns as P
@@ -66,9 +76,11 @@ class Sublayer:
     kind: str
     merge_at: fx.Node
     readers: tuple[fx.Node, ...]
-    residual_add: fx.Node
+    residual_add: fx.Node  # where the branch rejoins full tokens: the residual add, or a parallel block's join
     branch: fx.Node
     name: str = ""
+    offset: int = 0  # the image rows of merge_at start here (Flux single-stream: after the text); 0 otherwise
+    joint: JointSpan | None = None  # joint text + image attention: the image part, cuts, rotary tables
 
 
 @dataclass
@@ -79,8 +91,10 @@ class DenoiserBlock:
     name: str
     x_in: fx.Node | None = None  # block input [B, N, C]: the matching metric
     num_tokens: int = 0
-    grid: tuple[int, int] = (0, 0)  # (h, w) tokens
+    grid: tuple[int, int] = (0, 0)  # (h, w) tokens; (0, 0) for a packed latent (the method's options give it)
     downsample: int = 0  # tomesd's: ceil(sqrt(H * W // N)) against the model's image input
+    x_offset: int = 0  # the image rows of x_in start here (Flux single-stream blocks: after the text tokens)
+    joint: str = ""  # "" (image tokens only), "double" (joint attention, own streams) or "single" (one stream)
     sublayers: dict[str, Sublayer] = field(default_factory=dict)
     skip_reason: str | None = None
 
@@ -94,24 +108,30 @@ class DenoiserAnalysis(ModelAnalysis):
     """`ModelAnalysis` for reports (no protected tokens) plus the denoiser's blocks and image size."""
 
     dblocks: list[DenoiserBlock] = field(default_factory=list)
-    image_size: tuple[int, int] = (0, 0)  # (H, W) of the 4-D image input
+    image_size: tuple[int, int] = (0, 0)  # (H, W) of the 4-D image input; (0, 0) for a packed latent
+    packed_tokens: int = 0  # N of a packed latent input [B, N, C] (Flux), whose grid the options must give
     timestep: fx.Node | None = None  # the graph input feeding a sinusoidal embedding (sin/cos), if one does
 
 
-def image_input(gm: fx.GraphModule) -> tuple[fx.Node, int, int]:
-    """The first 4-D graph input `[B, C, H, W]` (the latent `sample` / `hidden_states`) and its H, W."""
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
+def image_input(gm: fx.GraphModule) -> tuple[fx.Node, int, int, int]:
+    """The latent input: `(node, H, W, 0)` for the first 4-D graph input `[B, C, H, W]` (the latent `sample` /
+    `hidden_states`), else `(node, 0, 0, N)` for a packed latent, the first 3-D input `[B, N, C]` (Flux's
+    `hidden_states`, which diffusers takes first): its grid is not in the graph, the method's options give it."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders:
         s = shape(node)
         if s is not None and len(s) == 4:
             h, w = static_dim(s[2]), static_dim(s[3])
             if h is not None and w is not None:
-                return node, h, w
+                return node, h, w, 0
+    for node in placeholders:
+        s = shape(node)
+        if s is not None and len(s) == 3 and static_dim(s[1]) is not None:
+            return node, 0, 0, int(s[1])
     raise TokenReduceError(
-        "tomesd needs the token grid of each block, read from the denoiser's 4-D image input [B, C, H, W] "
-        "(the latent `sample`); this graph has no 4-D input with a static height and width (a packed-latent "
-        "transformer such as Flux takes [B, N, C] tokens)", setting="method")
+        "tomesd needs the token grid of each block, read from the denoiser's 4-D image input [B, C, H, W] (the "
+        "latent `sample`) or given for a packed latent [B, N, C] (Flux); this graph has neither input with static "
+        "sizes", setting="method")
 
 
 def timestep_input(gm: fx.GraphModule, image: fx.Node) -> fx.Node | None:
@@ -143,7 +163,8 @@ def _residual_close(start: fx.Node, merge_at: fx.Node, limit: int = 60) -> tuple
             path = nodes_between([h], [merge_at])
             if not path or len(path) > 40:
                 continue
-            if any(is_projection(n) or n.target in P.SDPA_SPELLINGS or n.target in P.SOFTMAX for n in path):
+            # `h` itself may be a projection (a linear `proj_in` feeding a block's first layer: SD 2.x, SDXL)
+            if any(is_projection(n) or n.target in P.SDPA_SPELLINGS or n.target in P.SOFTMAX for n in path - {h}):
                 continue
             return add, h, branch
     return None
@@ -217,19 +238,127 @@ def _mlp_sublayer(h: fx.Node, attention_nodes: set[fx.Node]) -> Sublayer | None:
     return None
 
 
+def _joint_attention(att: Attention, image_side: set[fx.Node]) -> tuple[Sublayer | None, str] | None:
+    """A double-stream joint attention (SD3, Flux): the image part's sublayer, or None when the query is not a
+    concatenation of projected streams."""
+    qs = shape(att.q)
+    tokens = static_dim(qs[-2]) if qs is not None and len(qs) >= 3 else None
+    if tokens is None:
+        return None
+    found = joint_cat(att.q, tokens)
+    if found is None:
+        return None
+    cat, parts, dim = found
+    lengths = part_lengths(parts, dim)
+    projs = [projection_of(p) for p in parts]
+    inputs = [projection_input(p) if p is not None else None for p in projs]
+    image = [i for i, x in enumerate(inputs) if x is not None and x in image_side]
+    if lengths is None or len(image) != 1:
+        return None, (f"joint attention `{att.node.name}`: cannot tell which part of its {len(parts)}-part query "
+                      "is the image (exactly one must be computed from the latent without another attention)")
+    i = image[0]
+    merge_at = inputs[i]
+    assert merge_at is not None
+    offset, length = sum(lengths[:i]), sum(lengths)
+    closed = _residual_close(att.output, merge_at)
+    if closed is None:
+        return None, (f"joint attention `{att.node.name}`: no residual add after it whose other operand the image "
+                      f"stream's normed input `{merge_at.name}` is computed from")
+    add, h, branch = closed
+    inside = nodes_between([merge_at], [branch])
+    readers = tuple(u for u in merge_at.users if u in inside)
+    cuts = tuple(c for c in cuts_after(att.output, length) if _cuts_image(c, offset, lengths[i], length))
+    ends = [n for n in (att.q, att.k, att.v) if isinstance(n, fx.Node)]
+    span = JointSpan(offset, length, lengths[i], cuts, side_positions(merge_at, ends, length))
+    return Sublayer("attn", merge_at, readers, add, branch, _name([att.node, add]), 0, span), ""
+
+
+def _cuts_image(cut: fx.Node, offset: int, n: int, length: int) -> bool:
+    """A slice or split of the joint sequence (`length` long on its axis) at the image part's boundary."""
+    src = args_of(cut)[0]
+    s = shape(src)
+    if s is None:
+        return False
+    if cut.target in (torch.ops.aten.slice.Tensor,):
+        dim = args_of(cut)[1] if len(cut.args) > 1 else 0
+        if static_dim(s[dim]) != length:
+            return False
+        bounds = [a for a in args_of(cut)[2:4] if isinstance(a, int)]
+        return any(b in (offset, offset + n) for b in bounds)
+    sizes = args_of(cut)[1]
+    dim = args_of(cut)[2] if len(cut.args) > 2 else 0
+    return static_dim(s[dim]) == length and isinstance(sizes, (list, tuple)) and sum(sizes) == length
+
+
+def _image_rows(x_in: fx.Node, image_side: set[fx.Node], layouts: dict[fx.Node, tuple[int, int]]
+                ) -> tuple[int, int] | None:
+    """`(offset, n)` of the image rows of a single-stream block's input `cat([text, image], 1)`, or None when
+    `x_in` is not such a concatenation."""
+    if x_in.target is not torch.ops.aten.cat.default:
+        return None
+    args = args_of(x_in)
+    parts, dim = args[0], (args[1] if len(args) > 1 else 0)
+    xs = shape(x_in)
+    if xs is None or not isinstance(parts, (list, tuple)) or len(parts) < 2 or dim % len(xs) != 1:
+        return None
+    lengths = part_lengths(list(parts), 1)
+    if lengths is None:
+        return None
+
+    def is_image(p: fx.Node) -> bool | None:
+        if p.target is torch.ops.aten.slice.Tensor and args_of(p)[0] in layouts and args_of(p)[1] in (1, -2):
+            off, n = layouts[args_of(p)[0]]  # a slice of the previous single-stream block's output
+            start = args_of(p)[2] if len(p.args) > 2 else 0
+            return start == off
+        return None
+
+    marks = [is_image(p) for p in parts]
+    if any(m is None for m in marks):  # the first single-stream block: the streams themselves
+        marks = [p in image_side for p in parts]
+    image = [i for i, m in enumerate(marks) if m]
+    if len(image) != 1:
+        return None
+    return sum(lengths[:image[0]]), lengths[image[0]]
+
+
+def _single_stream(att: Attention, sub: Sublayer, offset: int, n_img: int, tokens: int) -> list[Sublayer] | str:
+    """Flux's single-stream block: attention and MLP read one norm in parallel and meet in a `cat` before one
+    output projection. Two sublayers (attn: q/k/v; mlp: the other readers), each unmerged before the join."""
+    attn_side = nodes_between([sub.merge_at], [att.output])
+    attn_readers = tuple(r for r in sub.readers if r in attn_side)
+    others = [r for r in sub.readers if r not in attn_side]
+    ends = [n for n in (att.q, att.k, att.v) if isinstance(n, fx.Node)]
+    span = JointSpan(offset, tokens, n_img, (), side_positions(sub.merge_at, ends, tokens))
+    if not others:
+        return [Sublayer("attn", sub.merge_at, attn_readers, sub.residual_add, sub.branch, sub.name, offset, span)]
+    join = parallel_join(att.output, others)
+    if join is None:
+        return (f"the norm `{sub.merge_at.name}` feeds the attention and other projections "
+                f"({', '.join(o.name for o in others)}) that meet it nowhere before the residual add")
+    node, attn_branch, mlp_branch = join
+    return [Sublayer("attn", sub.merge_at, attn_readers, node, attn_branch, sub.name, offset, span),
+            Sublayer("mlp", sub.merge_at, tuple(others), node, mlp_branch, sub.name, offset,
+                     JointSpan(offset, tokens, n_img))]
+
+
 def analyse_denoiser(gm: fx.GraphModule) -> DenoiserAnalysis:
     """Find the denoiser's transformer blocks, their sublayers and token grids."""
-    image, height, width = image_input(gm)
+    image, height, width, packed = image_input(gm)
     attentions = find_attention(gm)
     attention_nodes = {a.node for a in attentions}
-    selfs, crosses = [], {}
+    image_side = attention_free_reach(image, attention_nodes)
+    selfs: list[tuple[Attention, tuple[Sublayer | None, str] | None]] = []
+    crosses = {}
     for att in attentions:
         qs, ks = shape(att.q), shape(att.k)
         if qs is None or ks is None or len(qs) not in (3, 4):
             continue
-        if ks[-2] == qs[-2] and ancestor_linear(att.k) is not None and ancestor_linear(att.q) is not None and \
+        joint = _joint_attention(att, image_side)
+        if joint is not None:
+            selfs.append((att, joint))
+        elif ks[-2] == qs[-2] and ancestor_linear(att.k) is not None and ancestor_linear(att.q) is not None and \
                 projection_input(ancestor_linear(att.k)) is projection_input(ancestor_linear(att.q)):  # type: ignore[arg-type]
-            selfs.append(att)
+            selfs.append((att, None))
         else:
             crosses[att.node] = att
     if not selfs:
@@ -237,26 +366,43 @@ def analyse_denoiser(gm: fx.GraphModule) -> DenoiserAnalysis:
                                "keys and values are projected from one tensor); tomesd merges tokens of "
                                "self-attention blocks", setting="method")
     blocks: list[DenoiserBlock] = []
-    for i, att in enumerate(selfs):
+    layouts: dict[fx.Node, tuple[int, int]] = {}  # single-stream block outputs: (image offset, image tokens)
+    for i, (att, joint) in enumerate(selfs):
         blk = DenoiserBlock(index=i, name=f"block{i}")
         blocks.append(blk)
         n = static_dim(shape(att.q)[-2])  # type: ignore[index]
         if n is None:
             blk.skip_reason = "token count is symbolic; tomesd needs a static token count"
             continue
-        blk.num_tokens = n
-        sub, why = _attention_sublayer(att, "attn")
+        sub, why = joint if joint is not None else _attention_sublayer(att, "attn")
         if sub is None:
             blk.skip_reason = why
             continue
-        blk.name = sub.name.removesuffix(".attn1") or blk.name
+        blk.name = sub.name.removesuffix(".attn1").removesuffix(".attn") or blk.name
         # the block input: the stream the self-attention's residual add closes over
         h = sub.residual_add
         x_in = [a for a in args_of(h)[:2] if a is not sub.branch][0]
         xs = shape(x_in)
+        rows = _image_rows(x_in, image_side, layouts) if joint is None else None
+        if rows is not None:  # single-stream: attention (and the parallel MLP) over cat([text, image])
+            off, n_img = rows
+            layouts[h] = rows
+            subs = _single_stream(att, sub, off, n_img, n)
+            if isinstance(subs, str):
+                blk.skip_reason = subs
+                continue
+            blk.joint, blk.x_offset, blk.x_in, blk.num_tokens = "single", off, x_in, n_img
+            for s in subs:
+                blk.sublayers[s.kind] = s
+            _grid(blk, height, width, packed)
+            continue
+        if sub.joint is not None:  # double-stream: the image part of the joint sequence
+            n = sub.joint.image
+            blk.joint = "double"
         if xs is None or len(xs) != 3 or xs[1] != n:
             blk.skip_reason = f"block input has shape {xs}; expected [B, {n}, C] with tokens on axis 1"
             continue
+        blk.num_tokens = n
         blk.x_in = x_in
         blk.sublayers["attn"] = sub
         # then at most one cross-attention and one MLP, each closing over the stream the previous one left
@@ -283,13 +429,24 @@ def analyse_denoiser(gm: fx.GraphModule) -> DenoiserAnalysis:
             h = nxt.residual_add
             if nxt.kind == "mlp":
                 break
-        ds = int(math.ceil(math.sqrt(height * width // n))) if n else 0
-        blk.downsample = ds
-        gh, gw = int(math.ceil(height / ds)), int(math.ceil(width / ds))
-        blk.grid = (gh, gw)
-        if gh * gw != n:
-            blk.skip_reason = (f"its {n} tokens are not a {gh} x {gw} grid (the image input is {height} x {width}, "
-                               f"downsample {ds}); tomesd picks destinations on the 2-D token grid")
+        _grid(blk, height, width, packed)
     return DenoiserAnalysis(blocks=[], num_protected=0, protected_reason="denoiser: every token can merge",
-                            text_model=False, dblocks=blocks, image_size=(height, width),
+                            text_model=False, dblocks=blocks, image_size=(height, width), packed_tokens=packed,
                             timestep=timestep_input(gm, image))
+
+
+def _grid(blk: DenoiserBlock, height: int, width: int, packed: int) -> None:
+    """tomesd's grid of a block against the 4-D latent; a packed latent's grid comes from the options."""
+    n = blk.num_tokens
+    if packed:
+        if n != packed:
+            blk.skip_reason = (f"its {n} image tokens are not the packed latent's {packed} tokens; tomesd merges at "
+                               "the latent's own resolution")
+        return
+    ds = int(math.ceil(math.sqrt(height * width // n))) if n else 0
+    blk.downsample = ds
+    gh, gw = int(math.ceil(height / ds)), int(math.ceil(width / ds))
+    blk.grid = (gh, gw)
+    if gh * gw != n:
+        blk.skip_reason = (f"its {n} tokens are not a {gh} x {gw} grid (the image input is {height} x {width}, "
+                           f"downsample {ds}); tomesd picks destinations on the 2-D token grid")
