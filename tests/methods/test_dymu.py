@@ -136,11 +136,88 @@ def test_threshold_above_every_cosine_merges_nothing(vit):
         torch.testing.assert_close(red(x), vit(x), atol=TOL, rtol=TOL)
 
 
-def test_batches_are_refused_at_run_time(vit):
+THRESHOLDS = [0.3, 0.25, None, 0.2]
+
+
+def dymu_blocks(counts: list[int], thresholds: list[float | None]) -> dict[int, int]:
+    """The reference's tokens after each block, for the blocks that have a threshold (what recording() lists)."""
+    return {i: c for i, c in enumerate(counts) if i < len(thresholds) and thresholds[i] is not None}
+
+
+def test_batch_rows_equal_each_row_alone_and_the_reference_counts(vit):
+    from tokenreduce.methods.dymu import recording
+
+    xs = images(3, size=SIZE, seed=3)
+    red = compile_dymu(vit, xs[:1], thresholds=THRESHOLDS)
+    with torch.no_grad():
+        with recording() as rec:
+            got = red(xs)
+        alone = torch.cat([red(xs[i:i + 1]) for i in range(3)])
+        refs = [ref_vit_forward(vit, xs[i:i + 1], THRESHOLDS) for i in range(3)]
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, torch.cat([w for w, _ in refs]), atol=TOL, rtol=TOL)
+    want = [dymu_blocks(c, THRESHOLDS) for _, c in refs]
+    assert rec.counts == want
+    assert rec.widths == [{b: max(w[b] for w in want) for b in want[0]}]  # padded to the batch's largest row
+    assert len({tuple(w.values()) for w in want}) == 3, f"the rows should keep different counts, got {want}"
+
+
+def test_static_padding_keeps_the_input_count_and_the_row_results(vit):
+    from tokenreduce.methods.dymu import recording
+
+    xs = images(3, size=SIZE, seed=3)
+    red = compile_dymu(vit, xs[:1], thresholds=THRESHOLDS, pad="static")
+    assert [(b.tokens_in, b.tokens_out) for b in red.report.blocks] == [(65, 65)] * 4
+    with torch.no_grad():
+        with recording() as rec:
+            got = red(xs)
+        refs = [ref_vit_forward(vit, xs[i:i + 1], THRESHOLDS) for i in range(3)]
+    torch.testing.assert_close(got, torch.cat([w for w, _ in refs]), atol=TOL, rtol=TOL)
+    assert rec.counts == [dymu_blocks(c, THRESHOLDS) for _, c in refs]
+    assert rec.widths == [{0: 65, 1: 65, 3: 65}]
+
+
+def test_unmerged_tokens_of_a_batch_equal_each_row_alone():
+    tokens = make_timm_vit(img_size=SIZE, global_pool="")  # the head runs on every token: [B, N, classes]
+    xs = images(3, size=SIZE, seed=4)
+    red = compile_dymu(tokens, xs[:1], thresholds=THRESHOLDS, unmerge=True)
+    with torch.no_grad():
+        got = red(xs)
+        alone = torch.cat([red(xs[i:i + 1]) for i in range(3)])
+    assert got.shape == (3, 65, 5)  # every original position, no padded slot
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_batches_without_proportional_attention_are_refused(vit):
     x = images(2, size=SIZE)
-    red = compile_dymu(vit, x[:1], thresholds=[0.3])
-    with pytest.raises(TokenReduceError, match="once per input"):
-        red(x)
+    red = compile_dymu(vit, x[:1], thresholds=[0.3], prop_attn=False)
+    with torch.no_grad():
+        red(x[:1])  # batch 1: no padded slot to mask
+        with pytest.raises(TokenReduceError, match="keep prop_attn=True, or call the module once per input") as info:
+            red(x)
+    assert info.value.setting == "prop_attn"
+
+
+def test_padded_text_batch_rows_equal_each_sentence_unpadded(bert):
+    from conftest import bert_batch
+
+    from tokenreduce.methods.dymu import recording
+
+    ids, mask = bert_batch(lengths=(16, 9, 12))
+    thresholds = [0.5, 0.5, 0.5]
+    red = tokenreduce.compile(bert, (), {"input_ids": ids, "attention_mask": mask}, method="dymu", inner="eager",
+                              thresholds=thresholds)
+    with torch.no_grad(), recording() as rec:
+        got = red(input_ids=ids, attention_mask=mask).last_hidden_state
+    for i, n in enumerate(mask.sum(1).tolist()[1:], start=1):  # the padded rows, each compiled at its length
+        one = {"input_ids": ids[i:i + 1, :n], "attention_mask": mask[i:i + 1, :n]}
+        alone = tokenreduce.compile(bert, (), one, method="dymu", inner="eager", thresholds=thresholds)
+        with torch.no_grad(), recording() as rec1:
+            want = alone(**one).last_hidden_state
+        assert rec.counts[i] == rec1.counts[0]
+        # the row's own tokens come first, in the order the unpadded sentence has them (then its padding)
+        torch.testing.assert_close(got[i, :want.shape[1]], want[0], atol=1e-5, rtol=1e-5)
+    assert any(c[0] < n for c, n in zip(rec.counts, mask.sum(1).tolist())), rec.counts
 
 
 # ------------------------------------------------------------------------------------------------ calibration
