@@ -78,12 +78,14 @@ def destination_perm(choice: torch.Tensor, h: int, w: int, sx: int, sy: int) -> 
     return torch.cat(parts)
 
 
-def tomesd_slots(x: torch.Tensor, choice: torch.Tensor, h: int, w: int, sx: int, sy: int, r: int) -> torch.Tensor:
+def tomesd_plan(x: torch.Tensor, choice: torch.Tensor, h: int, w: int, sx: int, sy: int,
+                r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Merged slot of every token of `x [B, N, C]` (the block input, `N = h * w`): `[B, N]` int64 in
-    `0..N - r - 1`. Destinations from `choice [cells]` (`destination_perm`); each source's most cosine-similar
-    destination, the `r` most similar sources merged. Slots: unmerged sources first (most similar first), then
-    one per destination; a merged source takes its destination's slot. TopK with constant k ranks (an argsort
-    exports with k read from a shape)."""
+    `0..N - r - 1`, and the token each slot stands for, `[B, N - r]` (a merged slot: its destination).
+    Destinations from `choice [cells]` (`destination_perm`); each source's most cosine-similar destination, the
+    `r` most similar sources merged. Slots: unmerged sources first (most similar first), then one per
+    destination; a merged source takes its destination's slot. TopK with constant k ranks (an argsort exports
+    with k read from a shape)."""
     perm = destination_perm(choice, h, w, sx, sy)
     n = x.shape[1]
     num_dst = choice.shape[0]
@@ -98,7 +100,16 @@ def tomesd_slots(x: torch.Tensor, choice: torch.Tensor, h: int, w: int, sx: int,
     kept = num_src - r
     src_slot = torch.where(rank < r, kept + best_dst, rank - r)
     dst_slot = (kept + torch.arange(num_dst, device=x.device)).expand(x.shape[0], num_dst)
-    return torch.cat([dst_slot, src_slot], dim=1).index_select(1, inverse)
+    slot = torch.cat([dst_slot, src_slot], dim=1).index_select(1, inverse)
+    # slot s < kept: the unmerged source of rank r + s; slot kept + j: destination j
+    kept_src = perm[num_dst:].index_select(0, edge[:, r:].reshape(-1)).reshape(x.shape[0], kept)
+    rep = torch.cat([kept_src, perm[:num_dst].expand(x.shape[0], num_dst)], dim=1)
+    return slot, rep
+
+
+def tomesd_slots(x: torch.Tensor, choice: torch.Tensor, h: int, w: int, sx: int, sy: int, r: int) -> torch.Tensor:
+    """The slots of `tomesd_plan` alone."""
+    return tomesd_plan(x, choice, h, w, sx, sy, r)[0]
 
 
 def batch_choice(x: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
@@ -154,6 +165,11 @@ class TomesdOptions(Options):
     merge_mlp: bool = option(False, "merge tokens for the MLP")
     per_step: bool = option(False, "new random destinations at every call, derived from the timestep input "
                                    "(compiled once; not tomesd's random stream); needs use_rand")
+    grid_h: int | None = option(None, "packed-latent transformers (Flux, [B, N, C] input): rows of the image token "
+                                      "grid, row-major (a Flux pipeline: image height // 16); others read it from "
+                                      "the 4-D latent")
+    grid_w: int | None = option(None, "packed-latent transformers: columns of the image token grid (a Flux "
+                                      "pipeline: image width // 16)")
 
     def validate(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float) or not math.isfinite(self.ratio) \
@@ -174,6 +190,12 @@ class TomesdOptions(Options):
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
             raise fail("merge_attn", "merge_attn, merge_crossattn and merge_mlp are all False: nothing would "
                                      "run on merged tokens")
+        for name in ("grid_h", "grid_w"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), lo=1)
+        if (self.grid_h is None) != (self.grid_w is None):
+            raise fail("grid_h", "give both grid_h and grid_w (the packed latent's token rows and columns), or "
+                                 "neither")
         if self.per_step and not self.use_rand:
             raise fail("per_step", "per_step=True draws random destinations per step; with use_rand=False they "
                                    "are always the top-left ones")
@@ -201,6 +223,7 @@ class Tomesd(DenoiserMethod):
             raise TokenReduceError("tomesd reduces diffusion denoisers (a UNet or diffusion transformer taking a "
                                    "[B, C, H, W] latent); this graph was analysed as an encoder", setting="method")
         wanted = self.sublayers(options)
+        packed = self._packed_grid(options, analysis)
         if options.rand_seed is not None:
             gen = torch.Generator().manual_seed(options.rand_seed)
         else:
@@ -214,14 +237,14 @@ class Tomesd(DenoiserMethod):
             if not b.reducible:
                 bp.reason = f"not reducible: {b.skip_reason}"
                 continue
-            if b.downsample > options.max_downsample:
-                bp.reason = f"downsample {b.downsample} > max_downsample {options.max_downsample}"
+            downsample, (h, w) = (1, packed) if packed else (b.downsample, b.grid)
+            if downsample > options.max_downsample:
+                bp.reason = f"downsample {downsample} > max_downsample {options.max_downsample}"
                 continue
             r = int(n * options.ratio)
             if r <= 0:
                 bp.reason = f"ratio {options.ratio} merges no token of {n}"
                 continue
-            h, w = b.grid
             num_dst = (h // options.sy) * (w // options.sx)
             if r > n - num_dst:
                 too_many.append((b, r, n - num_dst))
@@ -252,7 +275,7 @@ class Tomesd(DenoiserMethod):
                 f"but its {b.grid[0]} x {b.grid[1]} grid with {options.sy} x {options.sx} cells has only {sources} "
                 f"sources; the largest valid ratio for these blocks is {math.floor(best * 1000) / 1000} "
                 "(tomesd clamps r silently; we refuse)", setting="ratio")
-        if not any(p.reduces for p in plans):
+        if not any(p.reduces for p in plans) and options.ratio > 0:  # ratio=0: the unreduced graph, as asked
             merging = [b for b in analysis.dblocks if b.reducible]
             if merging and all(b.downsample > options.max_downsample for b in merging):
                 finest = min(b.downsample for b in merging)
@@ -265,6 +288,31 @@ class Tomesd(DenoiserMethod):
             raise TokenReduceError(f"tomesd merges in no block: {'; '.join(reasons) or 'no transformer block'}",
                                    setting="ratio")
         return plans
+
+    @staticmethod
+    def _packed_grid(options: TomesdOptions, analysis: DenoiserAnalysis) -> tuple[int, int] | None:
+        """The token grid of a packed latent `[B, N, C]` from `grid_h` x `grid_w`; None for a 4-D latent."""
+        given = None if options.grid_h is None else (options.grid_h, options.grid_w)
+        n = analysis.packed_tokens
+        if not n:
+            if given is not None:
+                raise TokenReduceError(
+                    f"grid_h/grid_w apply to packed-latent transformers ([B, N, C] input, Flux); this denoiser's "
+                    f"grid is read from its {analysis.image_size[0]} x {analysis.image_size[1]} latent: drop them",
+                    setting="grid_h")
+            return None
+        if given is None:
+            raise TokenReduceError(
+                f"tomesd picks destinations on the image's 2-D token grid, but this denoiser takes a packed latent "
+                f"[B, {n}, C] (Flux) whose grid is not in the graph: give grid_h and grid_w (rows and columns of "
+                f"its {n} image tokens, row-major; a Flux pipeline packs an H x W image into H // 16 x W // 16)",
+                setting="grid_h", hint=_square_hint(n))
+        gh, gw = given
+        assert isinstance(gh, int) and isinstance(gw, int)
+        if gh * gw != n:
+            raise TokenReduceError(f"grid_h={gh} x grid_w={gw} = {gh * gw} tokens, but the packed latent holds {n}",
+                                   setting="grid_h", hint=_square_hint(n))
+        return gh, gw
 
     def emit_slots(self, options: Options, site: MergeSite) -> fx.Node:
         bp = site.plan
@@ -291,6 +339,18 @@ class Tomesd(DenoiserMethod):
             choice = b.add(batch_choice, (site.x, choices))
         return b.add(tomesd_slots, (site.x, choice, h, w, options.sx, options.sy, bp.r))
 
+    def emit_positions(self, options: Options, site: MergeSite, slot: fx.Node) -> tuple[fx.Node, fx.Node]:
+        """`(slot, positions)`: the `slot` node that `emit_slots` emitted, turned into the plan that also gives
+        `[B, N - r]`, the token each slot stands for (a merged slot: its destination). Per-token side inputs
+        (Flux's rotary tables) are gathered by it. Only blocks that need positions pay for them."""
+        assert slot.target is tomesd_slots
+        b = site.builder
+        plan = b.add(tomesd_plan, slot.args)
+        new_slot, positions = b.item(plan, 0), b.item(plan, 1)
+        slot.replace_all_uses_with(new_slot)
+        b.graph.erase_node(slot)
+        return new_slot, positions
+
     def action(self, bp: BlockPlan, analysis: ModelAnalysis) -> str:
         subs = ", ".join(bp.sublayers) if isinstance(bp, TomesdPlan) else ""
         return f"tomesd r={bp.r} ({subs})"
@@ -302,6 +362,11 @@ class Tomesd(DenoiserMethod):
         if values.get("ratio", 0.5) == 0:
             return "ratio=0 merges nothing: tomesd needs ratio (fraction of tokens merged), e.g. ratio=0.5"
         return None
+
+
+def _square_hint(n: int) -> str | None:
+    side = math.isqrt(n)
+    return f"grid_h={side}, grid_w={side}" if side * side == n else None
 
 
 METHOD = Tomesd()
