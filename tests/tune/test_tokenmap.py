@@ -1,7 +1,8 @@
 """Token maps: the picture's content, not just a file. Per panel, the number of distinct colours (grey aside)
 must be the number of tokens the report gives for that block (less the protected CLS, and EViT's fused
-token), each patch cell must be one flat colour, and the grouping must agree with an independent one: the
-model's own `unmerge=True` outputs, where the patches of one token get identical rows."""
+token; for DyMU, whose count follows the input, the count DyMU itself recorded for the image), each patch cell
+must be one flat colour, and the grouping must agree with an independent one: the model's own `unmerge=True`
+outputs, where the patches of one token get identical rows."""
 
 from __future__ import annotations
 
@@ -48,20 +49,29 @@ def _panel_cells(png: np.ndarray, box: tuple[int, int, int, int], grid: tuple[in
     ({"method": "tome", "r": 6}, 0),
     ({"method": "pitome", "r": [10, 6, 4, 2]}, 0),
     ({"method": "evit", "keep_ratio": 0.5, "layers": [1]}, 1),
-    ({"method": "token_transforming", "r": 6}, 0),  # each patch shown in the slot with its largest share
+    ({"method": "token_transforming", "r": 6, "topk": 3}, 0),  # each patch shown in the slot with its largest share
     ({"method": "zero_tprune", "keep_ratio": 0.5, "layers": [1]}, 0),
+    ({"method": "dymu", "thresholds": [0.5, 0.5, 0.5, 0.5]}, 0),  # batch 1: the image's own count per block
 ])
 def test_colour_groups_match_reported_tokens(photo, tmp_path, settings, fused):
-    tm = token_map(_vit(), photo, image_size=64, **settings)
+    from tokenreduce.methods.dymu import recording
+
+    with recording() as rec:  # DyMU's own per-input counts (other methods record nothing)
+        tm = token_map(_vit(), photo, image_size=64, **settings)
     path = tm.save(tmp_path / "map.png")
     png = np.asarray(Image.open(path).convert("RGB"))
     reducing = [b for b in tm.report.blocks if b.tokens_out < b.tokens_in]
     assert [p.block for p in tm.panels] == [b.index for b in reducing]
     for panel, blk in zip(tm.panels, reducing):
+        if settings["method"] == "dymu":  # data-dependent: the count DyMU recorded for this image, which the
+            assert panel.tokens == rec.counts[0][blk.index]  # report's calibrated nominal one is not
+            assert panel.tokens < blk.tokens_out
+        else:
+            assert panel.tokens == blk.tokens_out
         cells = _panel_cells(png, panel.box, tm.grid, tm.cell)
         colours = {tuple(c) for c in cells.reshape(-1, 3)}
         grey = (cells == GREY).all(axis=-1)
-        expected = blk.tokens_out - tm.num_protected - fused
+        expected = panel.tokens - tm.num_protected - fused
         assert len(colours - {GREY}) == expected
         assert grey.sum() == (panel.groups < 0).sum()
         if settings["method"] in ("evit", "zero_tprune"):  # the pruned patches are the candidates not kept
@@ -73,18 +83,26 @@ def test_colour_groups_match_reported_tokens(photo, tmp_path, settings, fused):
             assert len({tuple(c) for c in cells[panel.groups == g]}) == 1
 
 
-def test_groups_agree_with_unmerged_outputs(photo):
+@pytest.mark.parametrize("settings, tokens", [
+    ({"method": "tome", "r": [8, 8, 8, 8]}, 65 - 32),
+    ({"method": "pitome", "r": [8, 8, 8, 8]}, 65 - 32),
+    ({"method": "token_transforming", "r": [8, 8, 8, 8], "topk": 1}, 65 - 32),  # topk=1: hard merges, unmergeable
+    ({"method": "dymu", "thresholds": [0.5, 0.5, 0.5, 0.5]}, None),
+])
+def test_groups_agree_with_unmerged_outputs(photo, settings, tokens):
     model = _vit(tokens_out=True)
-    tm = token_map(model, photo, image_size=64, method="tome", r=[8, 8, 8, 8])
+    tm = token_map(model, photo, image_size=64, **settings)
     x = imagenet_input(photo)
-    red = tokenreduce.compile(model, (x,), method="tome", r=[8, 8, 8, 8], unmerge=True, inner="eager",
-                              dynamic_batch=False, count_model_flops=False)
+    red = tokenreduce.compile(model, (x,), **settings, unmerge=True, inner="eager", dynamic_batch=False,
+                              count_model_flops=False)
     with torch.inference_mode():
         rows = red(x)[0, 1:]  # [64, C], each original patch gets its token's row
     same = (rows[:, None, :] == rows[None, :, :]).all(-1).numpy()
     groups = tm.panels[-1].groups.reshape(-1)
     assert (same == (groups[:, None] == groups[None, :])).all()
-    assert len(set(groups.tolist())) == 65 - 32 - 1
+    assert len(set(groups.tolist())) == tm.panels[-1].tokens - 1
+    if tokens is not None:
+        assert tm.panels[-1].tokens == tokens
 
 
 def test_refusals(photo, tmp_path):

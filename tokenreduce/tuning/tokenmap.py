@@ -9,8 +9,16 @@ knowing how it scores.
 Drawing: one panel per chosen block in a grid, after the input image. A merging method's groups are each
 filled with the mean colour of their pixels (as the ToMe paper's figures), made unique per panel so a group is
 exactly one colour; a pruning method's kept tokens keep their pixels' mean colour and its pruned patches (fused
-into one summary token, or dropped) are grey. The panel title gives the block and its token count. Pixels
-are drawn per patch with no interpolation, so a test can count a panel's colours.
+into one summary token, or dropped) are grey. The panel title gives the block and its token count on this
+image (the slots its plan produced: for DyMU, whose count follows the input, the image's own count at batch
+1, not the report's calibrated nominal one). Pixels are drawn per patch with no interpolation, so a test can
+count a panel's colours.
+
+Many-to-many plans (Token Transforming's dense `[B, N', N]` matrix, `kernels.reference.apply_matrix`): a
+removed token's mass is shared among its `topk` most similar kept tokens, so a patch can belong to several
+tokens at once; the map draws each patch in the slot that receives the largest share of it (its dominant slot,
+the same choice `unmerge` makes). Every kept token keeps its own column with share 1, so every slot is some
+patch's dominant slot and the panel still shows exactly N' groups. DyMU's one-hot matrix plan is drawn exactly.
 
 Refuses: models whose token grid cannot be recovered from the input (the patch count must tile the image's
 aspect ratio), images that are not RGB-convertible, and settings that reduce nothing (nothing to show).
@@ -41,7 +49,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class Panel:
     block: int
-    tokens: int  # tokens after the block (the report's tokens_out)
+    tokens: int  # tokens after the block on this image (the plan's output slots, protected and fused included)
     groups: np.ndarray  # [gh, gw] int: the token (slot) each patch is in after the block; -1 = pruned
     box: tuple[int, int, int, int] = (0, 0, 0, 0)  # (left, top, right, bottom) of the picture in the grid
 
@@ -229,13 +237,15 @@ def token_map(model: torch.nn.Module, image: Any, *, blocks: Sequence[int] | Non
     if gh * gw != n_patches:
         raise TokenReduceError(f"{n_patches} patch tokens do not tile a {h}x{w} image; a token map needs a model "
                                "whose tokens after the protected ones are the image's patches in row-major order")
-    by_block = {b.index: (b, g) for b, g in zip(reducing, per_step)}
+    # the count this image ran at (the plan's output slots): the report's for a fixed count, the input's own
+    # for a data-dependent one (DyMU at batch 1, whose report gives the calibrated nominal count)
+    by_block = {b.index: (b, g, n_out) for b, g, (_, n_out) in zip(reducing, per_step, recorder.slots)}
     chosen = list(blocks) if blocks is not None else _spread([b.index for b in reducing], 5)
     missing = [i for i in chosen if i not in by_block]
     if missing:
         raise TokenReduceError(f"block(s) {missing} do not reduce tokens with these settings; blocks that do: "
                                f"{sorted(by_block)}", setting="blocks")
-    panels = [Panel(i, by_block[i][0].tokens_out, by_block[i][1].reshape(gh, gw)) for i in chosen]
+    panels = [Panel(i, by_block[i][2], by_block[i][1].reshape(gh, gw)) for i in chosen]
     return TokenMap(img, (gh, gw), panels, report.num_protected, red.settings.method, report)
 
 
