@@ -57,13 +57,15 @@ from typing import Any
 
 import torch
 
-from tokenreduce.compiler.api import split_inputs
+from tokenreduce import targets
+from tokenreduce.compiler.api import ReducedModule, split_inputs
 from tokenreduce.compiler.capture import Captured, export_graph, trace_lock
 from tokenreduce.compiler.pipeline import make_report, reduce_graph
 from tokenreduce.compiler.report import flops_or_reason
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.methods import registry
 from tokenreduce.methods.settings import Settings
+from tokenreduce.targets import TargetOptions
 
 MERGING = ("tome", "pitome", "token_transforming")
 PRUNING = ("evit", "zero_tprune")
@@ -97,6 +99,34 @@ def options_key(options: Mapping[str, Any]) -> str:
     return json.dumps(dict(options), sort_keys=True)
 
 
+def capture(model: torch.nn.Module, example: Example) -> tuple[Captured, int]:
+    """`example` captured once (dynamic batch where the model allows it) and the model's FLOPs on it."""
+    args, kwargs = split_inputs(example.args, example.kwargs)
+    with trace_lock(), torch.no_grad():
+        cap = export_graph(model, args, kwargs, dynamic_batch=True)
+        before, why = flops_or_reason(model, args, kwargs)
+    if before is None:
+        raise TokenReduceError(f"could not count the model's FLOPs: {why}")
+    return cap, before
+
+
+def compile_captured(cap: Captured, flops_before: int, options: Mapping[str, Any]) -> ReducedModule:
+    """What `tokenreduce.compile(model, example, inner="eager", **options)` returns, from an existing capture:
+    the graph is reduced on a copy (the capture serves every setting) and the report's FLOPs are counted."""
+    settings = Settings.from_options({**options, "inner": "eager"})
+    with trace_lock(), torch.no_grad():
+        red = reduce_graph(copy.deepcopy(cap.gm), settings)
+        report = make_report(red, settings)
+        after, why = flops_or_reason(red.gm, cap.args, cap.kwargs)
+        if after is None:
+            report.flops_unavailable = f"the reduced graph: {why}"
+        else:
+            report.flops_before, report.flops_after = flops_before, after
+        lowered = targets.get("eager").lower(red.gm, cap.args, cap.kwargs,
+                                             TargetOptions(dynamic_batch=cap.dynamic_batch))
+    return ReducedModule(red.gm, lowered.runner, report, settings, cap.args, cap.kwargs, cap.dynamic_batch)
+
+
 class Matcher:
     """Finds each method's setting nearest a FLOPs-ratio target on one model (see the module docstring).
 
@@ -106,12 +136,14 @@ class Matcher:
         cache: JSON file for results and evaluated ratios (None: no file).
         calib: DyMU calibration inputs (a tensor `[M, ...]` run one row at a time, or a list of batch-1
             tensors / keyword-input dicts, all shaped like the first example); only needed for `dymu`.
+        calib_id: names the calibration inputs; DyMU results are cached per calib_id (other methods' are not).
         common: settings added to every candidate (e.g. `protected_tokens`); they are part of the fingerprint.
         log: progress messages (default: none).
     """
 
     def __init__(self, model: torch.nn.Module, examples: Sequence[Example], *, cache: str | Path | None = None,
-                 calib: Any = None, common: Mapping[str, Any] | None = None, log: Log | None = None) -> None:
+                 calib: Any = None, calib_id: str = "", common: Mapping[str, Any] | None = None,
+                 log: Log | None = None) -> None:
         if not examples:
             raise TokenReduceError("Matcher needs at least one example input", setting="examples")
         if any(not (e.weight > 0 and math.isfinite(e.weight)) for e in examples):
@@ -119,6 +151,7 @@ class Matcher:
         self.model = model
         self.examples = list(examples)
         self.calib = calib
+        self.calib_id = calib_id
         self.common = dict(common or {})
         self.log = log or (lambda msg: None)
         self.cache_path = Path(cache) if cache is not None else None
@@ -157,14 +190,15 @@ class Matcher:
         if self._captured is None:
             self._captured, self._before = [], []
             for ex in self.examples:
-                args, kwargs = split_inputs(ex.args, ex.kwargs)
-                with trace_lock(), torch.no_grad():
-                    self._captured.append(export_graph(self.model, args, kwargs, dynamic_batch=True))
-                    before, why = flops_or_reason(self.model, args, kwargs)
-                if before is None:
-                    raise TokenReduceError(f"could not count the model's FLOPs: {why}")
+                cap, before = capture(self.model, ex)
+                self._captured.append(cap)
                 self._before.append(before)
         return self._captured
+
+    def compile(self, options: Mapping[str, Any], example: int = 0) -> ReducedModule:
+        """The eager reduced model for `options` (plus `common`) at example `example`'s capture."""
+        cap = self._capture()[example]
+        return compile_captured(cap, self._before[example], {**self.common, **options})
 
     def evaluate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """`{"ratio": total FLOPs ratio over the examples, "merges": per-block tokens removed at the first
@@ -205,7 +239,7 @@ class Matcher:
                                    setting="method")
         if not 0.0 < target < 1.0:
             raise TokenReduceError(f"target FLOPs ratio must be in (0, 1), got {target}", setting="target")
-        name = f"{method}@{target:g}"
+        name = f"{method}@{target:g}" + (f"|{self.calib_id}" if method in CALIBRATED else "")
         if name in self.results:
             hit = self.results[name]
             return dict(hit["options"]), float(hit["ratio"])
@@ -347,6 +381,10 @@ def dinov2_examples(data_dir: Path | None, calib_per_class: int) -> tuple[torch.
     return model, [example], calib
 
 
+def dinov2_calib_id(per_class: int) -> str:
+    return f"cifar10-train-first{per_class}pc-224px"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=("dinov2-s",), help="minilm is matched by benchmarks/encoder_methods.py "
@@ -364,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     model, examples, calib = dinov2_examples(args.data_dir, args.calib_per_class if "dymu" in args.methods else 0)
-    m = Matcher(model, examples, cache=args.out / f"settings_{args.model}.json", calib=calib, log=log)
+    m = Matcher(model, examples, cache=args.out / f"settings_{args.model}.json", calib=calib,
+                calib_id=dinov2_calib_id(args.calib_per_class), log=log)
     print("| method | target | options | FLOPs ratio |\n|---|---|---|---|")
     for method in args.methods:
         for target in args.targets:
