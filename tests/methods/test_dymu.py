@@ -63,7 +63,8 @@ def ref_merge(h: Tensor, size: Tensor, k: Tensor, threshold: float | None, p: in
 
 
 def ref_vit_forward(model: torch.nn.Module, x: Tensor, thresholds: list[float | None]) -> tuple[Tensor, list[int]]:
-    """timm ViT (CLS pooling, proportional attention) at batch 1 by hand; returns logits and tokens per block."""
+    """timm ViT (CLS or mean pooling, proportional attention) at batch 1 by hand; returns logits and tokens per
+    block."""
     p = model.num_prefix_tokens
     x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
     size = torch.ones(x.shape[1])
@@ -82,7 +83,9 @@ def ref_vit_forward(model: torch.nn.Module, x: Tensor, thresholds: list[float | 
         counts.append(h0.shape[0])
         h = h0[None]
         x = h + blk.ls2(blk.mlp(blk.norm2(h)))
-    return model.head(model.fc_norm(model.norm(x)[:, 0])), counts
+    x = model.norm(x)
+    pooled = x[:, p:].mean(dim=1) if model.global_pool == "avg" else x[:, 0]  # the merged tokens, unweighted
+    return model.head(model.fc_norm(pooled)), counts
 
 
 def first_block_edges(model: torch.nn.Module, x: Tensor) -> list[float]:
@@ -160,6 +163,38 @@ def test_batch_rows_equal_each_row_alone_and_the_reference_counts(vit):
     assert rec.counts == want
     assert rec.widths == [{b: max(w[b] for w in want) for b in want[0]}]  # padded to the batch's largest row
     assert len({tuple(w.values()) for w in want}) == 3, f"the rows should keep different counts, got {want}"
+
+
+@pytest.mark.parametrize("pool", ["avg", "map"])
+def test_pooled_outputs_of_a_batch_pool_each_row_over_its_own_tokens(pool):
+    from tokenreduce.methods.dymu import recording
+
+    model = make_timm_vit(img_size=SIZE, global_pool=pool)  # mean of the patch tokens / attention pooling head
+    xs = images(3, size=SIZE, seed=3)
+    red = compile_dymu(model, xs[:1], thresholds=THRESHOLDS)
+    with torch.no_grad():
+        with recording() as rec:
+            got = red(xs)
+        alone = torch.cat([red(xs[i:i + 1]) for i in range(3)])
+    assert len(set(rec.counts[i][3] for i in range(3))) > 1, rec.counts  # the rows were padded
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+    if pool == "avg":
+        with torch.no_grad():
+            want = torch.cat([ref_vit_forward(model, xs[i:i + 1], THRESHOLDS)[0] for i in range(3)])
+        torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+
+
+def test_only_padding_methods_pool_over_their_own_slots():
+    from tokenreduce.passes.insert_reductions import pool_own_slots
+
+    model = make_timm_vit(img_size=SIZE, global_pool="avg")
+    x = images(1, size=SIZE)
+
+    def pools(red) -> list:
+        return [n.args[1:4] for n in red.graph_module.graph.nodes if n.target is pool_own_slots]
+
+    assert pools(compile_dymu(model, x, thresholds=THRESHOLDS)) == [("mean", [1], False)]
+    assert pools(tokenreduce.compile(model, (x,), method="tome", r=4, inner="eager")) == []
 
 
 def test_static_padding_keeps_the_input_count_and_the_row_results(vit):
@@ -301,19 +336,22 @@ def test_malformed_file_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_inductor_follows_the_counts_through_graph_breaks(vit):
+def test_inductor_follows_the_counts_through_graph_breaks_at_batch_1_and_in_padded_batches(vit):
     from tokenreduce.methods.dymu import recording
 
-    thresholds = [0.3, 0.25, None, 0.2]
     xs = images(3, size=SIZE, seed=3)
-    red = tokenreduce.compile(vit, (xs[:1],), method="dymu", inner="inductor", thresholds=thresholds)
+    red = tokenreduce.compile(vit, (xs[:1],), method="dymu", inner="inductor", thresholds=THRESHOLDS)
     with torch.no_grad():
+        refs = [ref_vit_forward(vit, xs[i:i + 1], THRESHOLDS) for i in range(3)]
         for i in range(xs.shape[0]):
-            want, counts = ref_vit_forward(vit, xs[i:i + 1], thresholds)
             with recording() as rec:
                 got = red(xs[i:i + 1])
-            torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
-            assert rec.counts[-1][3] == counts[3]
+            torch.testing.assert_close(got, refs[i][0], atol=TOL, rtol=TOL)
+            assert rec.counts == [dymu_blocks(refs[i][1], THRESHOLDS)]
+        with recording() as rec:
+            got = red(xs)
+    torch.testing.assert_close(got, torch.cat([w for w, _ in refs]), atol=TOL, rtol=TOL)
+    assert rec.counts == [dymu_blocks(c, THRESHOLDS) for _, c in refs]
     assert math.isfinite(float(got.sum()))
 
 

@@ -278,6 +278,7 @@ class Dymu(EncoderMethod):
     summary = "merge every bipartite pair above a calibrated per-block threshold: input-adaptive counts (DyMU, 2025)"
     options_type = DymuOptions
     merges = True
+    pads_slots = True  # batches pad rows with empty slots: passes/insert_reductions pools over each row's own
 
     def nominal(self, options: DymuOptions, index: int) -> int:
         if options.mean_r is not None and index < len(options.mean_r):

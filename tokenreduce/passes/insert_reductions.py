@@ -23,6 +23,14 @@ rotates the patch tokens, not CLS: `q[:, :, 1:] * cos`) is gathered by the slots
 must be protected tokens (they keep their leading slots). Refuses (TokenReduceError naming the node) a side
 input whose token axis has neither the original token count nor that count minus a protected prefix.
 
+A method whose batches pad rows with empty slots (`pads_slots`, DyMU: each row keeps its own count, rows
+are padded with size-0 slots that `log(size)` masks in every block) also gets, after the last reduction, every
+mean / sum / amax / amin over the token axis (pooling: timm `x[:, P:].mean(1)`, HF DINOv2's patch mean) taken
+over the row's own slots (`pool_own_slots`), and every attention that is no block's (a pooling head's SDPA)
+masked on the empty slots, so no padded slot reaches a pooled output. A tensor whose axis 1 has the original
+token count, or that count minus at most the protected prefix, reached from the last reduction, carries
+the token axis.
+
 Shapes are not touched here: `fix_token_shapes` re-propagates them afterwards.
 """
 
@@ -215,6 +223,113 @@ def _order(graph: fx.Graph):  # type: ignore[no-untyped-def]
     return lambda n: index[n]
 
 
+POOLS = {aten.mean.dim: "mean", aten.sum.dim_IntList: "sum", aten.amax.default: "amax", aten.amin.default: "amin"}
+
+
+def pool_own_slots(t: torch.Tensor, op: str, dims: list[int], keepdim: bool, size: torch.Tensor,
+                   offset: int) -> torch.Tensor:
+    """`t.<op>(dims, keepdim)` (op: mean, sum, amax, amin) where axis 1 (in `dims`) is the token axis of slots
+    `offset..` of the final token state: an empty slot (`size [B, N']` == 0, a padded slot) is left out, so
+    each row pools exactly its own slots. Other dims in `dims` are reduced afterwards as `op` does."""
+    own = (size[:, offset:] > 0).reshape(size.shape[0], -1, *([1] * (t.dim() - 2)))
+    if op in ("mean", "sum"):
+        total = torch.where(own, t, torch.zeros_like(t)).sum(dim=1, keepdim=True)
+        out = total / own.sum(dim=1, keepdim=True).to(t.dtype) if op == "mean" else total
+    else:
+        fill = torch.full_like(t, -torch.inf if op == "amax" else torch.inf)
+        out = getattr(torch.where(own, t, fill), op)(dim=1, keepdim=True)
+    rest = [d for d in dims if d != 1]
+    if rest:
+        out = getattr(out, op)(dim=rest, keepdim=True)
+    return out if keepdim else out.squeeze(dims)
+
+
+def own_slot_keys(size: torch.Tensor, mask: torch.Tensor | None, offset: int, dtype: torch.dtype) -> torch.Tensor:
+    """An SDPA mask over keys `offset..` of the final token state with the empty (padded) slots at -inf, added to
+    the attention's own mask if it has one."""
+    bias = torch.where(size[:, offset:] > 0, 0.0, -torch.inf).to(dtype)[:, None, None, :]
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, torch.full_like(bias, -torch.inf))
+    return mask.to(dtype) + bias
+
+
+def _token_offset(node: object, n0: int, num_p: int) -> int | None:
+    """How many leading slots a tensor `[B, N' - offset, ...]` leaves out of the token state (None: its axis 1
+    is not the token axis)."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return None
+    offset = n0 - int(val.shape[1])
+    return offset if 0 <= offset <= num_p else None
+
+
+def _pool_own_slots(graph: fx.Graph, ctx: EncoderContext, last: fx.Node) -> int:
+    """After the last reduction: pool over the row's own slots, mask empty slots as keys of non-block attention."""
+    n0, num_p, size = ctx.original_tokens, ctx.analysis.num_protected, ctx.state.size
+    blocks = {b.attention.node for b in ctx.analysis.blocks}  # (their masks: _attention_bias, or below)
+    after, frontier = set(), [last]
+    while frontier:
+        node = frontier.pop()
+        for u in node.users:
+            if u not in after:
+                after.add(u)
+                frontier.append(u)
+    done = 0
+    for node in [n for n in graph.nodes if n in after]:
+        args = args_of(node)
+        if node.target in POOLS:
+            t, dims = args[0], args[1] if len(args) > 1 else node.kwargs.get("dim")
+            keepdim = bool(args[2] if len(args) > 2 else node.kwargs.get("keepdim", False))
+            offset = _token_offset(t, n0, num_p)
+            if offset is None or not dims:
+                continue
+            rank = t.meta["val"].dim()  # type: ignore[union-attr]
+            dims = sorted(d % rank for d in dims)  # type: ignore[union-attr]
+            if 1 not in dims:
+                continue
+            with graph.inserting_before(node):
+                new = call(graph, pool_own_slots, (t, POOLS[node.target], dims, keepdim, size, offset), node)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            done += 1
+        elif node.target is aten.scaled_dot_product_attention.default and node not in blocks:
+            mask = args[3] if len(args) > 3 else node.kwargs.get("attn_mask")
+            if (new_mask := _own_slot_mask(graph, node, args[1], mask, n0, num_p, size)) is not None:
+                _set_sdpa_mask(node, new_mask)
+                done += 1
+    for block in ctx.analysis.blocks:  # a block reductions skip (attention pooling) gets no log(size) bias
+        att = block.attention
+        if block.reducible or att.node not in after:
+            continue
+        before = att.node if att.kind == "sdpa" else (att.mask_add or att.node)
+        if (new_mask := _own_slot_mask(graph, before, att.k, att.mask, n0, num_p, size)) is not None:
+            _set_attention_mask(block, new_mask, graph, ctx)
+            done += 1
+    return done
+
+
+def _own_slot_mask(graph: fx.Graph, before: fx.Node, k: object, mask: object, n0: int, num_p: int,
+                   size: fx.Node | None) -> fx.Node | None:
+    """An `own_slot_keys` node for an attention whose keys `k [B, H, N' - offset, d]` are token slots (None: they
+    are not; a `[B*H, N, d]` layout would need its own mask layout, and no known model pools so)."""
+    val = k.meta.get("val") if isinstance(k, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() != 4 or not 0 <= n0 - int(val.shape[-2]) <= num_p:
+        return None
+    with graph.inserting_before(before):
+        return call(graph, own_slot_keys, (size, mask, n0 - int(val.shape[-2]), val.dtype), before)
+
+
+def _set_sdpa_mask(node: fx.Node, mask: fx.Node) -> None:
+    args, kwargs = list(args_of(node)), dict(node.kwargs)
+    if len(args) > 3:
+        args[3] = mask
+    else:
+        kwargs["attn_mask"] = mask
+    node.args, node.kwargs = tuple(args), kwargs
+
+
 def insert_reductions(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
     result = PassResult("insert_reductions", changed=False)
     settings = ctx.settings
@@ -224,6 +339,7 @@ def insert_reductions(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
     graph = gm.graph
     st = ctx.state
     cache: dict = {}
+    last: fx.Node | None = None  # the last reduction's output
     num_p = ctx.analysis.num_protected
     side_cache: dict = {}
     for block, bp in zip(ctx.analysis.blocks, ctx.plans):
@@ -272,6 +388,9 @@ def insert_reductions(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
         st.epoch += 1
         result.rewrites += 1
         result.changed = True
+        last = x_new
+    if last is not None and getattr(method, "pads_slots", False):
+        result.rewrites += _pool_own_slots(graph, ctx, last)
     return result
 
 
