@@ -124,6 +124,12 @@ class SelectionSite:
     keys: fx.Node | None
     mask: fx.Node | None
     patch_scores: fx.Node | None = None  # `[B, P]` from `emit_vision` (one image of P patches per row)
+    # For methods that score with the whole attention map or the prompt's embeddings (SparseVLM, VisionDrop):
+    attention: Attention | None = None  # the score block's attention (q, k, scale, softcap; `mask` above is current)
+    embeddings: fx.Node | None = None  # `[B, N0, C]` the LLM's input embeddings, never pruned
+    span: fx.Node | None = None  # `[B, N0]` the original span (every span token, before any stage)
+    kept: fx.Node | None = None  # `[B, N]` original positions of the current tokens (None before the first stage)
+    merged: fx.Node | None = None  # set by a method that merges: `[B, N, C]` replacing `hidden` before the gather
 
 
 @dataclass

@@ -115,13 +115,14 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
             site = SelectionSite(b, h, droppable, num_droppable, stage.keep,
                                  score_db.kv[0] if score_db.kv is not None else None,
                                  mask_now.get(stage.score_block, score_db.attention.mask))
+            site.attention, site.embeddings, site.span, site.kept = score_db.attention, x0, span, kept
             if method.needs_vision:
                 vsite = vision_site(gm, h, num_droppable)
                 merged, site.patch_scores = method.emit_vision(ctx.settings.opts, vsite, stage.keep)
                 vsite.features.replace_all_uses_with(merged, delete_user_cb=vsite.builder.is_outside)
             scores = method.emit_scores(ctx.settings.opts, site)
             keep = b.add(tr.keep_plan.default, (scores, droppable, stage.keep, num_droppable))
-            x_new = b.add(ref.gather_tokens, (h, keep, 1))
+            x_new = b.add(ref.gather_tokens, (h if site.merged is None else site.merged, keep, 1))
             h.replace_all_uses_with(x_new, delete_user_cb=b.is_outside)
             droppable = b.add(ref.gather_tokens, (droppable, keep, 1))
             kept = b.add(ref.compose_index, (kept, keep)) if kept is not None else keep
