@@ -1,5 +1,5 @@
-"""Prune prefill tokens of a decoder (FastV, PyramidDrop, GemFilter, DivPrune, DART, VisionZip) and carry
-positions and masks along.
+"""Prune prefill tokens of a decoder (FastV, PyramidDrop, GemFilter, DivPrune, DART, VisionZip, SparseVLM,
+VisionDrop) and carry positions and masks along.
 
 Adds one graph input, `span [B, N]` bool (True = the token may be dropped: image tokens, or context the
 user marked), and for every stage the method planned (`methods/fastv.py`, `pyramiddrop.py`, `gemfilter.py`):
@@ -16,7 +16,9 @@ lines: it emits its own `[B, N]` keep scores from the hidden states entering the
 mask), and `keep_plan` turns them into the same kept indices. A method that reads the vision tower
 (VisionZip) first gets its `VisionSite` (`vision_site`: the vision layer whose output features become the
 span tokens); the features it returns (merged tokens) replace that layer's output for everything
-downstream (projector, placeholder scatter), and its `[B, P]` patch scores become the span scores.
+downstream (projector, placeholder scatter), and its `[B, P]` patch scores become the span scores. A method
+that merges inside the LLM (SparseVLM's recycled tokens, VisionDrop's contextual ones) also sets
+`SelectionSite.merged`, the hidden states the kept tokens are gathered from instead of `x`.
 
 Every block from the stage on then reads `x'`, and its per-token side inputs are gathered by the
 composition of all keeps so far (`kept [B, M]`, original positions):
