@@ -28,8 +28,8 @@ import tokenreduce
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.kernels import plans, reference
 from tokenreduce.passes.inline_reference_ops import inline_reference_ops
-from tokenreduce.targets import TargetOptions, get
-from tokenreduce.targets.onnx import export_graph, export_onnx
+from tokenreduce.targets import TargetOptions, get, quantize
+from tokenreduce.targets.onnx import export_graph, export_onnx, run_onnx
 from tokenreduce.targets.quantize import plan_nodes
 
 
@@ -275,3 +275,44 @@ def test_fp32_path_of_the_target_is_unchanged(reduced, tmp_path):
     x = images(1, seed=9)
     with torch.no_grad():
         torch.testing.assert_close(lowered(x), red.graph_module(x), atol=1e-4, rtol=1e-4)
+
+
+def test_sqnr_is_the_ratio_of_signal_to_noise_energy_in_db():
+    expected = [np.array([3.0, 4.0]), np.array([[0.0, 0.0]])]  # signal energy 25
+    got = [np.array([3.5, 4.0]), np.array([[0.0, -0.5]])]  # noise energy 0.5
+    assert quantize.sqnr_db(got, expected) == pytest.approx(10 * np.log10(25 / 0.5))
+    assert quantize.sqnr_db(expected, expected) == float("inf")
+
+
+def test_int8_without_reference_is_judged_by_sqnr_not_by_its_largest_element():
+    # one element off by 20% of the largest output (a floor rule would refuse), the rest exact: 30 dB -> passes
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal(1000)
+    scale = float(np.abs(ref).max())
+    spiky = ref.copy()
+    spiky[7] += 0.2 * scale
+    tol = quantize.tolerance("int8", scale, vs_fp32=0.2 * scale, sqnr_db=quantize.sqnr_db([spiky], [ref]))
+    assert tol.against == "fp32" and tol.min_sqnr_db == quantize.MIN_SQNR_DB["int8"] and tol.ok
+    assert "SQNR" in tol.describe() and "required >= 15 dB" in tol.describe()
+    # an unrelated output of the same scale (a broken conversion) is about 0 dB and refused
+    broken = rng.standard_normal(1000)
+    bad = quantize.tolerance("int8", scale, vs_fp32=float(np.abs(broken - ref).max()),
+                             sqnr_db=quantize.sqnr_db([broken], [ref]))
+    assert bad.sqnr_db is not None and bad.sqnr_db < 1.0 and not bad.ok
+    # fp16 keeps the floor on the largest element
+    fp16 = quantize.tolerance("fp16", scale, vs_fp32=0.02 * scale, sqnr_db=40.0)
+    assert fp16.min_sqnr_db is None and not fp16.ok
+    with pytest.raises(TokenReduceError, match="SQNR"):
+        quantize.tolerance("int8", scale, vs_fp32=0.0)
+
+
+def test_int8_of_an_unreduced_model_is_verified_by_sqnr(reduced, calib_dir, tmp_path):
+    result = export_onnx(reduced["none"], tmp_path / "none_int8.onnx", precision="int8", calibration=calib_dir)
+    tol = result.tolerance
+    assert result.verified and tol is not None and tol.against == "fp32" and tol.ok
+    # the SQNR the rule read is the file's own against the fp32 graph, recomputed here
+    red = reduced["none"]
+    got = run_onnx(tmp_path / "none_int8.onnx", red.example_args, red.example_kwargs)
+    with torch.no_grad():
+        expected = red.graph_module(*red.example_args, **red.example_kwargs)
+    assert tol.sqnr_db == pytest.approx(quantize.sqnr_db([got[0].numpy()], [expected.numpy()]), rel=1e-6)
