@@ -253,8 +253,14 @@ class Evaluator:
         return {**value, "cached": False}
 
 
+BASELINES: dict[str, Any] = {}  # prepared unreduced models by meter fingerprint: tune() calls in one process share
+KEEP_BASELINES = 2
+
+
 class LatencyMeter:
-    """Measured latency ratio of candidates on one target at one batch size, against one unreduced baseline."""
+    """Measured latency ratio of candidates on one target at one batch size, against one unreduced baseline
+    (prepared once per model, inputs, target, batch and threads in a process, so repeated `tune` calls on the same
+    model, as `tuning/compare.py` makes, do not lower it again)."""
 
     def __init__(self, model: torch.nn.Module, example: Inputs, target: str, batch: int, *, fixed: Mapping[str, Any],
                  fingerprint: str, cache: Cache, threads: int | None = None, repeats: int = 10,
@@ -282,8 +288,13 @@ class LatencyMeter:
         args, kwargs = self.inputs
         torch.set_num_threads(self.threads)
         if self._base is None:
+            self._base = BASELINES.get(self.fingerprint)
+        if self._base is None:
             self._base = prepare_baseline(self.model, args, kwargs, self.target, dynamic_batch=False,
                                           threads=self.threads)
+            while len(BASELINES) >= KEEP_BASELINES:
+                BASELINES.pop(next(iter(BASELINES)))
+            BASELINES[self.fingerprint] = self._base
         red, _ = prepare_reduced(self.model, args, kwargs, self.target, {**c.settings, **self.fixed},
                                  dynamic_batch=False, threads=self.threads)
         timing = interleaved(self._base.bind(args, kwargs), red.bind(args, kwargs), self.repeats, self.warmup)
