@@ -9,13 +9,17 @@ a denoiser with `--method tomesd` (issue #14). FOLDER is either a model folder (
 The example inputs are one denoiser call, built from the config: the latent `[B, in_channels, S, S]` (S from
 `--image-size`, default the config's `sample_size`), an integer timestep per row, and what the config says the
 model conditions on: text states `[B, L, cross_attention_dim]` (`L` from `--seq-len`, default 77, CLIP's
-length), class labels, SDXL's `text_embeds`/`time_ids`, PixArt's resolution/aspect ratio.
+length), class labels, SDXL's `text_embeds`/`time_ids`, PixArt's resolution/aspect ratio, SD3's pooled text
+projection (text `L` default 333: 77 CLIP + 256 T5 tokens). A `FluxTransformer2DModel` takes what FluxPipeline
+feeds it: the latent packed 2 x 2 into `[B, (S / 2)^2, in_channels]` tokens (S default 64), position ids,
+512 T5 tokens, pooled CLIP, a timestep in [0, 1] and the guidance scale when the config embeds it.
 
 Refused, each with a message naming what to do instead: a folder that is not a diffusers model or pipeline, a
-denoiser class other than `UNet2DConditionModel`, `DiTTransformer2DModel` and `PixArtTransformer2DModel` (the
-ones `method="tomesd"` is tested on; SD3 and Flux are not handled yet), a UNet whose conditioning inputs this
-file cannot build (image embeddings, timestep class embeddings, ...), and a latent size the model's patches or
-down-sampling do not divide. Nothing is downloaded: loading is offline, from the folder only.
+denoiser class other than `UNet2DConditionModel`, `DiTTransformer2DModel`, `PixArtTransformer2DModel`,
+`SD3Transformer2DModel` and `FluxTransformer2DModel` (the ones `method="tomesd"` is tested on), a UNet whose
+conditioning inputs this file cannot build (image embeddings, timestep class embeddings, ...), and a latent
+size the model's patches or down-sampling (Flux: its 2 x 2 packing) do not divide. Nothing is downloaded:
+loading is offline, from the folder only.
 """
 
 from __future__ import annotations
@@ -30,10 +34,16 @@ import torch
 
 from tokenreduce.errors import TokenReduceError
 
-DENOISERS = ("UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel")
+DENOISERS = ("UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
+             "FluxTransformer2DModel")
 PIPELINE_COMPONENTS = ("unet", "transformer")  # where a pipeline keeps its denoiser
 DEFAULT_TEXT_LEN = 77  # CLIP's context length, what SD 1.x/2.x/XL pipelines feed the UNet
+# what the pipelines feed the joint-attention transformers: SD3 77 CLIP + 256 T5 tokens, Flux(-dev) 512 T5 tokens
+JOINT_TEXT_LEN = {"SD3Transformer2DModel": 77 + 256, "FluxTransformer2DModel": 512}
 DEFAULT_TIMESTEP = 500
+FLUX_TIMESTEP = 0.5  # Flux takes sigma-like timesteps in [0, 1] (it multiplies by 1000 itself)
+FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, an input of guidance-distilled checkpoints
+FLUX_DEFAULT_LATENT = 64  # Flux has no sample_size: 64 x 64 latent pixels (512 px), packed 2 x 2 into 32 x 32 tokens
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
 
@@ -84,9 +94,8 @@ def model_folder(path_str: str) -> tuple[Path, str]:
         raise TokenReduceError(f"{path} is not a diffusers model folder: its config.json has no _class_name{hint}")
     if name not in DENOISERS:
         raise TokenReduceError(
-            f"{path} holds a {name}; the diffusers: source loads the denoisers {', '.join(DENOISERS)} "
-            "(SD3 and Flux transformers are not handled by method='tomesd' yet); for another model, write a "
-            "module:function source that returns it and its inputs")
+            f"{path} holds a {name}; the diffusers: source loads the denoisers {', '.join(DENOISERS)}"
+            "; for another model, write a module:function source that returns it and its inputs")
     return path, str(name)
 
 
@@ -112,6 +121,35 @@ def _unet_conditioning(cfg: Any, where: Path) -> tuple[int, int | None, tuple[in
         time_ids = 6  # SDXL: original size, crop corner, target size
         sdxl = (int(cfg.projection_class_embeddings_input_dim) - time_ids * int(cfg.addition_time_embed_dim), time_ids)
     return int(width), cfg.num_class_embeds, sdxl
+
+
+def _flux_inputs(cfg: Any, image_size: int | None, seq_len: int | None, seed: int, where: Path) -> InputsFn:
+    """One FluxTransformer2DModel call as FluxPipeline makes it: the latent `[B, C, S, S]` packed 2 x 2 into
+    `[B, (S / 2)^2, in_channels]` tokens (row-major), position ids `(0, row, column)` per image token and zeros
+    per text token, T5 states `[B, L, joint_attention_dim]`, pooled CLIP `[B, pooled_projection_dim]`, a timestep
+    in [0, 1] and, for guidance-distilled configs, the guidance scale."""
+    size = image_size or FLUX_DEFAULT_LATENT
+    if size % 2:
+        raise TokenReduceError(f"--image-size {size} (the latent's height and width) must be even: Flux packs 2 x 2 "
+                               f"latent pixels into one token ({where})", setting="image_size",
+                               hint=f"image_size={size + 1}")
+    side = size // 2
+    text_len = seq_len or JOINT_TEXT_LEN["FluxTransformer2DModel"]
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(side)[None, :]
+
+    def make(b: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        g = torch.Generator().manual_seed(seed + 1)
+        kw: dict[str, Any] = {
+            "encoder_hidden_states": torch.randn(b, text_len, int(cfg.joint_attention_dim), generator=g),
+            "pooled_projections": torch.randn(b, int(cfg.pooled_projection_dim), generator=g),
+            "timestep": torch.full((b,), FLUX_TIMESTEP), "img_ids": ids.reshape(-1, 3), "txt_ids": torch.zeros(text_len, 3)}
+        if cfg.guidance_embeds:
+            kw["guidance"] = torch.full((b,), FLUX_GUIDANCE)
+        return (torch.randn(b, side * side, int(cfg.in_channels), generator=g),), kw
+
+    return make
 
 
 def load_diffusers(path_str: str, *, image_size: int | None, seq_len: int | None,
@@ -140,6 +178,8 @@ def load_diffusers(path_str: str, *, image_size: int | None, seq_len: int | None
         raise TokenReduceError(f"diffusers could not load {path} as a {name}: {text[:300]}") from exc
     model.eval()
     cfg = model.config
+    if name == "FluxTransformer2DModel":
+        return model, _flux_inputs(cfg, image_size, seq_len, seed, path), f"diffusers:{path_str} ({name}, {weights})"
     size = image_size or _size(cfg.sample_size)
     factor = int(cfg.patch_size) if name != "UNet2DConditionModel" else 2 ** (len(cfg.block_out_channels) - 1)
     if size % factor:
@@ -147,11 +187,14 @@ def load_diffusers(path_str: str, *, image_size: int | None, seq_len: int | None
         raise TokenReduceError(f"--image-size {size} (the latent's height and width) is not a multiple of the "
                                f"{name}'s {what} {factor}", setting="image_size", hint=f"image_size={factor * 8}")
     channels = int(cfg.in_channels)
-    text_len = seq_len or DEFAULT_TEXT_LEN
+    text_len = seq_len or JOINT_TEXT_LEN.get(name, DEFAULT_TEXT_LEN)
+    pooled = int(cfg.pooled_projection_dim) if name == "SD3Transformer2DModel" else 0
     if name == "UNet2DConditionModel":
         width, classes, sdxl = _unet_conditioning(cfg, path)
     elif name == "PixArtTransformer2DModel":
         width, classes, sdxl = int(cfg.caption_channels), None, None
+    elif name == "SD3Transformer2DModel":
+        width, classes, sdxl = int(cfg.joint_attention_dim), None, None
     else:
         width, classes, sdxl = 0, int(cfg.num_embeds_ada_norm), None
     pixart_sizes = name == "PixArtTransformer2DModel" and bool(model.use_additional_conditions)
@@ -162,6 +205,8 @@ def load_diffusers(path_str: str, *, image_size: int | None, seq_len: int | None
         kw: dict[str, Any] = {"timestep": torch.full((b,), DEFAULT_TIMESTEP, dtype=torch.long)}
         if width:
             kw["encoder_hidden_states"] = torch.randn(b, text_len, width, generator=g)
+        if pooled:
+            kw["pooled_projections"] = torch.randn(b, pooled, generator=g)
         if classes:
             kw["class_labels"] = torch.randint(0, classes, (b,), generator=g)
         if sdxl is not None:

@@ -164,6 +164,66 @@ def test_convert_pixart_and_bench_dit(folders, tmp_path, capfd):
     assert [r["batch"] for r in rows] == [1, 2] and all(0 < r["flops_ratio"] < 1 for r in rows)
 
 
+def _sd3():
+    torch.manual_seed(0)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=6, out_channels=4,
+        pos_embed_max_size=8).eval()
+
+
+def _flux(guidance=False):
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, pooled_projection_dim=6, axes_dims_rope=(2, 2, 4), guidance_embeds=guidance).eval()
+
+
+def test_sd3_and_flux_folders(tmp_path, capfd):
+    """Joint-attention transformers: inputs built from the config as their pipelines feed them; the Flux folder
+    converts with tomesd (its packed grid given as --grid-h/--grid-w) to an ONNX file onnxruntime verifies
+    (static batch: the ONNX target marks dim 0 of every input as the batch, and img_ids/txt_ids have none)."""
+    import tokenreduce
+
+    sd3, flux = _sd3(), _flux(guidance=True)
+    sd3.save_pretrained(tmp_path / "sd3")
+    flux.save_pretrained(tmp_path / "flux")
+    src = load_model(f"diffusers:{tmp_path / 'sd3'}", batch=2, seq_len=5)
+    (latent,), kw = src.example_args, src.example_kwargs
+    assert latent.shape == (2, 4, 8, 8) and kw["encoder_hidden_states"].shape == (2, 5, 12)
+    assert kw["pooled_projections"].shape == (2, 6) and set(kw) == {"timestep", "encoder_hidden_states",
+                                                                    "pooled_projections"}
+    assert load_model(f"diffusers:{tmp_path / 'sd3'}", batch=1).example_kwargs["encoder_hidden_states"].shape[1] == 333
+    with torch.no_grad():
+        assert torch.equal(src.model(latent, **kw).sample, sd3(latent, **kw).sample)
+    src = load_model(f"diffusers:{tmp_path / 'flux'}", batch=2, image_size=8, seq_len=5)
+    (packed,), kw = src.example_args, src.example_kwargs
+    assert packed.shape == (2, 16, 8) and kw["txt_ids"].shape == (5, 3) and kw["guidance"].tolist() == [3.5, 3.5]
+    assert kw["img_ids"][:, 1:].tolist() == [[r, c] for r in range(4) for c in range(4)]  # (row, column), row-major
+    assert 0 < float(kw["timestep"][0]) < 1
+    with torch.no_grad():
+        assert torch.equal(src.model(packed, **kw).sample, flux(packed, **kw).sample)
+    with pytest.raises(TokenReduceError, match="--image-size 7 .* must be even: Flux packs 2 x 2"):
+        load_model(f"diffusers:{tmp_path / 'flux'}", image_size=7)
+    out = tmp_path / "flux.onnx"
+    data = _run(capfd, "convert", f"diffusers:{tmp_path / 'flux'}", "--method", "tomesd", "--grid-h", "4",
+                "--grid-w", "4", "--rand-seed", "2", "--image-size", "8", "--seq-len", "5", "--static-batch", "-o", str(out))
+    assert data["onnx"]["verified"] and data["onnx"]["max_abs_diff"] <= 1e-4
+    assert [(b["tokens_in"], b["tokens_out"]) for b in data["report"]["blocks"]] == [(16, 8), (16, 8)]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    feeds = dict(zip([i.name for i in sess.get_inputs()], [packed.numpy(), *(v.numpy() for v in kw.values())],
+                     strict=True))
+    (got,) = sess.run(None, feeds)
+    red = tokenreduce.compile(flux, (packed,), kw, method="tomesd", grid_h=4, grid_w=4, rand_seed=2, inner="eager",
+                              count_model_flops=False)
+    with torch.no_grad():
+        want, full = red(packed, **kw).sample, flux(packed, **kw).sample
+    assert (torch.from_numpy(got) - want).abs().max().item() < 1e-4
+    assert (torch.from_numpy(got) - full).abs().max().item() > 1e-3
+
+
 MODULE = '''
 import torch, diffusers
 
@@ -200,8 +260,9 @@ def test_refusals(folders, tmp_path):
         (f"diffusers:{tmp_path / 'missing'}", "no such directory"),
         (f"diffusers:{_write(tmp_path / 'bert', 'config.json', {'architectures': ['BertModel']})}",
          "not a diffusers model folder: its config.json has no _class_name; for a Hugging Face transformers"),
-        (f"diffusers:{_write(tmp_path / 'sd3', 'config.json', {'_class_name': 'SD3Transformer2DModel'})}",
-         "holds a SD3Transformer2DModel; the diffusers: source loads the denoisers UNet2DConditionModel"),
+        (f"diffusers:{_write(tmp_path / 'vae', 'config.json', {'_class_name': 'AutoencoderKL'})}",
+         "holds a AutoencoderKL; the diffusers: source loads the denoisers UNet2DConditionModel, .*"
+         "SD3Transformer2DModel, FluxTransformer2DModel; for another model, write a module:function source"),
         (f"diffusers:{_write(tmp_path / 'vaeonly', 'model_index.json', {'_class_name': 'X', 'vae': ['a', 'b']})}",
          "pipeline folder without a unet/ or transformer/ denoiser \\(components: vae\\)"),
         (f"diffusers:{tmp_path}", "is not a diffusers model folder \\(no config.json or model_index.json"),
