@@ -16,13 +16,19 @@ group's value) before the residual add. This file finds, in the ATen graph, what
   which per-step destinations are derived (`methods/tomesd.py`, `per_step`);
 * the **token grid** of a block: from the model's first 4-D input `[B, C, H, W]` (the latent `sample`), with
   tomesd's own arithmetic: `downsample = ceil(sqrt(H * W // N))`, grid `ceil(H / ds) x ceil(W / ds)`, which
-  must hold exactly N tokens.
+  must hold exactly N tokens; for a packed latent `[B, N, C]` (Flux) the grid is not in the graph and the
+  method's options give it (`packed_tokens`);
+* **joint text + image attention** (SD3, Flux; `analysis/denoiser_joint.py`): only the image tokens merge. A
+  double-stream block's sublayer is the image stream's (its `JointSpan` says where the image sits in the joint
+  sequence, which cuts after the attention move and which rotary tables must follow the merge); a
+  single-stream block's input is `cat([text, image])` (`x_offset`), its attention and parallel MLP are two
+  sublayers unmerged before the `cat` that joins them.
 
 Structure is read from the graph (attention spellings of `analysis/attention.py`, projections, residual adds);
 module names only name blocks. Per block it records a skip reason instead of failing: no residual add closing
-the self-attention, a grid that does not hold the block's tokens, a symbolic token count. Refuses (raises): a
-graph without a 4-D image input (packed-latent transformers such as Flux take `[B, N, C]` tokens and no grid is
-known) and a graph with no self-attention at all.
+the self-attention, a grid that does not hold the block's tokens, a symbolic token count, a joint attention
+whose image part cannot be told apart. Refuses (raises): a graph with neither a 4-D latent nor a 3-D packed
+one, and a graph with no self-attention at all.
 """
 
 from __future__ import annotations

@@ -19,6 +19,11 @@ package's on the same weights (tests/diffusion/test_tomesd.py):
   (`merge_crossattn`, off), MLP (`merge_mlp`, off); defaults `ratio=0.5, max_downsample=1, sx=sy=2,
   use_rand=True` as tomesd.
 
+Joint text + image attention (SD3, Flux): only the image tokens merge (`analysis/denoiser_joint.py`); a merged
+token's rotary position is its destination's (`emit_positions`). Flux's packed latent `[B, N, C]` has no grid in
+the graph: `grid_h` x `grid_w` give it (refused when missing or not N; refused on a 4-D latent, whose grid is
+known). The official package does not support these models; the tests hand-write its arithmetic.
+
 Departures (docs/diffusion.md): the random destinations are drawn once, when compiling (`rand_seed`; None forks
 torch's global generator then, as tomesd forks it at its first call), so one compiled graph uses the same
 destinations at every call where tomesd draws new ones per call; `per_step=True` instead derives them in the graph
@@ -26,7 +31,8 @@ from the timestep input (a new draw per denoising step, one graph, no random op;
 `rand_seed`, not `seed`: the command line's `--seed` already seeds random weights and inputs. The order of merged
 tokens differs (same groups; attention sums keys in another order: float rounding); `r` larger than a block's
 sources is an error naming the largest valid ratio (tomesd clamps silently); a setting that merges no block at
-all is an error. The plan is plain torch (TopK with constant k, gathers, no scatter, static shapes), emitted as
+all is an error, except `ratio=0`, which compiles the unreduced graph. The plan is plain torch (TopK with
+constant k, gathers, no scatter, static shapes), emitted as
 nodes and applied by `tokenreduce.apply_plan`; it exports to ONNX.
 """
 

@@ -9,6 +9,14 @@ The placement of tomesd (`methods/base.py`, `DenoiserMethod`): the token grid be
         the sublayer's first projections read m instead of merge_at
         h' = h + unmerge(branch, slot)                         # every token takes its group's output
 
+Joint text + image attention (SD3, Flux; `analysis/denoiser_joint.py`): only the image rows merge. A sublayer
+whose input also holds text rows (Flux's single-stream `cat([text, image])`) merges `merge_at[:, offset:offset +
+N]` and keeps the rest (`unmerge_rows` undoes it); the cuts of the joint sequence after the attention (`slice`,
+`split_with_sizes` at the image's end) move from `offset + N` to `offset + N'`; per-token side inputs along the
+joint sequence (rotary tables) are gathered by the token each slot stands for (`gather_positions`: a merged
+token takes its destination's position), which the method emits (`emit_positions`; a method without it is
+refused on such blocks).
+
 Only the sublayer's own readers of `merge_at` are rewired; a later reader of the same tensor outside the
 sublayer keeps the full tokens. Shapes are not touched here: `fix_token_shapes` re-propagates them (the head
 reshapes inside the sublayer) and, since every residual add sees N tokens again, nothing outside changes.
