@@ -24,7 +24,7 @@ matched FLOPs (about 0.8, 0.65 and 0.5 of the full model), beside the quality ta
 Refusals are results, not crashes: a method that fails to compile or export on a target gets a row with the
 error text (DyMU on onnxruntime is refused by design: its count is data-dependent; the message names the
 fixed-count alternative). Rows go to `--json` as each finishes; a rerun skips the rows already there, so a
-stopped run resumes. ONNX files are kept under `--onnx-dir` (gitignored `out/`), so a batch-8 pass after a
+stopped run resumes; `--merge` folds the rows of a second worker (its own `--json`) into one file. ONNX files are kept under `--onnx-dir` (gitignored `out/`), so a batch-8 pass after a
 batch-1 pass reuses the verified files instead of exporting again.
 
 Usage (heavy: 18 settings x 2 targets x 2 batches; do batch 1 for every setting first):
@@ -253,8 +253,8 @@ def run_pass(bench: Bench, matcher: Matcher, backend: str, batch: int, repeats: 
              meta: dict[str, Any], out: Path) -> None:
     """Every method x target on one backend and batch, skipping rows already in `rows`."""
     args = bench.args
-    todo = [(m, t) for m in args.methods for t in args.targets if row_key(m, t, batch, backend) not in
-            {r["key"] for r in rows}]
+    done = {r["key"] for r in rows}
+    todo = [(m, t) for t in args.targets for m in args.methods if row_key(m, t, batch, backend) not in done]
     if not todo:
         return
     print(f"== {backend}, batch {batch}: {len(todo)} settings; load {os.getloadavg()[0]:.1f}", flush=True)
@@ -296,7 +296,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random init, seed 0)")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--targets", default=",".join(f"{t:g}" for t in TARGETS), help="FLOPs-ratio targets")
+    p.add_argument("--targets", default=",".join(f"{t:g}" for t in TARGETS),
+                   help="FLOPs-ratio targets, in the order they are run (target-major: a cut run keeps whole targets)")
     p.add_argument("--backends", default=",".join(BACKENDS), help="onnxruntime and/or inductor")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes (each a pass over every setting)")
     p.add_argument("--repeats", default="9", help="timed rounds: one int, or one per batch size")
@@ -309,6 +310,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--settings-cache", type=Path, default=Path("out/encoder_methods/settings_vit-b16.json"))
     p.add_argument("--onnx-dir", type=Path, default=Path("out/encoder_methods/onnx_vit-b16"))
     p.add_argument("--match-only", action="store_true", help="find (and cache) the settings, time nothing")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="copy the rows of these files (e.g. of a worker run with its own --json) into --json, "
+                        "skipping keys already there; times nothing")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     args.targets = [float(t) for t in args.targets.split(",") if t]
@@ -329,6 +333,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        rows = load_rows(args.json)
+        meta = json.loads(args.json.read_text()).get("meta", {}) if args.json.is_file() else {}
+        for path in args.merge:
+            have = {r["key"] for r in rows}
+            new = [r for r in load_rows(path) if r["key"] not in have]
+            rows += new
+            meta.setdefault("merged", []).append({"file": str(path), "rows": len(new)})
+            print(f"{path}: {len(new)} rows added to {args.json}")
+        save_rows(args.json, rows, meta)
+        return 0
     import timm
 
     torch.set_num_threads(args.threads)
@@ -343,12 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     matcher = Matcher(model, [example], cache=args.settings_cache, calib=calib, log=log)
-    for method in args.methods:
-        for target in args.targets:
-            options, ratio, note = matched(matcher, method, target)
-            print(f"{method} @ {target:g}: {json.dumps(shown_options(options))} -> FLOPs ratio {ratio:.3f} {note}",
-                  flush=True)
-    if args.match_only:
+    if args.match_only:  # otherwise each setting is matched (or read from the cache) when its turn comes
+        for method in args.methods:
+            for target in args.targets:
+                options, ratio, note = matched(matcher, method, target)
+                print(f"{method} @ {target:g}: {json.dumps(shown_options(options))} -> FLOPs ratio {ratio:.3f} "
+                      f"{note}", flush=True)
         return 0
     rows = load_rows(args.json)
     meta = {"command": " ".join(["python", *sys.argv]), "model": args.model, "threads": args.threads,
