@@ -26,8 +26,9 @@ input whose token axis has neither the original token count nor that count minus
 A method whose batches pad rows with empty slots (`pads_slots`, DyMU: each row keeps its own count, rows
 are padded with size-0 slots that `log(size)` masks in every block) also gets, after the last reduction, every
 mean / sum / amax / amin over the token axis (pooling: timm `x[:, P:].mean(1)`, HF DINOv2's patch mean) taken
-over the row's own slots (`pool_own_slots`), and every attention that is no block's (a pooling head's SDPA)
-masked on the empty slots, so no padded slot reaches a pooled output. A tensor whose axis 1 has the original
+over the row's own slots (`pool_own_slots`), and every attention after a reduction that no log(size) bias masks
+(a block the method does not reduce, such as an attention-pooling head, or an SDPA outside the analysed blocks)
+masked on the empty slots (`own_slot_keys`), so no padded slot reaches a real token or a pooled output. A tensor whose axis 1 has the original
 token count, or that count minus at most the protected prefix, reached from the last reduction, carries
 the token axis.
 
@@ -266,9 +267,10 @@ def _token_offset(node: object, n0: int, num_p: int) -> int | None:
 
 
 def _pool_own_slots(graph: fx.Graph, ctx: EncoderContext, last: fx.Node) -> int:
-    """After the last reduction: pool over the row's own slots, mask empty slots as keys of non-block attention."""
+    """After the last reduction: pool over the row's own slots, mask empty slots as keys of attention that is no
+    analysed block's (the blocks' own are masked in block order)."""
     n0, num_p, size = ctx.original_tokens, ctx.analysis.num_protected, ctx.state.size
-    blocks = {b.attention.node for b in ctx.analysis.blocks}  # (their masks: _attention_bias, or below)
+    blocks = {b.attention.node for b in ctx.analysis.blocks}
     after, frontier = set(), [last]
     while frontier:
         node = frontier.pop()
@@ -299,14 +301,6 @@ def _pool_own_slots(graph: fx.Graph, ctx: EncoderContext, last: fx.Node) -> int:
             if (new_mask := _own_slot_mask(graph, node, args[1], mask, n0, num_p, size)) is not None:
                 _set_sdpa_mask(node, new_mask)
                 done += 1
-    for block in ctx.analysis.blocks:  # a block reductions skip (attention pooling) gets no log(size) bias
-        att = block.attention
-        if block.reducible or att.node not in after:
-            continue
-        before = att.node if att.kind == "sdpa" else (att.mask_add or att.node)
-        if (new_mask := _own_slot_mask(graph, before, att.k, att.mask, n0, num_p, size)) is not None:
-            _set_attention_mask(block, new_mask, graph, ctx)
-            done += 1
     return done
 
 
@@ -340,6 +334,7 @@ def insert_reductions(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
     st = ctx.state
     cache: dict = {}
     last: fx.Node | None = None  # the last reduction's output
+    pads = bool(getattr(method, "pads_slots", False))
     num_p = ctx.analysis.num_protected
     side_cache: dict = {}
     for block, bp in zip(ctx.analysis.blocks, ctx.plans):
@@ -351,6 +346,12 @@ def insert_reductions(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
             new_mask = _attention_bias(block, graph, ctx, cache)
             if new_mask is not block.attention.mask:
                 _set_attention_mask(block, new_mask, graph, ctx)
+                result.rewrites += 1
+        elif st.epoch > 0 and pads:  # a block no method reduces (attention pooling) gets no log(size) bias
+            att = block.attention
+            before = att.node if att.kind == "sdpa" else (att.mask_add or att.node)
+            if (own := _own_slot_mask(graph, before, att.k, att.mask, ctx.original_tokens, num_p, st.size)) is not None:
+                _set_attention_mask(block, own, graph, ctx)
                 result.rewrites += 1
         if not bp.reduces:
             continue
@@ -389,7 +390,7 @@ def insert_reductions(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
         result.rewrites += 1
         result.changed = True
         last = x_new
-    if last is not None and getattr(method, "pads_slots", False):
+    if last is not None and pads:
         result.rewrites += _pool_own_slots(graph, ctx, last)
     return result
 
