@@ -293,6 +293,17 @@ def test_calibrated_thresholds_reach_the_mean_and_match_the_reference(vit, calib
     assert red.report.flops_ratio is not None and red.report.flops_ratio < 1.0
 
 
+def test_calibration_in_padded_batches_gives_the_batch_1_thresholds(vit, calibrated):
+    from tokenreduce.tuning.dymu_calibration import calibrate_dymu
+
+    res, _, xs = calibrated
+    batched = calibrate_dymu(vit, xs, r=5, batch_size=4)  # calls of 4 and 2 rows
+    assert batched.thresholds == pytest.approx(res.thresholds, abs=1e-5)
+    assert batched.tokens_per_input == res.tokens_per_input and batched.mean_r == res.mean_r
+    with pytest.raises(TokenReduceError, match="batch_size must be an int >= 1"):
+        calibrate_dymu(vit, xs, r=5, batch_size=0)
+
+
 def test_calibration_needs_one_target(vit):
     from tokenreduce.tuning.dymu_calibration import calibrate_dymu
 

@@ -10,10 +10,13 @@ M * r_l edges clear it (up to ties and the per-input limit `(N - P) // 2`). A la
 merges per block with every threshold in force: that is `mean_r`, written beside the thresholds, which the
 report shows and which is the `r` of the fixed-count alternative (`method="tome"`).
 
-Inputs: a tensor whose first dimension lists the inputs (each run at batch 1), a list of batch-1 tensors or of
-keyword-input dicts, or a folder of images / `.npy` arrays (`input_shape` gives C, H, W; images are normalised
-with ImageNet statistics as the ONNX int8 calibration does). Refuses: both or neither of `r` and
-`target_tokens`, a target the model cannot reach, no inputs.
+Inputs: a tensor whose first dimension lists the inputs, a list of batch-1 tensors or of keyword-input dicts,
+or a folder of images / `.npy` arrays (`input_shape` gives C, H, W; images are normalised with ImageNet
+statistics as the ONNX int8 calibration does). Tensor inputs run `batch_size` at a time (default 1): DyMU's
+padded batches plan every row exactly as alone, so the edges, thresholds and counts are those of batch 1 (up to
+float rounding of batched matmuls). Refuses: both or neither of `r` and `target_tokens`, a target the model
+cannot reach, no inputs, `batch_size` > 1 with keyword-input dicts (rows of different lengths: run them one by
+one).
 """
 
 from __future__ import annotations
@@ -84,6 +87,18 @@ def _call(module: Any, item: Any) -> Any:
     return module(**item) if isinstance(item, Mapping) else module(item)
 
 
+def _batches(items: list[Any], batch_size: int) -> list[Any]:
+    """The calls of one pass over the inputs: `batch_size` batch-1 tensors concatenated per call."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TokenReduceError(f"batch_size must be an int >= 1, got {batch_size!r}", setting="batch_size")
+    if batch_size == 1:
+        return items
+    if any(isinstance(item, Mapping) for item in items):
+        raise TokenReduceError("batch_size > 1 needs tensor inputs; keyword-input dicts (text of different lengths) "
+                               "run one by one: use batch_size=1", setting="batch_size")
+    return [torch.cat(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
 def _threshold(scores: list[torch.Tensor], k: int) -> float | None:
     """Halfway between the k-th and (k+1)-th best pooled edge (None: k = 0, no merging)."""
     if k <= 0:
@@ -99,17 +114,20 @@ def _threshold(scores: list[torch.Tensor], k: int) -> float | None:
 
 def calibrate_dymu(model: torch.nn.Module, inputs: Any, *, r: int | Sequence[int] | None = None,
                    target_tokens: int | None = None, output: str | os.PathLike[str] | None = None,
-                   input_shape: Sequence[int] = (3, 224, 224), **settings: Any) -> DymuThresholds:
+                   input_shape: Sequence[int] = (3, 224, 224), batch_size: int = 1,
+                   **settings: Any) -> DymuThresholds:
     """Per-block thresholds giving, on average over `inputs`, `r` merges per block (an int for every block or a
     per-block list), or `target_tokens` tokens after the last block (spread as a constant r). Writes the JSON
-    to `output` when given (`method="dymu", thresholds=output` reads it). `settings`: other compile settings
-    (`protected_tokens`, `prop_attn`, ...); calibration always runs eagerly (`inner` is ignored)."""
+    to `output` when given (`method="dymu", thresholds=output` reads it). `batch_size`: tensor inputs per call.
+    `settings`: other compile settings (`protected_tokens`, `prop_attn`, ...); calibration always runs eagerly
+    (`inner` is ignored)."""
     if (r is None) == (target_tokens is None):
         raise TokenReduceError("give exactly one of r (mean merges per block) and target_tokens (mean tokens after "
                                "the last block)", setting="r")
     items = _as_inputs(inputs, input_shape)
     if not items:
         raise TokenReduceError("calibrate_dymu needs at least one input", setting="inputs")
+    calls = _batches(items, batch_size)
     example = items[0]
     common = {**settings, "inner": "eager", "count_model_flops": False}  # the plans run eagerly (Python counts)
     args, kwargs = ((), example) if isinstance(example, Mapping) else ((example,), None)
@@ -138,11 +156,11 @@ def calibrate_dymu(model: torch.nn.Module, inputs: Any, *, r: int | Sequence[int
         for i in active:
             overrides = {j: found.get(j, NO_MERGE) for j in active}
             with recording(overrides) as rec:
-                for item in items:
+                for item in calls:
                     _call(reduced, item)
             found[i] = NO_MERGE if (t := _threshold(rec.scores.get(i, []), rs[i] * len(items))) is None else t
         with recording(found) as rec:
-            for item in items:
+            for item in calls:
                 _call(reduced, item)
     thresholds: list[float | None] = [None if found.get(i, NO_MERGE) == NO_MERGE else found[i] for i in range(last)]
     per_block: list[float] = []
