@@ -266,8 +266,12 @@ class Matcher:
         top = max(1, n0 - 1)  # clamp_r: any r merges what each block can; past N0 - 1 nothing changes
         if self._ratio(opts(1)) <= target:
             return opts(1), self._ratio(opts(1))
-        # 1 - ratio grows about linearly in r until blocks clamp: start there, then widen to a bracket
-        guess = min(top, max(2, round((1.0 - target) / max(1e-6, 1.0 - self._ratio(opts(1))))))
+        # the ratio falls about linearly in r until blocks clamp: guess from r = 1 and a second point (a method
+        # whose plan costs more than one merge saves has ratio(1) >= 1, so one point is not enough)
+        probe = max(2, top // 16)
+        r1, rp = self._ratio(opts(1)), self._ratio(opts(probe))
+        slope = (r1 - rp) / (probe - 1)
+        guess = min(top, max(2, round(1 + (r1 - target) / slope))) if slope > 0 else top
         lo, hi, step = 1, guess, 1
         while self._ratio(opts(hi)) > target:  # widen upwards until the ratio is at or below the target
             if hi == top:
@@ -304,29 +308,36 @@ class Matcher:
         return int(self.evaluated[key]["tokens"][i])
 
     def _match_keep_ratio(self, method: str, target: float) -> tuple[dict[str, Any], float]:
+        """Bracketed secant (Illinois) on keep_ratio in (0, 1); keep_ratio = 1 removes nothing (ratio 1). A
+        keep_ratio the method refuses (e.g. Zero-TPrune's S-stage cannot remove its share of a tiny keep) is
+        treated as too low: the bracket's low end moves up by bisection until a setting is accepted."""
         def opts(rho: float) -> dict[str, Any]:
             return {"method": method, "keep_ratio": rho}
 
-        def f(rho: float) -> float:
-            return self._ratio(opts(rho)) - target
+        def f(rho: float) -> float | None:
+            try:
+                return self._ratio(opts(rho)) - target
+            except TokenReduceError as exc:
+                self.log(f"  keep_ratio={rho}: refused ({str(exc).splitlines()[0][:160]})")
+                return None
 
         lo, hi = 0.01, 1.0
-        f_lo, f_hi = f(lo), f(hi)  # ratio grows with keep_ratio
-        if f_lo >= 0 or f_hi <= 0:
-            best = lo if abs(f_lo) <= abs(f_hi) else hi
-            return opts(best), self._ratio(opts(best))
+        f_lo, f_hi = f(lo), 1.0 - target  # keep_ratio = 1 keeps everything: no reduction
         side = 0
-        for _ in range(12):
-            guess = round(hi - f_hi * (hi - lo) / (f_hi - f_lo), 3)
-            guess = min(max(guess, lo + 0.001), hi - 0.001)
-            if guess <= lo or guess >= hi:
-                break
+        while f_hi > 0 and (f_lo is None or f_lo < 0) and hi - lo > 0.002:
+            if f_lo is None:  # the low end is refused: bisect (a refused setting counts as too low)
+                guess = round((lo + hi) / 2, 3)
+            else:
+                guess = round(hi - f_hi * (hi - lo) / (f_hi - f_lo), 3)
+            guess = min(max(guess, round(lo + 0.001, 3)), round(hi - 0.001, 3))
             f_g = f(guess)
-            if abs(f_g) < 0.002:
+            if f_g is not None and abs(f_g) < 0.002:
                 break
-            if f_g > 0:
+            if f_g is None:
+                lo, f_lo, side = guess, None, 0
+            elif f_g > 0:
                 hi, f_hi = guess, f_g
-                if side == 1:
+                if side == 1 and f_lo is not None:
                     f_lo /= 2  # Illinois: keep the stale end from pinning the secant
                 side = 1
             else:
@@ -334,11 +345,11 @@ class Matcher:
                 if side == -1:
                     f_hi /= 2
                 side = -1
-            if hi - lo <= 0.002:
-                break
         tried = [(float(json.loads(k)["keep_ratio"]), v["ratio"]) for k, v in self.evaluated.items()
                  if json.loads(k).get("method") == method and "keep_ratio" in json.loads(k)
                  and self._is_ours(json.loads(k))]
+        if not tried:
+            raise TokenReduceError(f"{method} refused every keep_ratio tried in (0, 1)", setting="keep_ratio")
         best_rho, best_ratio = min(tried, key=lambda t: (abs(t[1] - target), t[0]))
         return opts(best_rho), float(best_ratio)
 
