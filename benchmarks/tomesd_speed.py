@@ -24,6 +24,7 @@ Usage:
     python benchmarks/tomesd_speed.py --model dit --side 64 --targets eager,inductor,onnxruntime --json out.jsonl
     python benchmarks/tomesd_speed.py --model unet --unet-width 160 --side 64 --repeats 3 --json out.jsonl
     python benchmarks/tomesd_speed.py --model unet --side 128 --targets eager --ratios 0.5 --repeats 3
+    python benchmarks/tomesd_speed.py --table out.jsonl        # the rows as the markdown table of docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import dataclasses
 import gc
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,22 @@ def build(args: argparse.Namespace, side: int) -> tuple[torch.nn.Module, tuple[A
     return model, inputs[0], inputs[1], f"{desc}, {params:.0f}M parameters", extra
 
 
+def table(path: Path) -> str:
+    """The JSON rows of `path` as a markdown table. `paired` is the median over rounds of (reduced / unreduced) in
+    the same round: on a loaded machine it is less moved by load changes between rounds than the ratio of medians."""
+    lines = ["| model | latent | merged blocks (tokens) | ratio | target | FLOPs ratio | unreduced s | reduced s | "
+             "latency ratio | paired | efficiency | load before -> after |", "|" + "---|" * 12]
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        tokens = ", ".join(f"{a}->{b}" for a, b in r["tokens"])
+        paired = statistics.median(b / a for a, b in zip(r["samples_unreduced_ms"], r["samples_reduced_ms"]))
+        lines.append(f"| {r['model']} | {r['side']}x{r['side']} | {r['merged_blocks']} ({tokens}) | {r['ratio']} | "
+                     f"{r['target']} | {r['flops_ratio']:.3f} | {r['latency_unreduced_ms'] / 1e3:.2f} | "
+                     f"{r['latency_reduced_ms'] / 1e3:.2f} | {r['latency_ratio']:.3f} | {paired:.3f} | "
+                     f"{r['efficiency']:.2f} | {r['load_before'][0]:.0f} -> {r['load_after'][0]:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("unet", "dit"), default="unet")
@@ -87,7 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unet-width", type=int, default=320, help="first level's channels (SD 1.5: 320)")
     ap.add_argument("--dit-layers", type=int, default=2, help="DiT blocks (DiT-XL/2 has 28)")
     ap.add_argument("--json", type=Path, default=None, help="append one JSON row per measurement to this file")
+    ap.add_argument("--table", type=Path, default=None, help="print the rows of this JSON file as markdown; no run")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return
     torch.set_num_threads(args.threads)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     ratios = [float(r) for r in args.ratios.split(",")]
