@@ -291,6 +291,32 @@ def run_pass(bench: Bench, matcher: Matcher, backend: str, batch: int, repeats: 
     gc.collect()
 
 
+# ---------------------------------------------------------------------------------------------- profile
+def profile_files(args: argparse.Namespace) -> int:
+    """Per-op-type onnxruntime kernel time (ms per run) of each exported file at batch 1: where a method's plan
+    ops cost more than ToMe's (`edge_onnx.profile`: 2 untimed runs, then RUNS profiled ones)."""
+    from edge_onnx import profile
+
+    files = sorted(Path(args.onnx_dir).glob("*.onnx"))
+    if not files:
+        raise TokenReduceError(f"no ONNX files in {args.onnx_dir}: run the onnxruntime pass first",
+                               setting="--onnx-dir")
+    x = cifar_images("test", 1, args.data_dir)[:1].numpy()
+    out = args.json.parent / "profile.json"
+    rows = json.loads(out.read_text()) if out.is_file() else {}
+    for path in files:
+        if path.stem in rows:
+            continue
+        load = os.getloadavg()
+        name = ort_session(path, args.threads).get_inputs()[0].name
+        per_op = profile(path, {name: x}, args.threads, args.profile)
+        rows[path.stem] = {"kernel_ms": per_op, "total_ms": sum(per_op.values()), "load": [load, os.getloadavg()]}
+        top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(per_op.items())[:8])
+        print(f"{path.stem}: kernels {rows[path.stem]['total_ms']:.1f} ms: {top}", flush=True)
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -310,6 +336,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--settings-cache", type=Path, default=Path("out/encoder_methods/settings_vit-b16.json"))
     p.add_argument("--onnx-dir", type=Path, default=Path("out/encoder_methods/onnx_vit-b16"))
     p.add_argument("--match-only", action="store_true", help="find (and cache) the settings, time nothing")
+    p.add_argument("--profile", type=int, default=0, metavar="RUNS",
+                   help="instead of timing: onnxruntime's kernel time per op type of every ONNX file already in "
+                        "--onnx-dir (batch 1, --threads), over RUNS profiled runs; rows to --json's folder, "
+                        "profile.json")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="copy the rows of these files (e.g. of a worker run with its own --json) into --json, "
                         "skipping keys already there; times nothing")
@@ -344,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: {len(new)} rows added to {args.json}")
         save_rows(args.json, rows, meta)
         return 0
+    if args.profile:
+        return profile_files(args)
     import timm
 
     torch.set_num_threads(args.threads)
