@@ -319,8 +319,16 @@ def test_flux_equals_hand_reference(merge_mlp):
     if merge_mlp:  # the text tokens, the single-stream proj_out and the embedders stay at full count
         assert 0.5 < red.report.flops_ratio < 0.8
     # the rotary tables follow the merge: gathered per batch row for the 5 text + 12 merged image tokens
-    gathers = [n for n in red.graph_module.graph.nodes if getattr(n.target, "__name__", "") == "gather_positions"]
+    nodes = list(red.graph_module.graph.nodes)
+    gathers = [n for n in nodes if getattr(n.target, "__name__", "") == "gather_positions"]
     assert gathers and all(tuple(n.meta["val"].shape) == (2, 17, 1, 8) for n in gathers)
+    # one merge per merged sublayer; a single-stream block with both merged is merged once and unmerged after
+    # its shared proj_out, which then runs on the 5 text + 12 merged tokens
+    applies = [n for n in nodes if n.target is torch.ops.tokenreduce.apply_plan.default]
+    assert len(applies) == (2 + 1 + 1 if merge_mlp else 1 + 1 + 1)
+    proj_out = [n for n in nodes if n.target is torch.ops.aten.linear.default and n.meta["val"].shape[-1] == 16
+                and n.args[0].meta["val"].shape[-1] == 16 + 64]  # cat([attention, mlp]) -> dim
+    assert [n.meta["val"].shape[1] for n in proj_out] == [17 if merge_mlp else 29] * 2
     # without the rotary gather (merged tokens at the first image rows' positions) the outputs differ
     wrong = _flux_reference(model, args, kwargs, grid=(4, 6), ratio=0.5, seed=3, merge_mlp=merge_mlp, gather=False)
     assert (got - wrong).abs().max().item() > 100 * TOL

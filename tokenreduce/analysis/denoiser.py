@@ -103,6 +103,9 @@ class DenoiserBlock:
     joint: str = ""  # "" (image tokens only), "double" (joint attention, own streams) or "single" (one stream)
     sublayers: dict[str, Sublayer] = field(default_factory=dict)
     skip_reason: str | None = None
+    # a single-stream block's attention and MLP as one sublayer (merged once, unmerged after the shared output
+    # projection and gate, which are per token / per sample): what runs when both merge
+    fused: Sublayer | None = None
 
     @property
     def reducible(self) -> bool:
@@ -400,6 +403,9 @@ def analyse_denoiser(gm: fx.GraphModule) -> DenoiserAnalysis:
             blk.joint, blk.x_offset, blk.x_in, blk.num_tokens = "single", off, x_in, n_img
             for s in subs:
                 blk.sublayers[s.kind] = s
+            if len(subs) == 2:
+                blk.fused = Sublayer("attn", sub.merge_at, sub.readers, sub.residual_add, sub.branch, sub.name, off,
+                                     subs[0].joint)
             _grid(blk, height, width, packed)
             continue
         if sub.joint is not None:  # double-stream: the image part of the joint sequence

@@ -18,7 +18,9 @@ token takes its destination's position), which the method emits (`emit_positions
 refused on such blocks).
 
 Only the sublayer's own readers of `merge_at` are rewired; a later reader of the same tensor outside the
-sublayer keeps the full tokens. Shapes are not touched here: `fix_token_shapes` re-propagates them (the head
+sublayer keeps the full tokens. A Flux single-stream block whose attention and MLP both merge is merged once
+and unmerged after its shared output projection and gate (per token and per sample: the same numbers).
+Shapes are not touched here: `fix_token_shapes` re-propagates them (the head
 reshapes inside the sublayer) and, since every residual add sees N tokens again, nothing outside changes.
 Refuses (TokenReduceError) a planned block whose sublayer the analysis found but which has no readers.
 """
@@ -138,16 +140,18 @@ def merge_sublayers(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
         site = MergeSite(Builder(graph, x), x, blk.grid, bp, analysis.timestep)
         slot = method.emit_slots(opts, site)
         kinds = [k for k in method.sublayers(opts) if k in blk.sublayers]
+        subs = [(k, blk.sublayers[k]) for k in kinds]
+        if blk.fused is not None and {"attn", "mlp"} <= set(kinds):  # one merge, unmerged after proj_out
+            subs = [("attn+mlp", blk.fused)]
         rep = None
-        if any((j := blk.sublayers[k].joint) is not None and j.positions for k in kinds):
+        if any((j := sub.joint) is not None and j.positions for _, sub in subs):
             emit_positions = getattr(method, "emit_positions", None)
             if emit_positions is None:
                 raise TokenReduceError(f"block {blk.index} ({blk.name}) reads per-token positions (rotary tables) "
                                        f"inside a merged sublayer; {method.name} does not say which token a merged "
                                        "slot stands for (emit_positions)", setting="method")
             slot, rep = emit_positions(opts, site, slot)
-        for kind in kinds:
-            sub = blk.sublayers[kind]
+        for kind, sub in subs:
             if not sub.readers:
                 raise TokenReduceError(f"block {blk.index} ({blk.name}): the {kind} sublayer's input "
                                        f"{sub.merge_at.name} has no reader inside it to rewire")
