@@ -14,7 +14,8 @@ neighbouring tokens so a selected token brings its neighbours along (multi-token
 The selection methods (DivPrune, DART; one file each) do not rank by last-query attention: they choose
 span tokens from the hidden states entering the first pruned block (`SelectionMethod.emit_keep`, given a
 `SelectionSite`), and the pass around them gathers and carries positions and masks exactly as for the
-three above.
+three above. SparseVLM and VisionDrop (one file each) read the whole attention map of the block before each
+stage (`SelectionSite.attention`) and merge the tokens they drop into kept ones (`SelectionSite.merged`).
 
 Refuses: layers out of order or out of range, keep counts outside `1 .. span`, an even `score_pool`.
 """
