@@ -17,8 +17,8 @@ data folder):
   `tokenreduce.methods.dymu.recording()`), the padded width per block, and the share of slot-blocks that are
   padding; the batch-8 rows' pooled output against each image alone (max abs difference).
 
-Every round is appended to `--out`/dymu_batches.jsonl as it finishes; the summary goes to
-`--out`/dymu_batches.json and stdout.
+Every round is appended to `--out`/dymu_batches-r<r>.jsonl as it finishes; the summary goes to
+`--out`/dymu_batches-r<r>.json and stdout.
 
 Usage:
     python benchmarks/dymu_batches.py --r 8 --repeats 5 --out out/dymu_batches
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--r", type=int, default=8, help="calibrated mean merges per block")
     ap.add_argument("--calib-per-class", type=int, default=2)
+    ap.add_argument("--calib-batch", type=int, default=4, help="calibration inputs per call (padded batches)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--inner", choices=("eager", "inductor"), default="eager")
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.out / f"thresholds-{name}-r{args.r}-c{calib.shape[0]}.json"
     if not cache.is_file():
         t0 = time.perf_counter()
-        tokenreduce.calibrate_dymu(model, calib, r=args.r, output=cache)
+        tokenreduce.calibrate_dymu(model, calib, r=args.r, output=cache, batch_size=args.calib_batch)
         print(f"calibrated r={args.r} on {calib.shape[0]} images in {time.perf_counter() - t0:.0f} s -> {cache}")
     x1 = x8[:1]
     forms = {"batch": tokenreduce.compile(model, (x1,), method="dymu", thresholds=str(cache), inner=args.inner)}
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # interleaved rounds: one untimed warm-up round, then every call once per round
     samples: dict[str, list[float]] = {k: [] for k in calls}
-    log = (args.out / "dymu_batches.jsonl").open("a", encoding="utf-8")
+    log = (args.out / f"dymu_batches-r{args.r}.jsonl").open("a", encoding="utf-8")
     with torch.inference_mode():
         for fn in calls.values():
             fn()
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["throughput_static_vs_unreduced_b8"] = ips["dymu b8 pad=static"] / ips["unreduced b8"]
     summary["load_average_before_after"] = [load_before[0], os.getloadavg()[0]]
     summary["seconds"] = time.perf_counter() - start
-    (args.out / "dymu_batches.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (args.out / f"dymu_batches-r{args.r}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     for k in calls:
         print(f"{k:>20}: {med[k]:8.0f} ms for 8 images, {ips[k]:6.2f} img/s")
     print(f"batch 1: throughput x{summary['throughput_vs_unreduced_b1']:.2f}, FLOPs ratio "
