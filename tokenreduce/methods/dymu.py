@@ -232,8 +232,7 @@ class DymuOptions(Options):
                                    "written by calibrate_dymu")
     mean_r: tuple[float, ...] | None = option(None, "calibrated mean merges per block (read from the thresholds "
                                                     "file; the report's nominal count and the shape propagation's)")
-    prop_attn: bool = option(True, "add log(size) to the attention logits after a merge (proportional attention); "
-                                   "batches need it (it masks the padded slots)")
+    prop_attn: bool = option(True, "add log(size) to the attention logits after a merge (proportional attention)")
     pad: str = option("batch", "batches: 'batch' pads each row to the batch's largest token count, 'static' keeps "
                                "every block's input count (fixed shapes, masked slots; no FLOPs saved)",
                       choices=PADS)
