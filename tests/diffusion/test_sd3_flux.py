@@ -390,3 +390,40 @@ def test_flux_backend_once_for_two_steps_and_onnx(tmp_path):
     # have none (capture marks only inputs whose leading dim is the batch)
     ex = export_onnx(red, tmp_path / "flux.onnx", dynamic_batch=False)
     assert ex.verified and not ex.problems and ex.max_abs_diff < 1e-4
+
+
+class _JointToy(torch.nn.Module):
+    """A denoiser with one joint [image; text] attention whose output is cut back into the image rows either by
+    a slice (which tomesd moves with the merge) or by an index_select (a cut the analysis cannot move)."""
+
+    def __init__(self, cut: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.cut = cut
+        self.patch, self.text = torch.nn.Conv2d(4, 16, 1), torch.nn.Linear(12, 16)
+        self.norm, self.norm_text = torch.nn.LayerNorm(16), torch.nn.LayerNorm(16)
+        self.qkv, self.qkv_text = torch.nn.Linear(16, 48), torch.nn.Linear(16, 48)
+        self.out = torch.nn.Linear(16, 16)
+
+    def forward(self, sample, text):
+        b, _, h, w = sample.shape
+        x = self.patch(sample).flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        tq, tk, tv = self.qkv_text(self.norm_text(self.text(text))).chunk(3, dim=-1)
+        o = F.scaled_dot_product_attention(*(torch.cat(p, 1).unflatten(-1, (2, 8)).transpose(1, 2)
+                                             for p in ((q, tq), (k, tk), (v, tv))))
+        o = o.transpose(1, 2).flatten(2)
+        img = o[:, :h * w] if self.cut == "slice" else o.index_select(1, torch.arange(h * w))
+        x = x + self.out(img)
+        return x.transpose(1, 2).reshape(b, 16, h, w)
+
+
+def test_joint_attention_without_a_movable_cut_is_refused():
+    args = (torch.randn(2, 4, 4, 4), torch.randn(2, 5, 12))
+    red = tokenreduce.compile(_JointToy("slice").eval(), args, method="tomesd", inner="eager", count_model_flops=False)
+    assert [(b.tokens_in, b.tokens_out) for b in red.report.blocks] == [(16, 8)]
+    with torch.no_grad():
+        assert red(*args).shape == (2, 16, 4, 4)
+    with pytest.raises(TokenReduceError, match=r"joint attention `scaled_dot_product_attention`: no slice or split of "
+                                               r"its output at the end of the image part \(rows 0..15 of 21\)"):
+        tokenreduce.compile(_JointToy("index").eval(), args, method="tomesd", inner="eager", count_model_flops=False)

@@ -277,9 +277,25 @@ def _joint_attention(att: Attention, image_side: set[fx.Node]) -> tuple[Sublayer
     inside = nodes_between([merge_at], [branch])
     readers = tuple(u for u in merge_at.users if u in inside)
     cuts = tuple(c for c in cuts_after(att.output, length) if _cuts_image(c, offset, lengths[i], length))
+    if not any(_cuts_at(c, offset + lengths[i], offset) for c in cuts):
+        return None, (f"joint attention `{att.node.name}`: no slice or split of its output at the end of the image "
+                      f"part (rows {offset}..{offset + lengths[i] - 1} of {length}) to move with the merge")
     ends = [n for n in (att.q, att.k, att.v) if isinstance(n, fx.Node)]
     span = JointSpan(offset, length, lengths[i], cuts, side_positions(merge_at, ends, length))
     return Sublayer("attn", merge_at, readers, add, branch, _name([att.node, add]), 0, span), ""
+
+
+def _cuts_at(cut: fx.Node, end: int, offset: int) -> bool:
+    """The cut separates the image part's end (`end`) from what follows: a slice bound there, or a split whose
+    piece starting at `offset` ends there."""
+    if cut.target is torch.ops.aten.slice.Tensor:
+        return end in [a for a in args_of(cut)[2:4] if isinstance(a, int)]
+    sizes, start = args_of(cut)[1], 0
+    for size in sizes if isinstance(sizes, (list, tuple)) else ():
+        if start == offset and isinstance(size, int) and start + size == end:
+            return True
+        start += size if isinstance(size, int) else 0
+    return False
 
 
 def _cuts_image(cut: fx.Node, offset: int, n: int, length: int) -> bool:
