@@ -132,6 +132,34 @@ def test_latency_budget_chooses_by_measured_latency(vit, calib, monkeypatch):
             assert r.get("latency_ratio") is None or r["latency_ratio"] > 0.75
 
 
+def test_cached_latencies_do_not_count_against_max_measured(vit, calib, monkeypatch):
+    """A measurement the cache already holds costs nothing, so max_measured bounds only new ones: where an
+    unbounded search needs several measurements after its anchors, max_measured=1 reaches the same plan when
+    every latency is cached, and does not when they are new."""
+    calls = []
+
+    def fake(cached):
+        def measure_(self, c):  # FLOPs ratio + 0.1, and a per-block schedule is 0.1 slower than the line predicts
+            red = tokenreduce.compile(vit, (calib[:1],), **c.settings, inner="eager")
+            ratio = red.report.flops_ratio + 0.1 + (0.1 if isinstance(c.settings["r"], list) else 0.0)
+            calls.append(c.key)
+            return {"latency_ratio": ratio, "unreduced_ms": 10.0, "reduced_ms": 10 * ratio, "iqr_reduced_ms": 0.0,
+                    "cached": cached}
+        return measure_
+
+    space = {"methods": ["tome"], "families": ["constant", "decreasing"]}
+    monkeypatch.setattr(measure.LatencyMeter, "measure", fake(False))
+    unbounded = tune(vit, calib, {"latency": 0.8}, "eager", **space, max_measured=100)
+    assert len(calls) > 2 + 1  # the two anchors, then more than one measurement to find the plan
+    try:
+        new = tune(vit, calib, {"latency": 0.8}, "eager", **space, max_measured=1).settings
+    except TokenReduceError:
+        new = None
+    assert new != unbounded.settings
+    monkeypatch.setattr(measure.LatencyMeter, "measure", fake(True))
+    assert tune(vit, calib, {"latency": 0.8}, "eager", **space, max_measured=1).settings == unbounded.settings
+
+
 def test_refusals(vit, calib):
     with pytest.raises(TokenReduceError, match="latency budget is measured on a target"):
         tune(vit, calib, {"latency": 0.5})

@@ -328,14 +328,17 @@ def _latency_line(search: Search) -> tuple[float, float]:
     return 1.0 - b, b
 
 
-def _measure(search: Search, meter: LatencyMeter, row: dict[str, Any], say: Callable[[str], None]) -> None:
+def _measure(search: Search, meter: LatencyMeter, row: dict[str, Any], say: Callable[[str], None]) -> bool:
+    """Measure a row's latency on the target (unless it has one); True when that took a new measurement (not
+    one from the cache)."""
     if row.get("latency_ratio") is not None:
-        return
+        return False
     value = meter.measure(row["candidate"])
     row.update(latency_ratio=value["latency_ratio"], unreduced_ms=value["unreduced_ms"],
                reduced_ms=value["reduced_ms"])
     say(f"{row['label']}: latency {value['unreduced_ms']:.2f} -> {value['reduced_ms']:.2f} ms on {meter.target} "
         f"batch {meter.batch} (ratio {value['latency_ratio']:.3f})" + (" (cached)" if value.get("cached") else ""))
+    return not value.get("cached")
 
 
 def _choose(search: Search, kind: str, limit: float, meter: LatencyMeter | None, max_measured: int,
@@ -367,16 +370,17 @@ def _choose(search: Search, kind: str, limit: float, meter: LatencyMeter | None,
             predicted = a + b * r["flops_ratio"]
             if predicted > limit + MARGIN:
                 continue
-            _measure(search, meter, r, say)
-            measured += 1
+            measured += _measure(search, meter, r, say)  # a cached measurement costs nothing: not counted
         if r["latency_ratio"] <= limit:
             return r
     done = [r for r in rows if r.get("latency_ratio") is not None]
     best = min(done, key=lambda r: r["latency_ratio"]) if done else None
     where = f"; the lowest measured was {best['label']} at {best['latency_ratio']:.3f}" if best else ""
+    stopped = (f"; the time budget stopped the search after {len(rows)} candidate(s), raise time_budget_s"
+               if search.out_of_time else "")
     raise TokenReduceError(f"no measured candidate reached latency ratio <= {limit} on {meter.target} at batch "
-                           f"{meter.batch} within {max_measured} measurements{where}; raise the budget, raise "
-                           "max_measured, or tune for FLOPs", setting="budget")
+                           f"{meter.batch} within {max_measured} new measurements{where}{stopped}; raise the "
+                           "budget, raise max_measured, or tune for FLOPs", setting="budget")
 
 
 def _plan(search: Search, chosen: dict[str, Any], kind: str, limit: float, target: str | None, batch: int,
