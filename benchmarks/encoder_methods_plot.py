@@ -41,7 +41,10 @@ def load(path: Path) -> list[Row]:
 
 def speedups(rows: list[Row], backend: str, batch: int) -> dict[tuple[str, float], float]:
     """(method, target) -> measured speedup on `backend` at `batch` (rows with an error are not speedups)."""
-    return {(r["method"], float(r["target"])): float(r["speedup"]) for r in rows
+    def target(r: Row) -> float:  # "method@target/bBATCH/backend"
+        return float(r["key"].split("@", 1)[1].split("/", 1)[0])
+
+    return {(r["method"], target(r)): float(r["speedup"]) for r in rows
             if r.get("backend") == backend and r.get("batch") == batch and "error" not in r and "speedup" in r}
 
 

@@ -131,7 +131,10 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     data = json.loads(path.read_text())
     if data.get("format") != FORMAT:
         raise TokenReduceError(f"{path} is not a {FORMAT} file; give another --json", setting="--json")
-    return list(data.get("rows", []))
+    rows = list(data.get("rows", []))
+    for r in rows:  # rows of the first runs: the bench row's `target` (the backend label) overwrote the FLOPs target
+        r["target"] = float(r["key"].split("@", 1)[1].split("/", 1)[0])
+    return rows
 
 
 def save_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
@@ -151,6 +154,30 @@ def shown_options(options: dict[str, Any]) -> dict[str, Any]:
     if "mean_r" in options:
         out["mean_r_total"] = round(sum(options["mean_r"]), 2)
     return out
+
+
+def setting_text(options: dict[str, Any]) -> str:
+    keys = [k for k in options if k not in ("method", "clamp_r")]
+    return ", ".join(f"{k}={options[k]}" for k in keys) + (" (clamp_r)" if options.get("clamp_r") else "")
+
+
+def markdown_table(rows: list[dict[str, Any]], methods: list[str], targets: list[float]) -> str:
+    """One line per (method, target, batch, backend) row: setting, FLOPs ratio, medians, speedup, efficiency,
+    load average (1 min) before/after; a refusal or failure shows its message."""
+    lines = ["| method | target | setting | batch | backend | FLOPs ratio | unreduced ms | reduced ms | speedup "
+             "| efficiency | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = {(m, t): i for i, (m, t) in enumerate((m, t) for t in sorted(targets, reverse=True) for m in methods)}
+    rows = sorted((r for r in rows if (r["method"], r["target"]) in order),
+                  key=lambda r: (r["batch"], r["backend"] != "onnxruntime", order[(r["method"], r["target"])]))
+    for r in rows:
+        head = f"| {r['method']} | {r['target']:g} | {setting_text(r['options'])} | {r['batch']} | {r['backend']} |"
+        load = f"{r['load_before'][0]:.1f}-{r['load_after'][0]:.1f}"
+        if "error" in r:
+            lines.append(f"{head} {r['matched_ratio']:.3f} | - | - | **refused** | {r['error'][:400]} | {load} |")
+            continue
+        lines.append(f"{head} {r['flops_ratio']:.3f} | {r['latency_unreduced_ms']:.0f} | {r['latency_reduced_ms']:.0f} "
+                     f"| {r['speedup']:.2f}x | {r['efficiency']:.2f} | {load} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- onnx files
@@ -278,7 +305,8 @@ def run_pass(bench: Bench, matcher: Matcher, backend: str, batch: int, repeats: 
             row.update(error=f"{type(e).__name__}: {e}", load_after=os.getloadavg())
             print(f"   {stem} b{batch} {backend}: ERROR {str(e)[:300]}", flush=True)
         else:
-            row.update(asdict(make_row(method, batch, backend, timing, report, threads=args.threads)))
+            bench_row = asdict(make_row(method, batch, backend, timing, report, threads=args.threads))
+            row.update({k: v for k, v in bench_row.items() if k not in ("setting", "target")})  # theirs: labels
             row.update(extra, load_after=os.getloadavg(), minutes=(time.perf_counter() - t0) / 60)
             print(f"   {stem} b{batch} {backend}: {row['latency_unreduced_ms']:.1f} -> {row['latency_reduced_ms']:.1f}"
                   f" ms, speedup {row['speedup']:.2f}x, FLOPs {row['flops_ratio']:.3f}, efficiency "
@@ -340,6 +368,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="instead of timing: onnxruntime's kernel time per op type of every ONNX file already in "
                         "--onnx-dir (batch 1, --threads), over RUNS profiled runs; rows to --json's folder, "
                         "profile.json")
+    p.add_argument("--table", action="store_true", help="print --json's rows as a markdown table; times nothing")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="copy the rows of these files (e.g. of a worker run with its own --json) into --json, "
                         "skipping keys already there; times nothing")
@@ -376,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.profile:
         return profile_files(args)
+    if args.table:
+        print(markdown_table(load_rows(args.json), args.methods, args.targets))
+        return 0
     import timm
 
     torch.set_num_threads(args.threads)
