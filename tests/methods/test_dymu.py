@@ -11,9 +11,15 @@ Checked: the compiled tiny timm ViT against a hand-written forward that merges w
 input, with the per-input counts that `recording()` reports (and that those counts differ between inputs);
 `calibrate_dymu` against edges computed by hand at the first block (exactly M * r above its threshold), the
 mean merges it reports against a recount, its file read back by `thresholds=PATH` (report shows the calibrated
-mean); refusals: batch > 1 at run time, ONNX export (naming `method='tome'` with the calibrated r), bad options.
-Inductor parity (dynamic shapes through graph breaks) is a slow test: its first compile takes about a minute on
-two cores.
+mean), and the same thresholds from padded-batch calibration.
+
+Batches (padded masks): a batch of 3 different images against each image alone at batch 1 (tight tolerance)
+and against the hand reference, with per-row counts equal to the reference's (thresholds applied by hand) and
+the padded width equal to the largest row; CLS, mean-pooled (also against the reference) and attention-pooled
+outputs, unmerged token outputs, `pad="static"`, and a padded BERT batch against each sentence compiled
+unpadded at its own length. Refusals: padding with `prop_attn=False`, ONNX export (naming `method='tome'` with
+the calibrated r), bad options. Inductor parity (dynamic shapes through graph breaks, batch 1 and a padded
+batch) is a slow test: its first compile takes about a minute on two cores.
 """
 
 from __future__ import annotations

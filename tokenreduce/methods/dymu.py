@@ -23,7 +23,9 @@ Which form runs when (docs/methods.md, "DyMU"):
   count (`pad="batch"`) or to the block's input count (`pad="static"`, fixed shapes at every batch size, no
   FLOPs saved). Proportional attention's `+ log(size)` is `-inf` on an empty slot, so it is never a key of any
   later attention; a later DyMU block drops empty slots before matching. Text padding (`valid`) never merges and
-  is kept after the row's own tokens. So a row's tokens, its CLS and its unmerged outputs equal its batch-1 run.
+  is kept after the row's own tokens. `pads_slots` tells `passes/insert_reductions.py` to mask the empty slots
+  for attention no `log(size)` bias reaches and to pool over each row's own slots. So a row's tokens, its CLS,
+  its pooled and its unmerged outputs equal its batch-1 run.
 
 Refuses:
 * padded slots without proportional attention (`prop_attn=False` with a batch, or with `pad="static"`): nothing
@@ -77,8 +79,9 @@ PADS = ("batch", "static")  # the padded width of a batch: its largest row, or t
 # ------------------------------------------------------------------------------------------------ run-time state
 @dataclass
 class Recording:
-    """What `recording()` collects: `counts[i]` is `{block: tokens after that block}` of the i-th input row (a
-    call with a batch of B adds B rows, in batch order), `widths[j]` `{block: slots after that block}` of the j-th
+    """What `recording()` collects: `counts[i]` is `{block: tokens after that block}` of the i-th input row (the
+    row's own tokens: text padding and padded slots are not counted; a call with a batch of B adds B rows, in
+    batch order), `widths[j]` `{block: slots after that block}` of the j-th
     call (the batch's largest count, or N with `pad="static"`: the padded width the batch ran at), and, while
     calibrating, `scores[block]` the edge similarities of every row."""
 
