@@ -257,6 +257,9 @@ class EncoderMethod(Method):
     # False: the method rewrites its blocks without moving tokens (TempScale scales attention logits, in its
     # own pass); insert_reductions then leaves its plans alone.
     moves_tokens: ClassVar[bool] = True
+    # True: batches pad rows with empty slots (DyMU: each row keeps its own count); insert_reductions then masks
+    # the empty slots and pools over each row's own slots.
+    pads_slots: ClassVar[bool] = False
 
     def prop_attn(self, options: Options) -> bool:
         """Whether later attention adds log(size) to its logits after this method's reductions."""

@@ -334,7 +334,7 @@ def insert_reductions(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
     st = ctx.state
     cache: dict = {}
     last: fx.Node | None = None  # the last reduction's output
-    pads = bool(getattr(method, "pads_slots", False))
+    pads = bool(getattr(method, "pads_slots", False))  # decoder methods have no such attribute
     num_p = ctx.analysis.num_protected
     side_cache: dict = {}
     for block, bp in zip(ctx.analysis.blocks, ctx.plans):
