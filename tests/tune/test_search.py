@@ -104,6 +104,11 @@ def test_cache_resumes_without_recompiling(vit, calib, tmp_path, monkeypatch):
     second = tune(vit, calib, {"flops": 0.75}, methods=["tome"], families=["constant"], cache=cache)
     assert calls == []
     assert second.settings == first.settings and all(r["cached"] for r in second.candidates)
+    # candidates the cache holds cost nothing, so max_candidates does not cut them: the same rows and plan
+    third = tune(vit, calib, {"flops": 0.75}, methods=["tome"], families=["constant"], cache=cache, max_candidates=1)
+    assert calls == []
+    assert len(first.candidates) > 1 and {r["label"] for r in third.candidates} == {r["label"] for r in first.candidates}
+    assert third.settings == first.settings
     # other calibration inputs are other measurements
     tune(vit, calib[:3], {"flops": 0.75}, methods=["tome"], families=["constant"], cache=cache)
     assert calls

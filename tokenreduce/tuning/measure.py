@@ -230,6 +230,10 @@ class Evaluator:
                                    f"full model), got {value!r}", setting="metric")
         return float(value)
 
+    def is_cached(self, c: Candidate) -> bool:
+        """Whether the cache holds this candidate's fidelity and FLOPs (evaluating it costs nothing)."""
+        return self.cache.get(f"fid:{self.fingerprint}:{c.key}") is not None
+
     def evaluate(self, c: Candidate) -> dict[str, Any]:
         """{fidelity, flops_ratio, tokens_out, seconds} of a candidate (from the cache when measured before)."""
         key = f"fid:{self.fingerprint}:{c.key}"

@@ -255,11 +255,12 @@ def tune(model: torch.nn.Module, calib_inputs: Any, budget: Any, target: str | N
             low = min(cands, key=lambda c: proxy_of(shape, c))
             search.notes.append(f"no schedule candidate is estimated to reach FLOPs ratio {flops_target:.3f}; the "
                                 f"lowest estimate is {low.label} at {proxy_of(shape, low):.3f}")
+        cached = [c for c in pool[max_candidates:] if ev.is_cached(c)]  # measured before: free, always taken
         if len(pool) > max_candidates:
             search.notes.append(f"{len(pool)} schedule candidates fit the budget estimate; the {max_candidates} "
                                 "nearest to it were evaluated, taken in turn from each method and family "
-                                "(max_candidates)")
-        for c in pool[:max_candidates]:
+                                f"(max_candidates), and {len(cached)} more whose measurements the cache held")
+        for c in pool[:max_candidates] + cached:
             search.evaluate(c)
         if "greedy" in fams:
             merging = [r for r in search.rows.values() if tunable(registry.encoder(r["method"])) == "r"
