@@ -114,6 +114,16 @@ def shown(options: dict[str, Any]) -> dict[str, Any]:
             for k, val in options.items()}
 
 
+def counted_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, int]:
+    """`fn(*args, **kwargs)` on the real inputs under `torch.utils.flop_counter` (the formulas the report uses,
+    attention and tokenreduce's ops included): the FLOPs of *this* call, at the counts DyMU chose for it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        out = fn(*args, **kwargs)
+    return out, int(counter.get_total_flops())
+
+
 def block_merges(counts: list[dict[int, int]], n0: int) -> list[float]:
     """Mean tokens removed per block over the recorded DyMU calls (`dymu.recording().counts`)."""
     if not counts:
@@ -185,8 +195,8 @@ def dinov2(args: argparse.Namespace, log: Log) -> None:
     log(f"full model: k-NN top-1 {full_acc:.2f} ({nq} queries, bank {bank.shape[0]})")
     gen = torch.Generator().manual_seed(0)
     cap2, before2 = capture(model, Example((torch.randn(2, 3, 224, 224, generator=gen),)))  # dynamic batch
-    order = [(m, t) for t in args.targets for m in args.methods if m != "dymu"]  # target-major: a cut run keeps
-    order += [("dymu", t) for t in args.targets if "dymu" in args.methods]  # whole targets; DyMU (batch 1) last
+    # target-major, so a run cut short keeps whole targets; within a target DyMU (calibration, batch 1) comes last
+    order = [(m, t) for t in args.targets for m in sorted(args.methods, key=lambda m: m == "dymu")]
     for method, target in order:
         if (method, target) in done:
             log(f"{method} @ {target}: already in {rows_path}")
@@ -200,12 +210,19 @@ def dinov2(args: argparse.Namespace, log: Log) -> None:
             row.update(options=shown(options), flops_ratio_matched=matched, setting=setting_label(options, merges))
             log(f"{method} @ {target}: {row['setting']}, FLOPs ratio {matched:.4f}")
             if method == "dymu":
+                flops: list[int] = []
+
+                def one(x: torch.Tensor, red: Any = red, flops: list[int] = flops) -> Any:
+                    out, f = counted_call(red, x)
+                    flops.append(f)
+                    return out
+
                 with recording() as rec:
-                    feats = features(red, query_images, 1, f"{method} @ {target}")
+                    feats = features(one, query_images, 1, f"{method} @ {target}")
                 test_merges = block_merges([dict(c) for c in rec.counts], 257)
                 tokens = 257 - sum(test_merges)
                 per_input = [min(c.values()) if c else 257 for c in rec.counts]
-                achieved = matcher.evaluate({**options, "mean_r": test_merges})["ratio"]
+                achieved = statistics.fmean(flops) / (before2 / 2)  # every image's own FLOPs (batch 1)
                 row.update(flops_ratio=achieved, tokens=f"257 -> {tokens:.1f} (test mean; per image "
                            f"{min(per_input)}..{max(per_input)})", test_mean_r=[round(m, 2) for m in test_merges])
             else:
@@ -312,18 +329,16 @@ def minilm(args: argparse.Namespace, log: Log) -> None:
                     if method == "dymu":
                         emb: list[torch.Tensor] = []
                         counts: list[dict[int, int]] = []
+                        flops: list[int] = []
                         for i in range(len(group)):
-                            with recording() as rec:
-                                emb.append(red(group[i:i + 1], attention_mask=ones[i:i + 1]).last_hidden_state.mean(1))
+                            with recording() as rec:  # each sentence's own count, and its own FLOPs
+                                output, f = counted_call(red, group[i:i + 1], attention_mask=ones[i:i + 1])
+                            emb.append(output.last_hidden_state.mean(1))
+                            flops.append(f)
                             counts.extend(dict(c) for c in rec.counts)
                         entry["emb"] = torch.cat(emb).float()
                         entry["tokens_out"] = statistics.fmean(min(c.values()) if c else length for c in counts)
-                        merges = block_merges(counts, length)
-                        try:  # FLOPs at this length's measured mean merges (DyMU's nominal count rounds them)
-                            entry["flops_after"] = before * matcher_ratio_at(cap, before, {**options, "mean_r": merges})
-                        except TokenReduceError as exc:
-                            entry["flops_after"] = float(red.report.flops_after or 0.0)
-                            entry["flops_note"] = f"at the calibrated counts ({exc})"
+                        entry["flops_after"] = 2 * statistics.fmean(flops)  # per call at batch 1; `before` is batch 2
                     else:
                         entry["emb"] = torch.cat([red(group[s:s + 64], attention_mask=ones[s:s + 64])
                                                   .last_hidden_state.mean(dim=1).float()
@@ -338,15 +353,6 @@ def minilm(args: argparse.Namespace, log: Log) -> None:
         log(f"L={length} ({len(group)} sentences): {time.perf_counter() - t_len:.0f} s, load {load0} -> {load_avg()}")
         minilm_rows(args, settings, errors, results, ids, gold, n, pair_spearman, log)
     minilm_rows(args, settings, errors, results, ids, gold, n, pair_spearman, log)
-
-
-def matcher_ratio_at(cap: Any, before: int, options: dict[str, Any]) -> float:
-    """FLOPs ratio of a DyMU setting whose nominal counts are `options["mean_r"]` (the measured mean merges)."""
-    red = compile_captured(cap, before, options)
-    ratio = red.report.flops_ratio
-    if ratio is None:
-        raise TokenReduceError(f"FLOPs not counted: {red.report.flops_unavailable}")
-    return float(ratio)
 
 
 def minilm_rows(args: argparse.Namespace, settings: dict[tuple[str, float], tuple[dict[str, Any], float]],
