@@ -81,8 +81,9 @@ def table(path: Path) -> str:
     the same round: on a loaded machine it is less moved by load changes between rounds than the ratio of medians."""
     lines = ["| model | latent | merged blocks (tokens) | ratio | target | FLOPs ratio | unreduced s | reduced s | "
              "latency ratio | paired | efficiency | load before -> after |", "|" + "---|" * 12]
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    order = {"eager": 0, "inductor": 1, "onnxruntime": 2}
+    for r in sorted(rows, key=lambda r: (r["model"], r["side"], r["ratio"], order.get(r["target"], 3))):
         tokens = ", ".join(f"{a}->{b}" for a, b in r["tokens"])
         paired = statistics.median(b / a for a, b in zip(r["samples_unreduced_ms"], r["samples_reduced_ms"]))
         lines.append(f"| {r['model']} | {r['side']}x{r['side']} | {r['merged_blocks']} ({tokens}) | {r['ratio']} | "
