@@ -386,9 +386,8 @@ def test_flux_backend_once_for_two_steps_and_onnx(tmp_path):
             outs.append(direct - model(*args, **kw).sample)
     assert tokenreduce.backend_stats().builds == before + 1  # no recompile for the second step
     assert all(d.abs().max().item() > 1e-3 for d in outs)
-    # static batch: targets/onnx.py marks dim 0 of every input as the batch, and Flux's img_ids/txt_ids [N, 3]
-    # have none (capture marks only inputs whose leading dim is the batch)
-    ex = export_onnx(red, tmp_path / "flux.onnx", dynamic_batch=False)
+    # dynamic batch: only inputs whose leading dim is the batch get the batch dim (img_ids/txt_ids [N, 3] have none)
+    ex = export_onnx(red, tmp_path / "flux.onnx")
     assert ex.verified and not ex.problems and ex.max_abs_diff < 1e-4
 
 

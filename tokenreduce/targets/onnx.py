@@ -335,10 +335,13 @@ def _export_program(gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str
     trace_args, trace_kwargs = args, kwargs
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
-        leaves = pytree.tree_map(lambda t: {0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None,
-                                 (args, kwargs))
+        b = batch_of(args, kwargs)
+        # only inputs whose leading dim is the batch (Flux's img_ids/txt_ids [N, 3] have none), as in capture
+        leaves = pytree.tree_map(
+            lambda t: {0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == b else None,
+            (args, kwargs))
         dynamic_shapes = _by_name(gm_inlined, leaves)
-        if batch_of(args, kwargs) == 1:  # export specialises size-1 dims: trace at batch 2
+        if b == 1:  # export specialises size-1 dims: trace at batch 2
             trace_args, trace_kwargs = repeat_batch(args, 1), repeat_batch(kwargs, 1)
     try:
         # under no_grad: with grad enabled, torch.export keeps the fused SDPA's output strides and turns the
