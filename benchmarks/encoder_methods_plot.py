@@ -6,7 +6,8 @@ its three FLOPs targets (0.8, 0.65, 0.5); the unreduced model is the star at spe
 
 The x axis is the speedup *measured* by `benchmarks/encoder_methods_speed.py` (`out/encoder_methods/speed.json`):
 unreduced / reduced median latency of the same method at the same FLOPs target on timm ViT-B/16 (random init),
-by default onnxruntime at batch 1 (`--backend`, `--batch`). It is not a speedup of DINOv2-S or MiniLM themselves:
+by default onnxruntime at batch 1 (`--backend`, `--batch`), and by default the *paired* speedup (1 / the median
+of the per-round ratios reduced / unreduced; `--estimator medians` for the ratio of the two medians). It is not a speedup of DINOv2-S or MiniLM themselves:
 the quality runner and the speed runner match each method to the same FLOPs *targets* on their own models, and
 the FLOPs target is what links a quality point to a speed point. A method the x-axis backend refuses (DyMU on
 onnxruntime: its count is data-dependent) is drawn at its `--fallback-backend` speedup instead, with hollow
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,20 +41,27 @@ def load(path: Path) -> list[Row]:
     return list(json.loads(path.read_text()).get("rows", []))
 
 
-def speedups(rows: list[Row], backend: str, batch: int) -> dict[tuple[str, float], float]:
-    """(method, target) -> measured speedup on `backend` at `batch` (rows with an error are not speedups)."""
+def speedups(rows: list[Row], backend: str, batch: int, paired: bool) -> dict[tuple[str, float], float]:
+    """(method, target) -> measured speedup on `backend` at `batch` (rows with an error are not speedups):
+    `paired`: 1 / the median of the per-round ratios reduced / unreduced; else the ratio of the medians."""
     def target(r: Row) -> float:  # "method@target/bBATCH/backend"
         return float(r["key"].split("@", 1)[1].split("/", 1)[0])
 
-    return {(r["method"], target(r)): float(r["speedup"]) for r in rows
+    def speedup(r: Row) -> float:
+        if not paired:
+            return float(r["speedup"])
+        ratios = sorted(b / a for a, b in zip(r["samples_unreduced_ms"], r["samples_reduced_ms"], strict=True))
+        return 1.0 / statistics.median(ratios)
+
+    return {(r["method"], target(r)): speedup(r) for r in rows
             if r.get("backend") == backend and r.get("batch") == batch and "error" not in r and "speedup" in r}
 
 
-def points(quality: list[Row], speed: list[Row], model: str, backend: str, batch: int,
-           fallback: str) -> tuple[dict[str, list[tuple[float, float, float]]], dict[str, str], list[str]]:
+def points(quality: list[Row], speed: list[Row], model: str, backend: str, batch: int, fallback: str,
+           paired: bool) -> tuple[dict[str, list[tuple[float, float, float]]], dict[str, str], list[str]]:
     """Per method: [(target, speedup, quality)] sorted by target (descending: from light to heavy reduction),
     the backend each method's x comes from, and what is missing."""
-    main, alt = speedups(speed, backend, batch), speedups(speed, fallback, batch)
+    main, alt = speedups(speed, backend, batch, paired), speedups(speed, fallback, batch, paired)
     out: dict[str, list[tuple[float, float, float]]] = {}
     source: dict[str, str] = {}
     missing: list[str] = []
@@ -91,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="onnxruntime", help="whose speedup is the x axis")
     p.add_argument("--fallback-backend", default="inductor", help="x for methods the backend refuses (DyMU)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--estimator", choices=("paired", "medians"), default="paired",
+                   help="paired: 1 / median of per-round reduced/unreduced ratios (steadier under a drifting load); "
+                        "medians: unreduced median / reduced median")
     p.add_argument("--out", type=Path, default=Path("docs/encoder_methods.png"))
     args = p.parse_args(argv)
     quality, speed = load(args.quality), load(args.speed)
@@ -108,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     markers = {0.8: "o", 0.65: "s", 0.5: "^"}
     all_missing: list[str] = []
     for ax, (model, title) in zip(axes, PANELS):
-        pts, source, missing = points(quality, speed, model, args.backend, args.batch, args.fallback_backend)
+        pts, source, missing = points(quality, speed, model, args.backend, args.batch, args.fallback_backend,
+                                      args.estimator == "paired")
         all_missing += missing
         for method in METHODS:
             if method not in pts:
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if full is not None:
             ax.plot(1.0, full, "*", color="black", markersize=13, label="unreduced")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel(f"measured speedup, ViT-B/16 {args.backend} batch {args.batch} (unreduced / reduced latency)",
+        ax.set_xlabel(f"measured speedup ({args.estimator}), ViT-B/16 {args.backend} batch {args.batch}, 1 thread",
                       fontsize=8)
         ax.grid(alpha=0.3)
         if not pts:

@@ -17,7 +17,8 @@ matched FLOPs (about 0.8, 0.65 and 0.5 of the full model), beside the quality ta
   `--warmup` rounds untimed, then `--repeats` rounds; medians. At batch 1 every round feeds the next of
   `--images` CIFAR-10 test images (the same sequence on both sides), so DyMU's input-dependent count is timed
   over several inputs rather than one; at batch 8 one fixed batch of 8 test images.
-* Per row: medians, `speedup = unreduced / reduced`, the FLOPs ratio of the compile report (DyMU: at its
+* Per row: medians, `speedup = unreduced / reduced` (the table adds the *paired* speedup, 1 / the median of the
+  per-round ratios reduced / unreduced, steadier when the load drifts within a row), the FLOPs ratio of the compile report (DyMU: at its
   calibrated mean merges, its nominal count), `efficiency = speedup * FLOPs ratio`, the load average before and
   after the row, and for DyMU the tokens each timed input kept after the last block (`recording()`, eager).
 
@@ -40,6 +41,7 @@ import gc
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -161,11 +163,18 @@ def setting_text(options: dict[str, Any]) -> str:
     return ", ".join(f"{k}={options[k]}" for k in keys) + (" (clamp_r)" if options.get("clamp_r") else "")
 
 
+def paired_speedup(row: dict[str, Any]) -> float:
+    """1 / the median over rounds of reduced / unreduced latency of the same round (A and B run back to back):
+    under a load that drifts within the run this is steadier than the ratio of the two medians."""
+    ratios = [b / a for a, b in zip(row["samples_unreduced_ms"], row["samples_reduced_ms"], strict=True)]
+    return 1.0 / statistics.median(ratios)
+
+
 def markdown_table(rows: list[dict[str, Any]], methods: list[str], targets: list[float]) -> str:
     """One line per (method, target, batch, backend) row: setting, FLOPs ratio, medians, speedup, efficiency,
     load average (1 min) before/after; a refusal or failure shows its message."""
     lines = ["| method | target | setting | batch | backend | FLOPs ratio | unreduced ms | reduced ms | speedup "
-             "| efficiency | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| efficiency | paired speedup | paired efficiency | load |", "|" + "---|" * 13]
     order = {(m, t): i for i, (m, t) in enumerate((m, t) for t in sorted(targets, reverse=True) for m in methods)}
     rows = sorted((r for r in rows if (r["method"], r["target"]) in order),
                   key=lambda r: (r["batch"], r["backend"] != "onnxruntime", order[(r["method"], r["target"])]))
@@ -173,10 +182,11 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str], targets: list
         head = f"| {r['method']} | {r['target']:g} | {setting_text(r['options'])} | {r['batch']} | {r['backend']} |"
         load = f"{r['load_before'][0]:.1f}-{r['load_after'][0]:.1f}"
         if "error" in r:
-            lines.append(f"{head} {r['matched_ratio']:.3f} | - | - | **refused** | {r['error'][:400]} | {load} |")
+            lines.append(f"{head} {r['matched_ratio']:.3f} | - | - | **refused** | {r['error'][:400]} | | | {load} |")
             continue
         lines.append(f"{head} {r['flops_ratio']:.3f} | {r['latency_unreduced_ms']:.0f} | {r['latency_reduced_ms']:.0f} "
-                     f"| {r['speedup']:.2f}x | {r['efficiency']:.2f} | {load} |")
+                     f"| {r['speedup']:.2f}x | {r['efficiency']:.2f} | {paired_speedup(r):.2f}x "
+                     f"| {paired_speedup(r) * r['flops_ratio']:.2f} | {load} |")
     return "\n".join(lines)
 
 
