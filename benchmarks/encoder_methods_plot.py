@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         ax.grid(alpha=0.3)
         if not pts:
             ax.text(0.5, 0.5, "no rows yet", transform=ax.transAxes, ha="center")
-    axes[0].legend(fontsize=8, loc="lower left")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower left")
     fig.suptitle("Encoder methods at matched FLOPs (markers: circle 0.8, square 0.65, triangle 0.5 of the full "
                  "model's FLOPs)", fontsize=10)
     fig.tight_layout()
