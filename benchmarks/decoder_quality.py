@@ -39,6 +39,8 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     "gemfilter-L8": ("gemfilter", dict(layers=[8], keep_tokens=256, score_pool=15)),  # the fast setting
     "divprune": ("divprune", dict(keep_ratio=0.5)),
     "dart": ("dart", dict(layers=[2], keep_ratio=0.5)),
+    "sparsevlm": ("sparsevlm", dict(layers=[2], keep_ratio=0.5)),
+    "visiondrop": ("visiondrop", dict(layers=[2], keep_ratio=0.5)),
 }
 
 

@@ -28,10 +28,12 @@ MODEL is one of:
                      A *ForCausalLM or LLaVA-style folder is a decoder: --method fastv|pyramiddrop|
                      gemfilter prunes its prefill; --prompt/--span choose the prompt and droppable span
   diffusers:FOLDER   a diffusion denoiser saved by diffusers, offline: a UNet2DConditionModel,
-                     DiTTransformer2DModel or PixArtTransformer2DModel folder, or a pipeline folder (its
-                     unet/ or transformer/); inputs for one denoiser call: latent [B,C,S,S] (--image-size S,
-                     latent pixels), timestep, text states [B,L,D] (--seq-len L, default 77) or class
-                     labels as the config needs. Reduce with --method tomesd
+                     DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel or
+                     FluxTransformer2DModel folder, or a pipeline folder (its unet/ or transformer/); inputs
+                     for one denoiser call: latent [B,C,S,S] (--image-size S, latent pixels; Flux: packed
+                     [B,(S/2)^2,4C]), timestep, text states [B,L,D] (--seq-len L; default 77, SD3 333, Flux
+                     512) or class labels as the config needs. Reduce with --method tomesd (Flux: give its
+                     packed grid as --grid-h/--grid-w)
   FILE.pt2           a program saved with torch.export.save; inputs from its input shapes. A file
                      holding pickled objects or code (which loading would run) is refused unless
                      --trust-pickle

@@ -365,7 +365,9 @@ def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, inner: str 
             "gemfilter" rank the span by the last query's attention; "divprune" (max-min diversity, before
             the LLM), "dart" (duplication around pivot tokens, at a chosen layer) and "visionzip" (dominant
             + merged contextual image tokens from the vision tower's CLS attention; LLaVA-style models)
-            select visual tokens (docs/decoders.md); "none" captures the same prefill graph without pruning
+            select visual tokens; "sparsevlm" (question tokens rate the visual ones inside the LLM, pruned
+            ones recycled) and "visiondrop" (visual-only attention, dropped ones merged) prune them in stages
+            (docs/decoders.md); "none" captures the same prefill graph without pruning
             (the baseline benchmarks compare against).
         inner: "eager" (default: runs the rewritten graph as is) or "inductor".
         count_model_flops: count prefill FLOPs before/after for the report (on fake tensors where the
@@ -376,9 +378,12 @@ def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, inner: str 
                 13/32 of the depth).
             keep_ratio -- FastV / PyramidDrop: fraction of the span kept at each stage (default 0.5);
                 DivPrune / DART / VisionZip: fraction kept (defaults from their papers' scripts: 0.098,
-                0.222, 64/576).
+                0.222, 64/576); SparseVLM / VisionDrop: fraction of the span left after the last stage
+                (defaults 110/576, 19/48).
             pivot_image_tokens, pivot_text_tokens -- DART: pivots from the span and from the question.
-            contextual_ratio -- VisionZip: share of the kept tokens that are merged contextual tokens.
+            contextual_ratio -- VisionZip: share of the kept tokens that are merged contextual tokens;
+                VisionDrop: share of each stage's kept tokens that absorb the dropped ones.
+            recycle_ratio -- SparseVLM: share of each stage's pruned tokens recycled into cluster tokens.
             keep_tokens -- GemFilter: span tokens kept (default: the paper's 1024, or a quarter of the span
                 when that is smaller).
             score_pool -- max-pool the last-query scores over this many neighbouring tokens before ranking

@@ -324,6 +324,14 @@ class DenoiserMethod(EncoderMethod):
     def emit_slots(self, options: Options, site: MergeSite) -> fx.Node:
         raise NotImplementedError(f"{type(self).__name__} must emit its plan")
 
+    def emit_positions(self, options: Options, site: MergeSite, slot: fx.Node) -> tuple[fx.Node, fx.Node]:
+        """`(slot, positions)`: the plan `emit_slots` emitted, and `[B, N']`, the token each slot stands for
+        (per-token side inputs such as Flux's rotary tables are gathered by it). Needed only on blocks whose
+        merged sublayers read such inputs; a method without it is refused there."""
+        raise TokenReduceError(f"block {site.plan.index} ({site.plan.name}) reads per-token positions (rotary tables) "
+                               f"inside a merged sublayer; {self.name} does not say which token a merged slot "
+                               "stands for (emit_positions)", setting="method")
+
 
 def walk_blocks(analysis: ModelAnalysis, active: Callable[[Block], bool],
                 reduce: Callable[[Block, BlockPlan], None]) -> list[BlockPlan]:

@@ -145,12 +145,7 @@ def merge_sublayers(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
             subs = [("attn+mlp", blk.fused)]
         rep = None
         if any((j := sub.joint) is not None and j.positions for _, sub in subs):
-            emit_positions = getattr(method, "emit_positions", None)
-            if emit_positions is None:
-                raise TokenReduceError(f"block {blk.index} ({blk.name}) reads per-token positions (rotary tables) "
-                                       f"inside a merged sublayer; {method.name} does not say which token a merged "
-                                       "slot stands for (emit_positions)", setting="method")
-            slot, rep = emit_positions(opts, site, slot)
+            slot, rep = method.emit_positions(opts, site, slot)  # refused by methods that cannot say
         for kind, sub in subs:
             if not sub.readers:
                 raise TokenReduceError(f"block {blk.index} ({blk.name}): the {kind} sublayer's input "
