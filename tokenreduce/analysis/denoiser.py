@@ -194,6 +194,12 @@ def _first_projections(h: fx.Node, branch: fx.Node) -> list[fx.Node]:
     return first
 
 
+def _readers(merge_at: fx.Node, branch: fx.Node) -> tuple[fx.Node, ...]:
+    """The users of `merge_at` on its way to the residual branch `branch` (`Sublayer.readers`)."""
+    inside = nodes_between([merge_at], [branch])
+    return tuple(u for u in merge_at.users if u in inside)
+
+
 def _name(nodes: list[fx.Node]) -> str:
     """The deepest module path shared by the nodes' module stacks ("down_blocks.0.attentions.0.transformer_blocks.0")."""
     paths = [module_path(n) for n in nodes]
@@ -218,9 +224,7 @@ def _attention_sublayer(att: Attention, kind: str) -> tuple[Sublayer | None, str
         return None, (f"no residual add after the attention output `{att.output.name}` whose other operand the "
                       f"query projection's input `{merge_at.name}` is a norm of")
     add, h, branch = found
-    inside = nodes_between([merge_at], [branch])
-    readers = tuple(u for u in merge_at.users if u in inside)
-    return Sublayer(kind, merge_at, readers, add, branch, _name([att.node, add])), ""
+    return Sublayer(kind, merge_at, _readers(merge_at, branch), add, branch, _name([att.node, add])), ""
 
 
 def _mlp_sublayer(h: fx.Node, attention_nodes: set[fx.Node]) -> Sublayer | None:
@@ -241,9 +245,7 @@ def _mlp_sublayer(h: fx.Node, attention_nodes: set[fx.Node]) -> Sublayer | None:
             continue
         merge_at = inputs.pop()
         assert merge_at is not None
-        inside = nodes_between([merge_at], [branch])
-        readers = tuple(u for u in merge_at.users if u in inside)
-        return Sublayer("mlp", merge_at, readers, add, branch, _name([*first, add]))
+        return Sublayer("mlp", merge_at, _readers(merge_at, branch), add, branch, _name([*first, add]))
     return None
 
 
@@ -274,15 +276,13 @@ def _joint_attention(att: Attention, image_side: set[fx.Node]) -> tuple[Sublayer
         return None, (f"joint attention `{att.node.name}`: no residual add after it whose other operand the image "
                       f"stream's normed input `{merge_at.name}` is computed from")
     add, h, branch = closed
-    inside = nodes_between([merge_at], [branch])
-    readers = tuple(u for u in merge_at.users if u in inside)
     cuts = tuple(c for c in cuts_after(att.output, length) if _cuts_image(c, offset, lengths[i], length))
     if not any(_cuts_at(c, offset + lengths[i], offset) for c in cuts):
         return None, (f"joint attention `{att.node.name}`: no slice or split of its output at the end of the image "
                       f"part (rows {offset}..{offset + lengths[i] - 1} of {length}) to move with the merge")
     ends = [n for n in (att.q, att.k, att.v) if isinstance(n, fx.Node)]
     span = JointSpan(offset, length, lengths[i], cuts, side_positions(merge_at, ends, length))
-    return Sublayer("attn", merge_at, readers, add, branch, _name([att.node, add]), 0, span), ""
+    return Sublayer("attn", merge_at, _readers(merge_at, branch), add, branch, _name([att.node, add]), 0, span), ""
 
 
 def _cuts_at(cut: fx.Node, end: int, offset: int) -> bool:

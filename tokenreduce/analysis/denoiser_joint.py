@@ -25,13 +25,14 @@ slice is the image. Anything else is not recognised (the block is skipped with a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from tokenreduce.ir import patterns as P
-from tokenreduce.ir.graph import args_of, is_projection, nodes_between, shape, static_dim
+from tokenreduce.ir.graph import args_of, is_projection, nodes_between, search_up, shape, static_dim
 
 aten = torch.ops.aten
 CATS = {aten.cat.default}
@@ -90,26 +91,16 @@ def _cat_parts(cat: fx.Node) -> tuple[list[fx.Node], int] | None:
 def joint_cat(q: fx.Node, tokens: int, limit: int = 40) -> tuple[fx.Node, list[fx.Node], int] | None:
     """The `cat` above an attention's query that joins two or more projected streams along the token axis
     (`tokens` long): `(cat, parts, dim)`. Searched upwards, never past a projection or an attention."""
-    frontier, seen = [q], {q}
-    for _ in range(limit):
-        nxt: list[fx.Node] = []
-        for n in frontier:
-            if n.op != "call_function" or is_projection(n) or n.target in P.SDPA_SPELLINGS or n.target in P.SOFTMAX:
-                continue
-            if n.target in CATS:
-                found = _cat_parts(n)
-                out = shape(n)
-                if found is not None and out is not None and static_dim(out[found[1]]) == tokens and \
-                        all(_has_projection_above(p) for p in found[0]):
-                    return n, found[0], found[1]
-            for a in n.all_input_nodes:
-                if a not in seen:
-                    seen.add(a)
-                    nxt.append(a)
-        if not nxt:
-            return None
-        frontier = nxt
-    return None
+    def match(n: fx.Node) -> tuple[fx.Node, list[fx.Node], int] | None:
+        found = _cat_parts(n) if n.target in CATS else None
+        out = shape(n)
+        if found is not None and out is not None and static_dim(out[found[1]]) == tokens and \
+                all(_has_projection_above(p) for p in found[0]):
+            return n, found[0], found[1]
+        return None
+
+    return search_up(q, limit, match,
+                     lambda n: is_projection(n) or n.target in P.SDPA_SPELLINGS or n.target in P.SOFTMAX)
 
 
 def _has_projection_above(node: fx.Node, limit: int = 12) -> fx.Node | None:
@@ -139,8 +130,17 @@ def part_lengths(parts: list[fx.Node], dim: int) -> list[int] | None:
 def cuts_after(output: fx.Node, length: int, limit: int = 12) -> list[fx.Node]:
     """The `slice` / `split_with_sizes` nodes that cut the joint sequence (`length` long on some axis) after the
     attention output, reached through layout ops only (transpose, reshape, flatten, casts)."""
-    cuts: list[fx.Node] = []
-    frontier, seen = [output], {output}
+    def follow(u: fx.Node) -> bool:
+        return u.target not in SLICES | SPLITS and u.target in LAYOUT_OPS and \
+            length in [static_dim(d) for d in (shape(u) or ())]
+
+    return [u for u in _users_breadth_first(output, limit, follow) if u.target in SLICES | SPLITS]
+
+
+def _users_breadth_first(start: fx.Node, limit: int, follow: Callable[[fx.Node], bool]) -> Iterator[fx.Node]:
+    """Each node reached from `start` along `users`, once, level by level, at most `limit` levels deep; the walk
+    goes on past a node only where `follow(node)`."""
+    frontier, seen = [start], {start}
     for _ in range(limit):
         nxt: list[fx.Node] = []
         for n in frontier:
@@ -148,14 +148,12 @@ def cuts_after(output: fx.Node, length: int, limit: int = 12) -> list[fx.Node]:
                 if u in seen:
                     continue
                 seen.add(u)
-                if u.target in SLICES | SPLITS:
-                    cuts.append(u)
-                elif u.target in LAYOUT_OPS and length in [static_dim(d) for d in (shape(u) or ())]:
+                yield u
+                if follow(u):
                     nxt.append(u)
         if not nxt:
-            break
+            return
         frontier = nxt
-    return cuts
 
 
 def side_positions(merge_at: fx.Node, ends: list[fx.Node], length: int) -> tuple[tuple[fx.Node, int], ...]:
@@ -190,21 +188,12 @@ def parallel_join(output: fx.Node, others: list[fx.Node], limit: int = 12) -> tu
                 continue
             other_side.add(n)
             stack.extend(n.users)
-    frontier, seen = [output], {output}
-    for _ in range(limit):
-        nxt: list[fx.Node] = []
-        for n in frontier:
-            for u in n.users:
-                if u in seen:
-                    continue
-                seen.add(u)
-                ins = [a for a in u.all_input_nodes]
-                mine = [a for a in ins if a in seen]
-                theirs = [a for a in ins if a in other_side and a not in seen]
-                if mine and theirs:
-                    return u, mine[0], theirs[0]
-                nxt.append(u)
-        if not nxt:
-            return None
-        frontier = nxt
+    reached = {output}
+    for u in _users_breadth_first(output, limit, lambda u: True):
+        reached.add(u)
+        ins = [a for a in u.all_input_nodes]
+        mine = [a for a in ins if a in reached]
+        theirs = [a for a in ins if a in other_side and a not in reached]
+        if mine and theirs:
+            return u, mine[0], theirs[0]
     return None

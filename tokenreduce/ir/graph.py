@@ -7,12 +7,15 @@ produces). Nothing here knows what a transformer block or a method is.
 from __future__ import annotations
 
 import heapq
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import fx
 
 from tokenreduce.ir import patterns as P
+
+T = TypeVar("T")
 
 
 def args_of(node: fx.Node) -> tuple[Any, ...]:
@@ -144,15 +147,25 @@ def ancestor_linear(node: object, limit: int = 12) -> fx.Node | None:
     an attention op or a parameter; at most `max(limit, 24)` steps deep."""
     if not isinstance(node, fx.Node):
         return None
-    frontier, seen = [node], {node}
-    for _ in range(max(limit, 24)):
+    return search_up(node, max(limit, 24), lambda n: n if is_projection(n) else None,
+                     lambda n: n.target in P.SOFTMAX or n.target in P.SDPA_SPELLINGS)
+
+
+def search_up(start: fx.Node, steps: int, found: Callable[[fx.Node], T | None],
+              blocked: Callable[[fx.Node], bool]) -> T | None:
+    """The first non-None `found(n)` over the `call_function` nodes at and above `start`, searched breadth-first
+    over all inputs, at most `steps` levels deep; the search never goes above a node that is `blocked` (nor above
+    a placeholder, parameter or constant). Each node is visited once."""
+    frontier, seen = [start], {start}
+    for _ in range(steps):
         nxt: list[fx.Node] = []
         for n in frontier:
             if n.op != "call_function":
                 continue
-            if is_projection(n):
-                return n
-            if n.target in P.SOFTMAX or n.target in P.SDPA_SPELLINGS:
+            hit = found(n)
+            if hit is not None:
+                return hit
+            if blocked(n):
                 continue
             for a in n.all_input_nodes:
                 if a not in seen:
