@@ -274,6 +274,18 @@ def attention_operands(name: str, site: SelectionSite) -> tuple[fx.Node, fx.Node
     return att.q, att.k, float(att.scale), float(att.softcap or 0.0), bool(att.is_causal)
 
 
+def check_staged(options: Options, layers: Any, keep_ratio: Any, share: str, value: Any, zero: str) -> None:
+    """The settings of a staged attention method (SparseVLM, VisionDrop), checked and stored on `options`:
+    `layers` (ints, placed against the model later), `keep_ratio` in (0, 1], and the share setting named
+    `share` a number in [0, 1] (0 = `zero`)."""
+    if layers is not None:
+        options.set("layers", check_int_list("layers", layers, lo=None))
+    options.set("keep_ratio", check_ratio("keep_ratio", keep_ratio))
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+        raise fail(share, f"{share} must be a number in [0, 1] (0 = {zero}), got {value!r}")
+    options.set(share, float(value))
+
+
 @dataclass(frozen=True)
 class SparsevlmOptions(Options):
     layers: tuple[int, ...] | None = option(None, "blocks (0-based, >= 1) whose input is pruned, ranked by the "
@@ -286,13 +298,7 @@ class SparsevlmOptions(Options):
                                                      "(0: plain pruning; default 0.3)")
 
     def validate(self) -> None:
-        if self.layers is not None:
-            self.set("layers", check_int_list("layers", self.layers, lo=None))
-        self.set("keep_ratio", check_ratio("keep_ratio", self.keep_ratio))
-        r = self.recycle_ratio
-        if isinstance(r, bool) or not isinstance(r, int | float) or not 0.0 <= float(r) <= 1.0:
-            raise fail("recycle_ratio", f"recycle_ratio must be a number in [0, 1] (0 = no recycling), got {r!r}")
-        self.set("recycle_ratio", float(r))
+        check_staged(self, self.layers, self.keep_ratio, "recycle_ratio", self.recycle_ratio, "no recycling")
 
 
 class Sparsevlm(SelectionMethod):

@@ -43,12 +43,13 @@ import torch
 from torch import fx
 
 from tokenreduce.kernels import decoder_ops
-from tokenreduce.methods.base import Options, Stage, check_int_list, check_ratio, fail, option
+from tokenreduce.methods.base import Options, Stage, option
 from tokenreduce.methods.prefill import SelectionMethod, SelectionSite
 from tokenreduce.methods.sparsevlm import (
     NAMESPACE,
     attention_operands,
     attention_stages,
+    check_staged,
     head_mean_probs,
     one_hot_rows,
     scaled_layers,
@@ -133,13 +134,7 @@ class VisiondropOptions(Options):
                                                             "dropping; default 0.15)")
 
     def validate(self) -> None:
-        if self.layers is not None:
-            self.set("layers", check_int_list("layers", self.layers, lo=None))
-        self.set("keep_ratio", check_ratio("keep_ratio", self.keep_ratio))
-        r = self.contextual_ratio
-        if isinstance(r, bool) or not isinstance(r, int | float) or not 0.0 <= float(r) <= 1.0:
-            raise fail("contextual_ratio", f"contextual_ratio must be a number in [0, 1] (0 = no merging), got {r!r}")
-        self.set("contextual_ratio", float(r))
+        check_staged(self, self.layers, self.keep_ratio, "contextual_ratio", self.contextual_ratio, "no merging")
 
 
 class Visiondrop(SelectionMethod):
