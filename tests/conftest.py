@@ -166,6 +166,23 @@ def bert_inputs():
     return bert_batch()
 
 
+# ---------------------------------------------------------------------------------------------- VLMs
+@pytest.fixture(scope="module")
+def llava():
+    """`decoder_reference.tiny_llava()`, built once per test module (the VLM method tests in tests/decoders)."""
+    from decoder_reference import tiny_llava
+
+    return tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def llava_prompt():
+    """`decoder_reference.llava_prompt()`: (ids, mask, pixel values) for the `llava` fixture's model."""
+    from decoder_reference import llava_prompt as make
+
+    return make()
+
+
 def output_tensor(out):
     """The first tensor of a model output (logits / last_hidden_state), whatever container it is in."""
     if isinstance(out, torch.Tensor):

@@ -22,11 +22,16 @@ covers the arithmetic of these families (`config.model_type`):
 
 A sliding window is measured in original sequence positions: a query at sequence index i sees keys j
 with `i - window < j <= i`, whatever was pruned in between.
+
+Its last section holds what the VLM method tests in tests/decoders share: the tiny LLaVA, the LLaVA and
+Qwen2-VL prompts, the language model's input embeddings as the model builds them, and the comparison of a
+pruned prefill (logits, cache, positions, tokens per block) with the reference's.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -426,3 +431,125 @@ def select_prefill(ref: RefDecoder, embeds: torch.Tensor, mask: torch.Tensor, sp
         keys_prev = k
         x = ref.finish(li, x, out)
     return ref.logits(x[:, -1]), cache
+
+
+# ------------------------------------------------------------------------------------------- shared by the VLM tests
+# The tiny VLMs, prompts and checks the VLM method tests in tests/decoders share (kept here, beside the reference
+# they feed, so each test file does not write them again).
+IMG_ID, N_IMG = 150, 16  # LLaVA's image token id and the tokens one 32 x 32 image (patch 8) becomes
+
+
+def sharpened(model, factor: float = 8):  # type: ignore[no-untyped-def]
+    """Sharper attention than random init's near-uniform one (the language model's q/k weights times `factor`),
+    so a wrong selection or position changes the tokens."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight *= factor
+            layer.self_attn.k_proj.weight *= factor
+    return model
+
+
+def tiny_llava():  # type: ignore[no-untyped-def]
+    """A random-init LLaVA (CLIP tower 2 layers, Llama LM 4 layers, SDPA, image token `IMG_ID`), q/k sharpened x4."""
+    import transformers
+
+    torch.manual_seed(0)
+    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8)
+    tc = transformers.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG_ID, vision_feature_layer=-2,
+                                   vision_feature_select_strategy="default")
+    cfg._attn_implementation = "sdpa"
+    return sharpened(transformers.LlavaForConditionalGeneration(cfg).eval(), 4)
+
+
+def llava_prompt():  # type: ignore[no-untyped-def]
+    """Two rows: 3 text tokens, `N_IMG` image tokens, 5 text tokens; row 1 left-padded by two. (ids, mask, pixels)"""
+    torch.manual_seed(1)
+    ids = torch.cat([torch.randint(3, 100, (2, 3)), torch.full((2, N_IMG), IMG_ID), torch.randint(3, 100, (2, 5))], 1)
+    ids[1, :2] = 0
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding in row 1
+    return ids, mask, torch.randn(2, 3, 32, 32)
+
+
+def qwen_prompt():  # type: ignore[no-untyped-def]
+    """For `decoders.families.build("qwen2_vl")`. Two rows, each: text, an image (grid [1, 8, 8] -> 16 tokens),
+    text, a video ([2, 4, 4] -> 8 tokens), the question; row 1 left-padded by two. (ids, mask, media kwargs)"""
+    from decoders.families import IMAGE, VIDEO, VISION_END, VISION_START
+
+    torch.manual_seed(2)
+
+    def row(pad: int) -> torch.Tensor:
+        def text(k: int) -> torch.Tensor:
+            return torch.randint(3, 100, (k,))
+
+        return torch.cat([torch.zeros(pad, dtype=torch.long), text(5 - pad), torch.tensor([VISION_START]),
+                          torch.full((16,), IMAGE), torch.tensor([VISION_END]), text(2), torch.tensor([VISION_START]),
+                          torch.full((8,), VIDEO), torch.tensor([VISION_END]), text(4)])
+
+    ids = torch.stack([row(0), row(2)])
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    media = dict(pixel_values=torch.randn(2 * 64, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 8, 8]] * 2),
+                 pixel_values_videos=torch.randn(2 * 32, 3 * 2 * 14 * 14), video_grid_thw=torch.tensor([[2, 4, 4]] * 2))
+    return ids, mask, media
+
+
+class QwenCase(NamedTuple):
+    """The sharpened tiny Qwen2-VL on `qwen_prompt()`, with what the model itself builds from it."""
+    model: torch.nn.Module
+    ids: torch.Tensor
+    mask: torch.Tensor
+    media: dict
+    embeds: torch.Tensor  # the language model's input embeddings
+    positions: torch.Tensor  # its 3-axis (mRoPE) position ids
+    span: torch.Tensor  # image and video tokens
+    deltas: torch.Tensor  # `model.model.rope_deltas` after that forward (where decoding continues)
+
+
+def qwen_case() -> QwenCase:
+    """`decoders.families.build("qwen2_vl")`, q/k sharpened x8, on `qwen_prompt()`."""
+    from decoders.families import IMAGE, VIDEO, build
+
+    model = sharpened(build("qwen2_vl"))
+    ids, mask, media = qwen_prompt()
+    types = torch.zeros_like(ids, dtype=torch.int).masked_fill(ids == IMAGE, 1).masked_fill(ids == VIDEO, 2)
+    embeds, positions = embeds_of(model, ids, mask, mm_token_type_ids=types, **media)
+    return QwenCase(model, ids, mask, media, embeds, positions, (ids == IMAGE) | (ids == VIDEO),
+                    model.model.rope_deltas)
+
+
+def check_qwen_prefill_and_decode(dec, pre, ref: RefDecoder, ref_logits, ref_cache,  # type: ignore[no-untyped-def]
+                                  case: QwenCase) -> None:
+    """`check_prefill`, then 4 greedy tokens of `dec.generate` equal the reference's decoding from its cache,
+    which continues at each row's real length plus the mRoPE offset."""
+    ids, mask = case.ids, case.mask
+    check_prefill(dec, pre, ref_logits, ref_cache, mask)
+    out = dec.generate(ids, mask, max_new_tokens=4, **case.media)
+    steps = ref.decode(ref_logits, ref_cache, mask, 4, next_pos=mask.sum(-1) + case.deltas[:, 0])
+    n = ids.shape[1]
+    assert torch.equal(out[:, :n], ids) and torch.equal(out[:, n:], steps)
+
+
+def embeds_of(model, ids, mask, **media):  # type: ignore[no-untyped-def]
+    """The language model's input embeddings and position ids, as the model itself builds them."""
+    grabbed: dict = {}
+    handle = model.model.language_model.register_forward_pre_hook(lambda m, a, k: grabbed.update(k), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, **media)
+    handle.remove()
+    return grabbed["inputs_embeds"], grabbed.get("position_ids")
+
+
+def check_prefill(dec, pre, ref_logits, ref_cache, mask):  # type: ignore[no-untyped-def]
+    """A `reduce_decoder` prefill `pre` (of `dec`) against the reference's: last logits, every layer's cached
+    keys/values (at real tokens) and kept original positions, and the report's tokens per block."""
+    torch.testing.assert_close(pre.logits, ref_logits, atol=1e-4, rtol=1e-4)
+    for layer, (k, v, idx) in zip(pre.cache.layers, ref_cache, strict=True):
+        assert torch.equal(layer.positions, idx)
+        valid = mask.bool().gather(1, idx)[:, None, :, None]  # padding keys hold don't-care values
+        torch.testing.assert_close(layer.keys * valid, k * valid, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer.values * valid, v * valid, atol=1e-4, rtol=1e-4)
+    assert dec.report.tokens_per_block == [c[2].shape[1] for c in ref_cache]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoder_reference import RefDecoder
+from decoder_reference import RefDecoder, check_prefill
 from decoders.families import build
 
 import tokenreduce
@@ -49,13 +49,7 @@ def check_against_reference(model, prompt, method, steps=5):  # type: ignore[no-
     ref = RefDecoder(model)
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     ref_logits, ref_cache = ref.prefill(ref.embed(ids, pos), mask, span, stages)
-    torch.testing.assert_close(pre.logits, ref_logits, atol=1e-4, rtol=1e-4)
-    for layer, (k, v, idx) in zip(pre.cache.layers, ref_cache, strict=True):
-        assert torch.equal(layer.positions, idx)
-        valid = mask.bool().gather(1, idx)[:, None, :, None]  # padding keys hold don't-care values
-        torch.testing.assert_close(layer.keys * valid, k * valid, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(layer.values * valid, v * valid, atol=1e-4, rtol=1e-4)
-    assert dec.report.tokens_per_block == [c[2].shape[1] for c in ref_cache]
+    check_prefill(dec, pre, ref_logits, ref_cache, mask)
     out = dec.generate(ids, mask, span, max_new_tokens=steps)
     want = ref.decode(ref_logits, ref_cache, mask, steps)
     assert torch.equal(out[:, :N], ids)

@@ -14,8 +14,16 @@ import math
 
 import pytest
 import torch
-from decoder_reference import RefDecoder
-from decoders.families import IMAGE, VIDEO, VISION_END, VISION_START, build
+from decoder_reference import (
+    IMG_ID,
+    N_IMG,
+    RefDecoder,
+    check_prefill,
+    check_qwen_prefill_and_decode,
+    embeds_of,
+    qwen_case,
+)
+from decoders.families import build
 
 import tokenreduce
 from tokenreduce import TokenReduceError
@@ -23,72 +31,6 @@ from tokenreduce.methods import sparsevlm, visiondrop
 
 transformers = pytest.importorskip("transformers")
 tr = torch.ops.tokenreduce
-
-IMG_ID, N_IMG = 150, 16
-
-
-# ------------------------------------------------------------------------------------------- models
-@pytest.fixture(scope="module")
-def llava():
-    torch.manual_seed(0)
-    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=32, patch_size=8)
-    tc = transformers.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG_ID, vision_feature_layer=-2,
-                                   vision_feature_select_strategy="default")
-    cfg._attn_implementation = "sdpa"
-    return sharpened(transformers.LlavaForConditionalGeneration(cfg).eval(), 4)
-
-
-@pytest.fixture(scope="module")
-def llava_prompt():
-    torch.manual_seed(1)
-    ids = torch.cat([torch.randint(3, 100, (2, 3)), torch.full((2, N_IMG), IMG_ID), torch.randint(3, 100, (2, 5))], 1)
-    ids[1, :2] = 0
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0  # left padding in row 1
-    return ids, mask, torch.randn(2, 3, 32, 32)
-
-
-def qwen_prompt():  # type: ignore[no-untyped-def]
-    """Two rows: text, an image (grid [1, 8, 8] -> 16 tokens), text, a video ([2, 4, 4] -> 8 tokens), the
-    question; row 1 left-padded by two."""
-    torch.manual_seed(2)
-
-    def row(pad: int) -> torch.Tensor:
-        def text(k: int) -> torch.Tensor:
-            return torch.randint(3, 100, (k,))
-
-        return torch.cat([torch.zeros(pad, dtype=torch.long), text(5 - pad), torch.tensor([VISION_START]),
-                          torch.full((16,), IMAGE), torch.tensor([VISION_END]), text(2), torch.tensor([VISION_START]),
-                          torch.full((8,), VIDEO), torch.tensor([VISION_END]), text(4)])
-
-    ids = torch.stack([row(0), row(2)])
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    media = dict(pixel_values=torch.randn(2 * 64, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 8, 8]] * 2),
-                 pixel_values_videos=torch.randn(2 * 32, 3 * 2 * 14 * 14), video_grid_thw=torch.tensor([[2, 4, 4]] * 2))
-    return ids, mask, media
-
-
-def sharpened(model, factor: float = 8):  # type: ignore[no-untyped-def]
-    """Sharper attention than random init's near-uniform one, so a wrong selection changes the tokens."""
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight *= factor
-            layer.self_attn.k_proj.weight *= factor
-    return model
-
-
-def embeds_of(model, ids, mask, **media):  # type: ignore[no-untyped-def]
-    """The language model's input embeddings and position ids, as the model itself builds them."""
-    grabbed: dict = {}
-    handle = model.model.language_model.register_forward_pre_hook(lambda m, a, k: grabbed.update(k), with_kwargs=True)
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, **media)
-    handle.remove()
-    return grabbed["inputs_embeds"], grabbed.get("position_ids")
 
 
 # ------------------------------------------------------------------------------------------- the reference
@@ -233,16 +175,6 @@ def _keeps(span: int, ratio: float, stages: int) -> list[int]:
     return [max(1, math.ceil(span * ratio ** (s / stages))) for s in range(1, stages + 1)]
 
 
-def _check(dec, pre, ref_logits, ref_cache, mask):  # type: ignore[no-untyped-def]
-    torch.testing.assert_close(pre.logits, ref_logits, atol=1e-4, rtol=1e-4)
-    for layer, (k, v, idx) in zip(pre.cache.layers, ref_cache, strict=True):
-        assert torch.equal(layer.positions, idx)
-        valid = mask.bool().gather(1, idx)[:, None, :, None]  # padding keys hold don't-care values
-        torch.testing.assert_close(layer.keys * valid, k * valid, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(layer.values * valid, v * valid, atol=1e-4, rtol=1e-4)
-    assert dec.report.tokens_per_block == [c[2].shape[1] for c in ref_cache]
-
-
 # ------------------------------------------------------------------------------------------- counts
 def test_stage_counts_follow_the_documented_formulas():
     assert sparsevlm.staged_keeps(576, 110 / 576, 3) == [332, 192, 110]  # official 192-token setting: 300/200/110
@@ -335,7 +267,7 @@ def test_llava_matches_reference(llava, llava_prompt, method):
         visiondrop_stages([1, 3], [8, 4], 0.25)
     ref = RefDecoder(llava)
     ref_logits, ref_cache = staged_prefill(ref, embeds, mask, span, stages)
-    _check(dec, pre, ref_logits, ref_cache, mask)
+    check_prefill(dec, pre, ref_logits, ref_cache, mask)
     out = dec.generate(ids, mask, pixel_values=px, max_new_tokens=4)
     want = ref.decode(ref_logits, ref_cache, mask, 4, llava.model.language_model.embed_tokens)
     assert torch.equal(out[:, :n], ids) and torch.equal(out[:, n:], want)
@@ -364,13 +296,8 @@ def test_rows_are_selected_alone_and_keep_everything_is_the_plain_model(llava, l
 def test_qwen2_vl_keeps_3_axis_positions(method):
     """Qwen2-VL with an image and a video (24 span tokens per row): two stages on the embeddings the model
     builds; kept and merged tokens keep their original mRoPE positions; decoding continues after the offset."""
-    model = sharpened(build("qwen2_vl"))
-    ids, mask, media = qwen_prompt()
-    n = ids.shape[1]
-    types = torch.zeros_like(ids, dtype=torch.int).masked_fill(ids == IMAGE, 1).masked_fill(ids == VIDEO, 2)
-    embeds, positions = embeds_of(model, ids, mask, mm_token_type_ids=types, **media)
-    deltas = model.model.rope_deltas
-    span = (ids == IMAGE) | (ids == VIDEO)
+    case = qwen_case()
+    model, ids, mask, media, embeds, positions, span, _ = case
     keeps = _keeps(24, 0.25, 2)
     if method == "sparsevlm":
         dec = tokenreduce.reduce_decoder(model, method, layers=[1, 2], keep_ratio=0.25)
@@ -381,10 +308,7 @@ def test_qwen2_vl_keeps_3_axis_positions(method):
     pre = dec.prefill(ids, mask, **media)
     ref = RefDecoder(model)
     ref_logits, ref_cache = staged_prefill(ref, embeds, mask, span, stages, position_ids=positions)
-    _check(dec, pre, ref_logits, ref_cache, mask)
-    out = dec.generate(ids, mask, max_new_tokens=4, **media)
-    steps = ref.decode(ref_logits, ref_cache, mask, 4, next_pos=mask.sum(-1) + deltas[:, 0])
-    assert torch.equal(out[:, :n], ids) and torch.equal(out[:, n:], steps)
+    check_qwen_prefill_and_decode(dec, pre, ref, ref_logits, ref_cache, case)
 
 
 # ------------------------------------------------------------------------------------------- settings

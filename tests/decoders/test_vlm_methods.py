@@ -10,8 +10,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoder_reference import RefDecoder, dart_select, divprune_select, select_prefill
-from decoders.families import IMAGE, VIDEO, VISION_END, VISION_START, build
+from decoder_reference import (
+    IMG_ID,
+    N_IMG,
+    RefDecoder,
+    check_prefill,
+    check_qwen_prefill_and_decode,
+    dart_select,
+    divprune_select,
+    embeds_of,
+    qwen_case,
+    qwen_prompt,
+    select_prefill,
+)
+from decoders.families import build
 
 import tokenreduce
 from tokenreduce import TokenReduceError
@@ -19,77 +31,6 @@ from tokenreduce.kernels import decoder_ops
 
 transformers = pytest.importorskip("transformers")
 tr = torch.ops.tokenreduce
-
-IMG_ID, N_IMG = 150, 16
-
-
-@pytest.fixture(scope="module")
-def llava():
-    torch.manual_seed(0)
-    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=32, patch_size=8)
-    tc = transformers.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG_ID, vision_feature_layer=-2,
-                                   vision_feature_select_strategy="default")
-    cfg._attn_implementation = "sdpa"
-    model = transformers.LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # sharper attention than random init's near-uniform one
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight *= 4
-            layer.self_attn.k_proj.weight *= 4
-    return model
-
-
-@pytest.fixture(scope="module")
-def llava_prompt():
-    torch.manual_seed(1)
-    ids = torch.cat([torch.randint(3, 100, (2, 3)), torch.full((2, N_IMG), IMG_ID), torch.randint(3, 100, (2, 5))], 1)
-    ids[1, :2] = 0
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0  # left padding in row 1
-    return ids, mask, torch.randn(2, 3, 32, 32)
-
-
-def qwen_prompt():  # type: ignore[no-untyped-def]
-    """Two rows, each: text, an image (grid [1, 8, 8] -> 16 tokens), text, a video ([2, 4, 4] -> 8 tokens),
-    the question; row 1 left-padded by 2."""
-    torch.manual_seed(2)
-
-    def row(pad: int) -> torch.Tensor:
-        def text(k: int) -> torch.Tensor:
-            return torch.randint(3, 100, (k,))
-
-        return torch.cat([torch.zeros(pad, dtype=torch.long), text(5 - pad), torch.tensor([VISION_START]),
-                          torch.full((16,), IMAGE), torch.tensor([VISION_END]), text(2), torch.tensor([VISION_START]),
-                          torch.full((8,), VIDEO), torch.tensor([VISION_END]), text(4)])
-
-    ids = torch.stack([row(0), row(2)])
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    media = dict(pixel_values=torch.randn(2 * 64, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 8, 8]] * 2),
-                 pixel_values_videos=torch.randn(2 * 32, 3 * 2 * 14 * 14), video_grid_thw=torch.tensor([[2, 4, 4]] * 2))
-    return ids, mask, media
-
-
-def sharpened(model):  # type: ignore[no-untyped-def]
-    """Sharper attention than random init's near-uniform one, so a wrong position changes the tokens."""
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight *= 8
-            layer.self_attn.k_proj.weight *= 8
-    return model
-
-
-def _embeds(model, ids, mask, **media):  # type: ignore[no-untyped-def]
-    """The language model's input embeddings and position ids, as the model itself builds them."""
-    grabbed: dict = {}
-    lm = model.model.language_model
-    handle = lm.register_forward_pre_hook(lambda m, a, k: grabbed.update(k), with_kwargs=True)
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, **media)
-    handle.remove()
-    return grabbed["inputs_embeds"], grabbed.get("position_ids")
 
 
 def _divprune_choose(span: torch.Tensor, keep: int):  # type: ignore[no-untyped-def]
@@ -106,16 +47,6 @@ def _dart_choose(span: torch.Tensor, keep: int, pivot_image: int, pivot_text: in
         kept = dart_select(x.double().tolist(), l1, span[r].tolist(), real.tolist(), keep, pivot_image, pivot_text)
         return kept
     return choose
-
-
-def _check(dec, pre, ref, ref_logits, ref_cache, mask):  # type: ignore[no-untyped-def]
-    torch.testing.assert_close(pre.logits, ref_logits, atol=1e-4, rtol=1e-4)
-    for layer, (k, v, idx) in zip(pre.cache.layers, ref_cache, strict=True):
-        assert torch.equal(layer.positions, idx)
-        valid = mask.bool().gather(1, idx)[:, None, :, None]  # padding keys hold don't-care values
-        torch.testing.assert_close(layer.keys * valid, k * valid, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(layer.values * valid, v * valid, atol=1e-4, rtol=1e-4)
-    assert dec.report.tokens_per_block == [c[2].shape[1] for c in ref_cache]
 
 
 # ------------------------------------------------------------------------------------------- the ops
@@ -193,10 +124,10 @@ def test_divprune_llava_matches_reference(llava, llava_prompt):
     pre = dec.prefill(ids, mask, pixel_values=px)
     assert dec.report.span_tokens == N_IMG
     assert dec.report.tokens_per_block == [n - N_IMG + 4] * 4  # pruned before the first layer
-    embeds, _ = _embeds(llava, ids, mask, pixel_values=px)
+    embeds, _ = embeds_of(llava, ids, mask, pixel_values=px)
     ref, span = RefDecoder(llava), ids == IMG_ID
     ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 0, _divprune_choose(span, 4))
-    _check(dec, pre, ref, ref_logits, ref_cache, mask)
+    check_prefill(dec, pre, ref_logits, ref_cache, mask)
     out = dec.generate(ids, mask, pixel_values=px, max_new_tokens=4)
     _, ref_cache = select_prefill(ref, embeds, mask, span, 0, _divprune_choose(span, 4))
     want = ref.decode(ref_logits, ref_cache, mask, 4, llava.model.language_model.embed_tokens)
@@ -229,21 +160,14 @@ def test_divprune_qwen2_vl_keeps_3_axis_positions():
     """Qwen2-VL with an image and a video: DivPrune selects among the 24 vision tokens of each row on the
     embeddings the model builds; kept tokens keep their original mRoPE positions (the reference rotates the
     cached keys by them) and decoding continues after the vision offset."""
-    model = sharpened(build("qwen2_vl"))
-    ids, mask, media = qwen_prompt()
-    n = ids.shape[1]
-    types = torch.zeros_like(ids, dtype=torch.int).masked_fill(ids == IMAGE, 1).masked_fill(ids == VIDEO, 2)
-    embeds, positions = _embeds(model, ids, mask, mm_token_type_ids=types, **media)
-    deltas = model.model.rope_deltas
+    case = qwen_case()
+    model, ids, mask, media, embeds, positions, span, _ = case
     dec = tokenreduce.reduce_decoder(model, "divprune", keep_ratio=0.25)
     pre = dec.prefill(ids, mask, **media)
-    ref, span = RefDecoder(model), (ids == IMAGE) | (ids == VIDEO)
+    ref = RefDecoder(model)
     ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 0, _divprune_choose(span, 6),
                                            position_ids=positions)
-    _check(dec, pre, ref, ref_logits, ref_cache, mask)
-    out = dec.generate(ids, mask, max_new_tokens=4, **media)
-    steps = ref.decode(ref_logits, ref_cache, mask, 4, next_pos=mask.sum(-1) + deltas[:, 0])
-    assert torch.equal(out[:, :n], ids) and torch.equal(out[:, n:], steps)
+    check_qwen_prefill_and_decode(dec, pre, ref, ref_logits, ref_cache, case)
 
 
 def test_divprune_settings_are_checked():
@@ -283,11 +207,11 @@ def test_dart_llava_matches_reference(llava, llava_prompt):
                                      pivot_text_tokens=2)
     pre = dec.prefill(ids, mask, pixel_values=px)
     assert dec.report.tokens_per_block == [n, n, n - N_IMG + 8, n - N_IMG + 8]
-    embeds, _ = _embeds(llava, ids, mask, pixel_values=px)
+    embeds, _ = embeds_of(llava, ids, mask, pixel_values=px)
     ref, span = RefDecoder(llava), ids == IMG_ID
     choose = _dart_choose(span, 8, 2, 2)
     ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 2, choose)
-    _check(dec, pre, ref, ref_logits, ref_cache, mask)
+    check_prefill(dec, pre, ref_logits, ref_cache, mask)
     out = dec.generate(ids, mask, pixel_values=px, max_new_tokens=4)
     _, ref_cache = select_prefill(ref, embeds, mask, span, 2, choose)
     want = ref.decode(ref_logits, ref_cache, mask, 4, llava.model.language_model.embed_tokens)
@@ -305,21 +229,14 @@ def test_dart_rows_are_selected_alone(llava, llava_prompt):
 
 
 def test_dart_qwen2_vl_matches_reference():
-    model = sharpened(build("qwen2_vl"))
-    ids, mask, media = qwen_prompt()
-    n = ids.shape[1]
-    types = torch.zeros_like(ids, dtype=torch.int).masked_fill(ids == IMAGE, 1).masked_fill(ids == VIDEO, 2)
-    embeds, positions = _embeds(model, ids, mask, mm_token_type_ids=types, **media)
-    deltas = model.model.rope_deltas
+    case = qwen_case()
+    model, ids, mask, media, embeds, positions, span, _ = case
     dec = tokenreduce.reduce_decoder(model, "dart", keep_ratio=0.25, pivot_image_tokens=2, pivot_text_tokens=3)
     pre = dec.prefill(ids, mask, **media)
-    ref, span = RefDecoder(model), (ids == IMAGE) | (ids == VIDEO)
+    ref = RefDecoder(model)
     ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 2, _dart_choose(span, 6, 2, 3),
                                            position_ids=positions)
-    _check(dec, pre, ref, ref_logits, ref_cache, mask)
-    out = dec.generate(ids, mask, max_new_tokens=4, **media)
-    steps = ref.decode(ref_logits, ref_cache, mask, 4, next_pos=mask.sum(-1) + deltas[:, 0])
-    assert torch.equal(out[:, :n], ids) and torch.equal(out[:, n:], steps)
+    check_qwen_prefill_and_decode(dec, pre, ref, ref_logits, ref_cache, case)
 
 
 @pytest.mark.parametrize("opts, setting, match", [
@@ -398,7 +315,7 @@ def test_visionzip_llava_matches_reference(llava, llava_prompt):
     dec = tokenreduce.reduce_decoder(llava, "visionzip", keep_ratio=0.5, contextual_ratio=0.25)
     pre = dec.prefill(ids, mask, pixel_values=px)
     assert dec.report.tokens_per_block == [n - N_IMG + 8] * 4
-    embeds, _ = _embeds(llava, ids, mask, pixel_values=px)
+    embeds, _ = embeds_of(llava, ids, mask, pixel_values=px)
     span = ids == IMG_ID
     proj, kept_rows = _visionzip_reference(llava, px, 6, 2)
     embeds = embeds.clone()
@@ -410,7 +327,7 @@ def test_visionzip_llava_matches_reference(llava, llava_prompt):
 
     ref = RefDecoder(llava)
     ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 0, choose)
-    _check(dec, pre, ref, ref_logits, ref_cache, mask)
+    check_prefill(dec, pre, ref_logits, ref_cache, mask)
     out = dec.generate(ids, mask, pixel_values=px, max_new_tokens=4)
     _, ref_cache = select_prefill(ref, embeds, mask, span, 0, choose)
     want = ref.decode(ref_logits, ref_cache, mask, 4, llava.model.language_model.embed_tokens)

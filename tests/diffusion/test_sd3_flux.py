@@ -179,24 +179,30 @@ def test_sd3_backend_compiles_once_for_two_steps_and_exports(tmp_path):
     """One graph through torch.compile(backend="tokenreduce") for two timesteps (per_step destinations follow
     the timestep); tokenreduce.compile's graph exports to ONNX and onnxruntime agrees with it."""
     pytest.importorskip("onnxruntime")
+    options = {"method": "tomesd", "max_downsample": 2, "rand_seed": 2, "per_step": True, "inner": "eager"}
+    args, kw10 = _sd3_inputs(t=10)
+    _, kw700 = _sd3_inputs(t=700)
+    backend_once_for_two_steps_then_onnx(_sd3(), options, args, [kw10, kw700], tmp_path / "sd3.onnx")
+
+
+def backend_once_for_two_steps_then_onnx(model, options, args, kws, path):  # type: ignore[no-untyped-def]
+    """torch.compile(model, backend="tokenreduce") builds one graph for both steps' kwargs `kws` and agrees at each
+    with tokenreduce.compile's graph (built at the first), which differs from the plain model at each; that graph
+    exports to ONNX at `path` (dynamic batch) and onnxruntime agrees with it."""
     from tokenreduce.targets.onnx import export_onnx
 
-    model = _sd3()
-    options = {"method": "tomesd", "max_downsample": 2, "rand_seed": 2, "per_step": True, "inner": "eager"}
     torch._dynamo.reset()
     before = tokenreduce.backend_stats().builds
     compiled = torch.compile(model, backend="tokenreduce", options=options)
-    args, kw10 = _sd3_inputs(t=10)
-    _, kw700 = _sd3_inputs(t=700)
-    red = tokenreduce.compile(model, args, kw10, count_model_flops=False, **options)
+    red = tokenreduce.compile(model, args, kws[0], count_model_flops=False, **options)
     with torch.no_grad():
-        for kw in (kw10, kw700):
+        for kw in kws:
             via_backend = compiled(*args, **kw).sample
             direct = red(*args, **kw).sample
             assert (via_backend - direct).abs().max().item() < 1e-5
             assert (direct - model(*args, **kw).sample).abs().max().item() > 1e-3
     assert tokenreduce.backend_stats().builds == before + 1  # no recompile for the second step
-    ex = export_onnx(red, tmp_path / "sd3.onnx")
+    ex = export_onnx(red, path)
     assert ex.verified and not ex.problems and ex.max_abs_diff < 1e-4
 
 
@@ -367,28 +373,11 @@ def test_flux_ratio_zero_and_grid_refusals():
 
 def test_flux_backend_once_for_two_steps_and_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
-    from tokenreduce.targets.onnx import export_onnx
-
-    model = _flux(single=1)
     options = {"method": "tomesd", "grid_h": 4, "grid_w": 6, "rand_seed": 1, "per_step": True, "inner": "eager"}
-    torch._dynamo.reset()
-    before = tokenreduce.backend_stats().builds
-    compiled = torch.compile(model, backend="tokenreduce", options=options)
     args, kw_a = _flux_inputs(t=0.9)
     _, kw_b = _flux_inputs(t=0.2)
-    red = tokenreduce.compile(model, args, kw_a, count_model_flops=False, **options)
-    outs = []
-    with torch.no_grad():
-        for kw in (kw_a, kw_b):
-            via_backend = compiled(*args, **kw).sample
-            direct = red(*args, **kw).sample
-            assert (via_backend - direct).abs().max().item() < 1e-5
-            outs.append(direct - model(*args, **kw).sample)
-    assert tokenreduce.backend_stats().builds == before + 1  # no recompile for the second step
-    assert all(d.abs().max().item() > 1e-3 for d in outs)
     # dynamic batch: only inputs whose leading dim is the batch get the batch dim (img_ids/txt_ids [N, 3] have none)
-    ex = export_onnx(red, tmp_path / "flux.onnx")
-    assert ex.verified and not ex.problems and ex.max_abs_diff < 1e-4
+    backend_once_for_two_steps_then_onnx(_flux(single=1), options, args, [kw_a, kw_b], tmp_path / "flux.onnx")
 
 
 class _JointToy(torch.nn.Module):

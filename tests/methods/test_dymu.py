@@ -153,15 +153,23 @@ def dymu_blocks(counts: list[int], thresholds: list[float | None]) -> dict[int, 
     return {i: c for i, c in enumerate(counts) if i < len(thresholds) and thresholds[i] is not None}
 
 
-def test_batch_rows_equal_each_row_alone_and_the_reference_counts(vit):
+def batch_and_rows_alone(model, xs):  # type: ignore[no-untyped-def]
+    """DyMU compiled on `model` (THRESHOLDS) run on the batch `xs`, recording its counts, and on each row alone:
+    (batch output, rows alone concatenated, the recording)."""
     from tokenreduce.methods.dymu import recording
 
-    xs = images(3, size=SIZE, seed=3)
-    red = compile_dymu(vit, xs[:1], thresholds=THRESHOLDS)
+    red = compile_dymu(model, xs[:1], thresholds=THRESHOLDS)
     with torch.no_grad():
         with recording() as rec:
             got = red(xs)
-        alone = torch.cat([red(xs[i:i + 1]) for i in range(3)])
+        alone = torch.cat([red(xs[i:i + 1]) for i in range(len(xs))])
+    return got, alone, rec
+
+
+def test_batch_rows_equal_each_row_alone_and_the_reference_counts(vit):
+    xs = images(3, size=SIZE, seed=3)
+    got, alone, rec = batch_and_rows_alone(vit, xs)
+    with torch.no_grad():
         refs = [ref_vit_forward(vit, xs[i:i + 1], THRESHOLDS) for i in range(3)]
     torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, torch.cat([w for w, _ in refs]), atol=TOL, rtol=TOL)
@@ -173,15 +181,9 @@ def test_batch_rows_equal_each_row_alone_and_the_reference_counts(vit):
 
 @pytest.mark.parametrize("pool", ["avg", "map"])
 def test_pooled_outputs_of_a_batch_pool_each_row_over_its_own_tokens(pool):
-    from tokenreduce.methods.dymu import recording
-
     model = make_timm_vit(img_size=SIZE, global_pool=pool)  # mean of the patch tokens / attention pooling head
     xs = images(3, size=SIZE, seed=3)
-    red = compile_dymu(model, xs[:1], thresholds=THRESHOLDS)
-    with torch.no_grad():
-        with recording() as rec:
-            got = red(xs)
-        alone = torch.cat([red(xs[i:i + 1]) for i in range(3)])
+    got, alone, rec = batch_and_rows_alone(model, xs)
     assert len(set(rec.counts[i][3] for i in range(3))) > 1, rec.counts  # the rows were padded
     torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
     if pool == "avg":
