@@ -15,7 +15,7 @@ from conftest import make_timm_vit
 import tokenreduce
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.tuning import measure, pareto, parse_budget, tune
-from tokenreduce.tuning.search import pareto_front
+from tokenreduce.tuning.search import MARGIN, pareto_front
 from tokenreduce.tuning.space import ModelShape, decreasing_schedule, sigmoid_schedule
 
 
@@ -163,6 +163,25 @@ def test_cached_latencies_do_not_count_against_max_measured(vit, calib, monkeypa
     assert new != unbounded.settings
     monkeypatch.setattr(measure.LatencyMeter, "measure", fake(True))
     assert tune(vit, calib, {"latency": 0.8}, "eager", **space, max_measured=1).settings == unbounded.settings
+
+
+def test_a_cached_latency_beats_the_line_prediction(vit, calib, monkeypatch):
+    """The FLOPs-to-latency line only decides which candidates are worth a new measurement: one whose latency
+    is already cached is read, even where the line predicts it over budget. Here per-block schedules run far
+    faster than the constant-r anchors' line predicts, so the best plan is a schedule above the FLOPs ratio the
+    line allows."""
+    def measure_(self, c):
+        red = tokenreduce.compile(vit, (calib[:1],), **c.settings, inner="eager")
+        ratio = red.report.flops_ratio + (-0.4 if isinstance(c.settings["r"], list) else 0.1)
+        return {"latency_ratio": ratio, "unreduced_ms": 10.0, "reduced_ms": 10 * ratio, "iqr_reduced_ms": 0.0,
+                "cached": True}
+
+    monkeypatch.setattr(measure.LatencyMeter, "measure", measure_)
+    monkeypatch.setattr(measure.LatencyMeter, "cached", lambda self, c: True)
+    plan = tune(vit, calib, {"latency": 0.75}, "eager", methods=["tome"], families=["constant", "decreasing"],
+                max_measured=3)
+    assert isinstance(plan.settings["r"], list) and plan.measured["latency_ratio"] <= 0.75
+    assert plan.measured["flops_ratio"] + 0.1 > 0.75 + MARGIN  # what the anchors' line predicts: over budget
 
 
 def test_refusals(vit, calib):

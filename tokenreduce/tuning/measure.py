@@ -281,6 +281,10 @@ class LatencyMeter:
         self.fingerprint = digest(fingerprint, target, batch, self.threads, repeats, warmup)
         self._base: Any = None
 
+    def cached(self, c: Candidate) -> bool:
+        """Whether the candidate's latency is already in the cache (measuring it costs nothing)."""
+        return self.cache.get(f"lat:{self.fingerprint}:{c.key}") is not None
+
     def measure(self, c: Candidate) -> dict[str, Any]:
         """{latency_ratio, unreduced_ms, reduced_ms, iqr_reduced_ms} of a candidate (cached when measured)."""
         from tokenreduce.bench import interleaved, iqr, prepare_baseline, prepare_reduced

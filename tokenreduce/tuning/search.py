@@ -369,7 +369,7 @@ def _choose(search: Search, kind: str, limit: float, meter: LatencyMeter | None,
         if r.get("latency_ratio") is None:
             a, b = _latency_line(search)
             predicted = a + b * r["flops_ratio"]
-            if predicted > limit + MARGIN:
+            if predicted > limit + MARGIN and not meter.cached(r["candidate"]):  # a cached value beats the line
                 continue
             measured += _measure(search, meter, r, say)  # a cached measurement costs nothing: not counted
         if r["latency_ratio"] <= limit:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -250,8 +251,10 @@ def schedule_candidates(shape: ModelShape, analysis: ModelAnalysis, methods: Seq
 
 
 def label_of(method: EncoderMethod) -> str:
-    """The method's display name ("ToMe", "EViT"): the first word of its table label."""
-    return (method.label({}) or method.name).split(" ")[0]
+    """The method's display name ("ToMe", "Token Transforming"): its table label without the setting that
+    follows the name ("r=0", "keep 0.7", "tau=1")."""
+    label = method.label({}) or method.name
+    return re.sub(r"(\s+(\S+=\S*|keep\s+\S+))+$", "", label) or method.name
 
 
 def fuses(c: Candidate) -> bool:
