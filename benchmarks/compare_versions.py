@@ -278,14 +278,11 @@ class Built:
 
 
 def ort_session(path: Path, threads: int) -> Any:
-    """The one way every timed onnxruntime session is opened (same options for every version)."""
-    import onnxruntime as ort
+    """The one way every timed onnxruntime session is opened (same options for every version: the new code's
+    `cpu_session`, whichever version exported the file)."""
+    from tokenreduce.targets.onnx import cpu_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return cpu_session(path, threads)
 
 
 def session_call(sess: Any, x: torch.Tensor) -> tuple[Call, bool]:

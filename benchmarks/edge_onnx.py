@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 import tokenreduce
-from tokenreduce.targets.onnx import export_graph
+from tokenreduce.targets.onnx import cpu_session, export_graph
 
 SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "tome8": ("ToMe r=8", {"method": "tome", "r": 8}),
@@ -54,15 +54,7 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def session(path: Path, threads: int, level: str = "all") -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return cpu_session(path, threads, level)
 
 
 class TokenCountOracle(torch.nn.Module):

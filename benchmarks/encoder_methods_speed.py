@@ -60,6 +60,7 @@ from tokenreduce.compiler.api import compile as tr_compile  # noqa: E402
 from tokenreduce.errors import TokenReduceError  # noqa: E402
 from tokenreduce.methods.dymu import recording  # noqa: E402
 from tokenreduce.targets.base import TargetOptions  # noqa: E402
+from tokenreduce.targets.onnx import cpu_session  # noqa: E402
 
 METHODS = ("tome", "evit", "pitome", "zero_tprune", "token_transforming", "dymu")
 TARGETS = (0.8, 0.65, 0.5)
@@ -192,13 +193,7 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str], targets: list
 
 # ---------------------------------------------------------------------------------------------- onnx files
 def ort_session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return cpu_session(path, threads)
 
 
 def ort_binder(sess: Any) -> Callable[[torch.Tensor], Call]:

@@ -443,6 +443,23 @@ def verify_onnx(onnx_path: str | os.PathLike[str], reduced: Any, args: tuple[Any
                            consequence="the exported file was not written")
 
 
+def cpu_session(path: str | os.PathLike[str], threads: int, level: str = "all") -> Any:
+    """The one way a timed onnxruntime CPU session is opened (the target, `bench`, the benchmarks): `threads`
+    intra-op threads, one inter-op thread, graph optimisation `level` "basic" / "extended" / "all"."""
+    import onnxruntime as ort
+
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if level not in levels:
+        raise TokenReduceError(f"unknown onnxruntime optimisation level {level!r}; choose one of {', '.join(levels)}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = levels[level]
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 def run_onnx(onnx_path: str | os.PathLike[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """The flat outputs of an ONNX file in an onnxruntime CPU session on these inputs."""
     import onnxruntime as ort
@@ -500,7 +517,6 @@ class OnnxTarget(ArtefactTarget):
             raise TokenReduceError(f"the onnx target runs its model in an onnxruntime CPU session; device "
                                    f"{str(device)!r} is not supported: pass device='cpu' and CPU inputs (the "
                                    f"written file runs on GPUs through the tensorrt target)")
-        import onnxruntime as ort
         dynamic = options.dynamic_batch and graph_batch_is_dynamic(gm) is not False
 
         def export(path: Path) -> OnnxExport:
@@ -508,18 +524,15 @@ class OnnxTarget(ArtefactTarget):
                                 opset=options.opset, precision=options.precision, calibration=options.calibration,
                                 unreduced=options.unreduced)
 
-        sess_opts = ort.SessionOptions()
-        sess_opts.intra_op_num_threads = options.threads or default_threads()
-        sess_opts.inter_op_num_threads = 1
-        sess_opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = options.threads or default_threads()
         if options.output is not None:
             result = export(options.output)
-            sess = ort.InferenceSession(str(options.output), sess_opts, providers=["CPUExecutionProvider"])
+            sess = cpu_session(options.output, threads)
         else:
             with scratch_folder(prefix="tokenreduce-onnx-") as tmp:
                 result = export(Path(tmp) / "model.onnx")
                 # the session holds the weights in memory: the scratch file can go
-                sess = ort.InferenceSession(str(result.path), sess_opts, providers=["CPUExecutionProvider"])
+                sess = cpu_session(result.path, threads)
         with torch.no_grad():
             template = gm(*args, **kwargs)  # the output structure the runner gives back
         return self._lowered(sess, result, template, args, kwargs, options)
