@@ -44,7 +44,7 @@ from torch import fx
 
 from tokenreduce.analysis.encoder import Block, SideInput
 from tokenreduce.errors import TokenReduceError
-from tokenreduce.ir.graph import Builder, args_of, call, module_path, reaches_matmul
+from tokenreduce.ir.graph import Builder, args_of, call, descendants, module_path, reaches_matmul
 from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce)
 from tokenreduce.kernels import reference as ref
 from tokenreduce.methods import registry
@@ -271,13 +271,7 @@ def _pool_own_slots(graph: fx.Graph, ctx: EncoderContext, last: fx.Node) -> int:
     analysed block's (the blocks' own are masked in block order)."""
     n0, num_p, size = ctx.original_tokens, ctx.analysis.num_protected, ctx.state.size
     blocks = {b.attention.node for b in ctx.analysis.blocks}
-    after, frontier = set(), [last]
-    while frontier:
-        node = frontier.pop()
-        for u in node.users:
-            if u not in after:
-                after.add(u)
-                frontier.append(u)
+    after = descendants([last])
     done = 0
     for node in [n for n in graph.nodes if n in after]:
         args = args_of(node)
@@ -334,7 +328,7 @@ def insert_reductions(gm: fx.GraphModule, ctx: EncoderContext) -> PassResult:
     st = ctx.state
     cache: dict = {}
     last: fx.Node | None = None  # the last reduction's output
-    pads = bool(getattr(method, "pads_slots", False))  # decoder methods have no such attribute
+    pads = method.pads_slots
     num_p = ctx.analysis.num_protected
     side_cache: dict = {}
     for block, bp in zip(ctx.analysis.blocks, ctx.plans):
