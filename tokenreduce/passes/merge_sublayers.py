@@ -44,14 +44,21 @@ tr = torch.ops.tokenreduce
 aten = torch.ops.aten
 
 
+def replace_rows(t: torch.Tensor, axis: int, offset: int, n: int, new: torch.Tensor) -> torch.Tensor:
+    """`t` with its rows `offset .. offset + n - 1` on `axis` (the image part of a joint sequence) replaced by
+    `new` (of any length on `axis`); the rows before and after (text tokens) pass through."""
+    parts = [t.narrow(axis, 0, offset)] if offset else []
+    parts.append(new)
+    tail = t.shape[axis] - offset - n
+    if tail:
+        parts.append(t.narrow(axis, offset + n, tail))
+    return torch.cat(parts, dim=axis) if len(parts) > 1 else parts[0]
+
+
 def unmerge_rows(y: torch.Tensor, slot: torch.Tensor, offset: int, n_out: int) -> torch.Tensor:
     """Unmerge the image rows `offset .. offset + n_out - 1` of `y [B, T', C]` (every original image token takes
     its slot's row); the rows before and after (text tokens) pass through."""
-    parts = [y[:, :offset]] if offset else []
-    parts.append(ref.unmerge(y[:, offset:offset + n_out], slot, 1))
-    if y.shape[1] > offset + n_out:
-        parts.append(y[:, offset + n_out:])
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    return replace_rows(y, 1, offset, n_out, ref.unmerge(y.narrow(1, offset, n_out), slot, 1))
 
 
 def gather_positions(t: torch.Tensor, rep: torch.Tensor, axis: int, offset: int, n: int) -> torch.Tensor:
@@ -59,12 +66,7 @@ def gather_positions(t: torch.Tensor, rep: torch.Tensor, axis: int, offset: int,
     `axis` belong to the image tokens: those rows gathered by `rep [B, N']` (the token each merged slot stands for:
     a merged token takes its destination's position), the others kept. Returns `[B, ..., T - n + N', ...]`."""
     t = t.expand((rep.shape[0], *t.shape[1:]))
-    parts = [t.narrow(axis, 0, offset)] if offset else []
-    parts.append(ref.gather_tokens(t.narrow(axis, offset, n), rep, dim=axis))
-    tail = t.shape[axis] - offset - n
-    if tail:
-        parts.append(t.narrow(axis, offset + n, tail))
-    return torch.cat(parts, dim=axis) if len(parts) > 1 else parts[0]
+    return replace_rows(t, axis, offset, n, ref.gather_tokens(t.narrow(axis, offset, n), rep, dim=axis))
 
 
 def _merge_input(graph: fx.Graph, sub: Sublayer, slot: fx.Node, n: int, n_out: int) -> fx.Node:
