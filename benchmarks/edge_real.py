@@ -73,6 +73,7 @@ from edge_onnx import interleaved, session  # noqa: E402  (the sibling benchmark
 
 import tokenreduce  # noqa: E402
 from tokenreduce.errors import TokenReduceError  # noqa: E402
+from tokenreduce.evaluate.stsb import group_by_length  # noqa: E402
 from tokenreduce.targets import quantize  # noqa: E402
 from tokenreduce.targets.onnx import export_onnx  # noqa: E402
 
@@ -206,14 +207,6 @@ def flops_ratio(report: Any) -> float:
 
 
 # --------------------------------------------------------------------------------------------- text
-def group_by_length(token_ids: Sequence[Sequence[int]]) -> dict[int, list[int]]:
-    """Sentence indices grouped by exact token count, lengths ascending, indices in input order."""
-    groups: dict[int, list[int]] = {}
-    for i, ids in enumerate(token_ids):
-        groups.setdefault(len(ids), []).append(i)
-    return dict(sorted(groups.items()))
-
-
 def text_embeddings(sessions: dict[str, Any], token_ids: Sequence[Sequence[int]],
                     indices: Sequence[int]) -> dict[str, np.ndarray]:
     """Mean-pooled embeddings `[len(indices), D]` of each session's file, one sentence per run (batch 1, no

@@ -246,7 +246,7 @@ def dinov2(args: argparse.Namespace, log: Log) -> None:
 def minilm(args: argparse.Namespace, log: Log) -> None:
     from tokenreduce.evaluate.data import load_stsb
     from tokenreduce.evaluate.models import load_minilm
-    from tokenreduce.evaluate.stsb import pair_spearman
+    from tokenreduce.evaluate.stsb import group_by_length, pair_spearman
     from tokenreduce.methods.dymu import recording
 
     out: Path = args.out
@@ -257,9 +257,7 @@ def minilm(args: argparse.Namespace, log: Log) -> None:
     sentences = [p[0] for p in pairs] + [p[1] for p in pairs]
     gold, n = [p[2] for p in pairs], len(pairs)
     ids = [torch.tensor(tok(s, truncation=True, max_length=128)["input_ids"]) for s in sentences]
-    by_len: dict[int, list[int]] = defaultdict(list)
-    for i, t in enumerate(ids):
-        by_len[len(t)].append(i)
+    by_len = group_by_length(ids)
     lengths_sorted = sorted(len(t) for t in ids)
     quartiles = [lengths_sorted[int(q * (len(ids) - 1))] for q in (0.5, 0.25, 0.75)]  # median first: DyMU's shape
     dev = load_stsb("dev", args.data_dir)

@@ -86,6 +86,15 @@ def pair_spearman(first: torch.Tensor, second: torch.Tensor, gold: Sequence[floa
     return float(spearmanr(cosine.numpy(), list(gold)).statistic) * 100.0
 
 
+def group_by_length(token_ids: Sequence[Sequence[int] | torch.Tensor]) -> dict[int, list[int]]:
+    """Sentence indices grouped by exact token count, lengths ascending, indices in input order: the unpadded
+    protocol runs each group as one batch without padding."""
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(token_ids):
+        groups.setdefault(len(ids), []).append(i)
+    return dict(sorted(groups.items()))
+
+
 def fixed_length(tokenizer: Callable[..., dict[str, torch.Tensor]], length: int) -> Callable[..., dict[str, torch.Tensor]]:
     """A tokenizer stand-in for :func:`encode` that pads (and truncates) every batch to ``length`` tokens.
 

@@ -235,11 +235,10 @@ class UnpaddedStsb:
     for a shorter sentence); a length where the method refuses runs the full model and the row counts those."""
 
     def __init__(self, model: torch.nn.Module, ids: list[torch.Tensor], gold: list[float]) -> None:
+        from tokenreduce.evaluate.stsb import group_by_length
+
         self.model, self.ids, self.gold, self.n = model, ids, gold, len(gold)
-        groups: dict[int, list[int]] = {}
-        for i, t in enumerate(ids):
-            groups.setdefault(int(t.shape[0]), []).append(i)
-        self.groups = dict(sorted(groups.items()))
+        self.groups = group_by_length(ids)
         self.captures: dict[int, Any] = {}
         self.full, _ = self.embed(None)
         self.done: dict[str, dict[str, Any]] = {}
