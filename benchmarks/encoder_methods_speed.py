@@ -41,7 +41,6 @@ import gc
 import itertools
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -55,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # matched_flops lives 
 
 from matched_flops import Example, Matcher  # noqa: E402
 
-from tokenreduce.bench import Timing, bench_targets, interleaved, make_row, prepare_baseline  # noqa: E402
+from tokenreduce.bench import Timing, bench_targets, interleaved, make_row, paired_ratio, prepare_baseline  # noqa: E402
 from tokenreduce.compiler.api import compile as tr_compile  # noqa: E402
 from tokenreduce.errors import TokenReduceError  # noqa: E402
 from tokenreduce.methods.dymu import recording  # noqa: E402
@@ -165,10 +164,8 @@ def setting_text(options: dict[str, Any]) -> str:
 
 
 def paired_speedup(row: dict[str, Any]) -> float:
-    """1 / the median over rounds of reduced / unreduced latency of the same round (A and B run back to back):
-    under a load that drifts within the run this is steadier than the ratio of the two medians."""
-    ratios = [b / a for a, b in zip(row["samples_unreduced_ms"], row["samples_reduced_ms"], strict=True)]
-    return 1.0 / statistics.median(ratios)
+    """1 / `bench.paired_ratio` of the row's interleaved samples."""
+    return 1.0 / paired_ratio(row["samples_unreduced_ms"], row["samples_reduced_ms"])
 
 
 def markdown_table(rows: list[dict[str, Any]], methods: list[str], targets: list[float]) -> str:

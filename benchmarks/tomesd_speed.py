@@ -34,7 +34,6 @@ import dataclasses
 import gc
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from typing import Any
 import torch
 
 import tokenreduce
-from tokenreduce.bench import bench_targets, interleaved, make_row, prepare_baseline, threads_used
+from tokenreduce.bench import bench_targets, interleaved, make_row, paired_ratio, prepare_baseline, threads_used
 from tokenreduce.targets.base import TargetOptions
 
 
@@ -85,7 +84,7 @@ def table(path: Path) -> str:
     order = {"eager": 0, "inductor": 1, "onnxruntime": 2}
     for r in sorted(rows, key=lambda r: (r["model"], r["side"], r["ratio"], order.get(r["target"], 3))):
         tokens = ", ".join(f"{a}->{b}" for a, b in r["tokens"])
-        paired = statistics.median(b / a for a, b in zip(r["samples_unreduced_ms"], r["samples_reduced_ms"]))
+        paired = paired_ratio(r["samples_unreduced_ms"], r["samples_reduced_ms"])
         lines.append(f"| {r['model']} | {r['side']}x{r['side']} | {r['merged_blocks']} ({tokens}) | {r['ratio']} | "
                      f"{r['target']} | {r['flops_ratio']:.3f} | {r['latency_unreduced_ms'] / 1e3:.2f} | "
                      f"{r['latency_reduced_ms'] / 1e3:.2f} | {r['latency_ratio']:.3f} | {paired:.3f} | "

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,12 @@ class Timing:
     @property
     def median_reduced_ms(self) -> float:
         return statistics.median(self.samples_reduced_ms)
+
+
+def paired_ratio(samples_unreduced_ms: Sequence[float], samples_reduced_ms: Sequence[float]) -> float:
+    """The median over rounds of reduced / unreduced latency of the same round (A and B run back to back): under
+    a load that drifts within a run this is steadier than the ratio of the two medians."""
+    return statistics.median(b / a for a, b in zip(samples_unreduced_ms, samples_reduced_ms, strict=True))
 
 
 def interleaved(unreduced: Call, reduced: Call, repeats: int, warmup: int = 1,
