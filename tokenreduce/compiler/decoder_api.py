@@ -15,7 +15,10 @@ Model inputs beyond the prompt (`pixel_values`, `image_sizes`, `image_grid_thw`,
 whose vision token count depends on grid *values* (Qwen2-VL / Qwen2.5-VL) first runs its own vision
 encoder, placeholder scatter and mRoPE position code eagerly (a forward pre-hook on its language model
 takes the embeddings and 3-axis position ids the model built, and stops the run there); the captured
-graph starts at those embeddings, and decoding continues from the model's own `rope_deltas`.
+graph starts at those embeddings, and decoding continues from the model's own `rope_deltas`. LLaVA-NeXT's
+`image_sizes` also decide the token count (AnyRes grid, unpadding), but through python arithmetic on few
+values: the graph is specialised on them (python ints, part of the cache key), so its vision tower and
+AnyRes packing are captured; GlobalCom2 also reads the AnyRes layout (`methods.globalcom2.anyres_side_inputs`).
 
 The span -- the tokens a method may drop -- is, in order of precedence: the `span` argument (a `[B, N]`
 bool mask or a `(start, end)` range applied to every row), or, for a VLM, the positions of the model's
@@ -43,6 +46,7 @@ from tokenreduce.compiler.pipeline import reduce_prefill
 from tokenreduce.compiler.report import Report, count_report_flops
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.methods import registry
+from tokenreduce.methods.globalcom2 import ANYRES_INPUTS, anyres_side_inputs, not_anyres
 from tokenreduce.methods.settings import Settings
 from tokenreduce.targets import TargetOptions
 
@@ -65,14 +69,15 @@ class _Prefill(torch.nn.Module):
     """What is captured: one prefill call returning the last position's logits, without a cache. Every other
     model input (`pixel_values`, `image_sizes`, ...) is passed through by name."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, constants: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.model = model
+        self.constants = dict(constants or {})  # inputs the graph is specialised on (LLaVA-NeXT's image_sizes)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 **extra: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False, logits_to_keep=1, **extra)
+                         use_cache=False, logits_to_keep=1, **extra, **self.constants)
         return out.logits
 
 
@@ -123,6 +128,9 @@ class ReducedDecoder:
         self.report: Report | None = None
         self.clipped = False  # a span covered the last prompt token and was clipped
         self._rope_deltas: torch.Tensor | None = None  # mRoPE offset of the last prompt (see _restore_rope_deltas)
+        # LLaVA-NeXT: image_sizes as python ints the graph is specialised on, and the AnyRes layout side input
+        self._constants: dict[str, Any] = {}
+        self._side: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------- inputs
     def _config_token_id(self, *names: str) -> int | None:
@@ -149,6 +157,15 @@ class ReducedDecoder:
             raise TokenReduceError(f"unexpected model inputs {unknown}; reduce_decoder passes through "
                                    f"{list(MULTIMODAL_INPUTS)}")
         self._rope_deltas = None
+        self._constants, self._side = {}, {}
+        if "image_sizes" in extra and not any(k in extra for k in GRID_INPUTS):
+            # LLaVA-NeXT (AnyRes): the image token count follows from image_sizes *values* (grid choice, unpadding);
+            # the graph is specialised on them (python ints, part of the cache key), so the vision tower and the
+            # AnyRes packing are captured with static shapes
+            extra = dict(extra)
+            sizes = extra.pop("image_sizes")
+            self._constants["image_sizes"] = [[int(v) for v in hw] for hw in torch.as_tensor(sizes).tolist()]
+            self._side = anyres_side_inputs(self.model, input_ids, self._constants["image_sizes"])
         if not any(k in extra for k in GRID_INPUTS):
             inner = getattr(self.model, "model", None)
             if hasattr(inner, "rope_deltas"):  # an mRoPE model on a text-only prompt: no vision offset
@@ -244,12 +261,13 @@ class ReducedDecoder:
 
     # ------------------------------------------------------------------------------------------ compile
     def _compile(self, inputs: dict[str, torch.Tensor], span: torch.Tensor, span_size: int) -> _Compiled:
-        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()), span_size, span.device.type)
+        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()), span_size, span.device.type,
+               repr(self._constants))
         if key in self._cache:
             self.report = self._cache[key].report
             return self._cache[key]
         names_in = list(inputs)
-        wrapper = _EmbedsPrefill(self.model) if names_in[0] == "inputs_embeds" else _Prefill(self.model)
+        wrapper = _EmbedsPrefill(self.model) if names_in[0] == "inputs_embeds" else _Prefill(self.model, self._constants)
         args, kwargs = tuple(inputs[n] for n in names_in[:3]), {n: inputs[n] for n in names_in[3:]}
         captured = export_graph(wrapper, args, kwargs, dynamic_batch=False)
         red = reduce_prefill(captured.gm, self.settings, span_size)
@@ -266,10 +284,11 @@ class ReducedDecoder:
         self.report = report
         return compiled
 
-    @staticmethod
-    def _flat(names: list[str], inputs: dict[str, torch.Tensor], span: torch.Tensor) -> list[torch.Tensor]:
-        by_name = {**inputs, "span": span}
+    def _flat(self, names: list[str], inputs: dict[str, torch.Tensor], span: torch.Tensor) -> list[torch.Tensor]:
+        by_name = {**inputs, **self._side, "span": span}
         missing = [n for n in names if n not in by_name]
+        if set(missing) & set(ANYRES_INPUTS):
+            raise TokenReduceError(not_anyres(self.settings.method, type(self.model).__name__), setting="method")
         if missing:
             raise TokenReduceError(f"the captured prefill expects inputs {missing} that were not given")
         return [by_name[n] for n in names]
