@@ -158,11 +158,12 @@ def _(attn_mid, attn_deep, rows, cols, keep, anchors, num_prefix):
 
 # ------------------------------------------------------------------------------------------- FlowCut
 def flowcut_layer_scores(attn: torch.Tensor, values: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
-    """One layer's FlowCut scores `[B, P]`: `attn [B, N, N]` head-averaged probabilities, `values [B, H, N, d]`
-    the layer's per-head value vectors (CLS at index 0). `(a / sum a + s / sum s) * |mean_h v|_1` with `a` the
-    CLS query's attention to each patch and `s` the CLS value's softmax similarity (over all N tokens, per
-    head, then head mean) to each patch's value."""
-    _check_attn("attn", attn, num_prefix)
+    """One layer's FlowCut scores `[B, P]`: `attn [B, N, N]` head-averaged probabilities (or only the CLS
+    query's row, `[B, 1, N]`), `values [B, H, N, d]` the layer's per-head value vectors (CLS at index 0).
+    `(a / sum a + s / sum s) * |mean_h v|_1` with `a` the CLS query's attention to each patch and `s` the CLS
+    value's softmax similarity (over all N tokens, per head, then head mean) to each patch's value."""
+    _check_attn("attn", attn if attn.dim() != 3 or attn.shape[1] != 1 else attn.expand(-1, attn.shape[-1], -1),
+                num_prefix)
     if num_prefix < 1:
         raise ValueError("FlowCut relays information through the CLS token (index 0): a CLS-free sequence "
                          f"(num_prefix={num_prefix}) cannot be scored")
@@ -194,9 +195,9 @@ def flowcut_plan_reference(attns: Sequence[torch.Tensor], values: Sequence[torch
 
 def flowcut_select(attns: Sequence[torch.Tensor], keep: int, values: Sequence[torch.Tensor], decay: float = 0.5,
                    num_prefix: int = 1) -> torch.Tensor:
-    """FlowCut's kept patches: per layer (in order) head-averaged attention `[B, N, N]` and per-head values
-    `[B, H, N, d]` (CLS at index 0), the kept count -> `[B, keep]` ascending patch indices (0 = first
-    patch). `decay` weighs the earlier layers' cumulative score (official: 0.5)."""
+    """FlowCut's kept patches: per layer (in order) head-averaged attention `[B, N, N]` (or its CLS row
+    `[B, 1, N]`) and per-head values `[B, H, N, d]` (CLS at index 0), the kept count -> `[B, keep]` ascending
+    patch indices (0 = first patch). `decay` weighs the earlier layers' cumulative score (official: 0.5)."""
     return kept_indices(flowcut_plan_reference(attns, values, keep, decay, num_prefix), keep)
 
 

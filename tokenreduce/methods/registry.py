@@ -12,7 +12,7 @@ import importlib
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.methods.base import DecoderMethod, EncoderMethod, Method, Placement
 
-_MODULES = ("none", "tome", "evit", "pitome", "zero_tprune", "token_transforming", "dymu", "tempscale", "fastv", "pyramiddrop", "gemfilter", "divprune", "dart", "visionzip", "sparsevlm", "visiondrop", "tomesd", "globalcom2")
+_MODULES = ("none", "tome", "evit", "pitome", "zero_tprune", "token_transforming", "dymu", "tempscale", "fastv", "pyramiddrop", "gemfilter", "divprune", "dart", "visionzip", "sparsevlm", "visiondrop", "tomesd", "hiprune", "flowcut", "globalcom2")
 
 METHODS: dict[str, Method] = {}
 for _name in _MODULES:
