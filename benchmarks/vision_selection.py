@@ -16,11 +16,12 @@ The selections are the project's own kernels, called the way the methods call th
 * divprune -- `tokenreduce::kcenter_scores` then `tokenreduce::keep_plan` on the final-layer patch tokens
   (DivPrune selects among the tokens the projector reads);
 * hiprune -- `hiprune_select` (`kernels/vision_ops.py`) on the head-averaged attention of the object layer
-  (the `hiprune` method's default rule: the paper's layer 9 of CLIP-L scaled to the depth, here 4 of 0..11)
+  (`Hiprune.object_layer`'s default: the paper's layer 9 of CLIP-L scaled to the depth, here 4 of 0..11)
   and of the final layer, default `anchor_ratio` 0.1;
-* flowcut -- `flowcut_select` (`kernels/vision_ops.py`) on every layer's head-averaged attention and values
-  (0..11, the cumulative CLS-relay score with the official decay 0.5), selected once at the end (the kernel's
-  documented departure: no progressive pruning inside the tower);
+* flowcut -- `flowcut_select` (`kernels/vision_ops.py`) on the head-averaged attention and values of the
+  layers `Flowcut.scored_layers` picks by default (every layer before the final one: 0..10; the cumulative
+  CLS-relay score, official decay 0.5), selected once from the final layer's tokens (the method's documented
+  departure: no progressive pruning inside the tower);
 * random (seeded per image and count) and grid (rows evenly spaced, points evenly spaced in each row; at 64 the
   stride-2 lattice) as sanity baselines at the same counts.
 
@@ -192,13 +193,20 @@ def vision_ops() -> Any:
     return ops
 
 
-HIPRUNE_OBJECT_SHARE = 8 / 22  # the paper's object layer 9 (1-based) of CLIP-L, whose layer 22 (0-based) feeds LLaVA
-
-
 def hiprune_object_layer(feature_layer: int) -> int:
     """HiPrune's object (anchor) layer for a tower whose features are read at `feature_layer` (0-based): the
-    paper's layer scaled to the depth, the rule of `methods/hiprune.py`'s default (DINOv2-S: 4 of 0..11)."""
-    return round(HIPRUNE_OBJECT_SHARE * feature_layer)
+    method's default, the paper's layer 9 of CLIP-L scaled to the depth (DINOv2-S: 4 of 0..11)."""
+    from tokenreduce.methods.hiprune import Hiprune, HipruneOptions
+
+    return Hiprune.object_layer(HipruneOptions(), feature_layer)
+
+
+def flowcut_layers(feature_layer: int) -> tuple[int, ...]:
+    """FlowCut's scored layers for a tower whose features are read at `feature_layer`: the method's default,
+    every layer before that one (DINOv2-S: 0..10), as the official code scores CLIP-L's layers 0..21."""
+    from tokenreduce.methods.flowcut import Flowcut, FlowcutOptions
+
+    return Flowcut.scored_layers(FlowcutOptions(), feature_layer)
 
 
 def select_batch(model: torch.nn.Module, pixel_values: torch.Tensor, methods: Sequence[str],
@@ -238,7 +246,7 @@ def select_batch(model: torch.nn.Module, pixel_values: torch.Tensor, methods: Se
                     idx = vision_ops().hiprune_select(recorder.attention(hiprune_object_layer(last)),
                                                       recorder.attention(last), grid, keep)
                 elif method == "flowcut":
-                    layers = range(last + 1)
+                    layers = flowcut_layers(last)
                     idx = vision_ops().flowcut_select([recorder.attention(i) for i in layers], keep,
                                                       [recorder.project(i, "v_proj") for i in layers])
                 elif method == "random":

@@ -157,6 +157,7 @@ def test_hiprune_and_flowcut_equal_their_kernels(vs, tiny) -> None:  # type: ign
     maps = [a.mean(1) for a in ref.attentions]  # eager attention probabilities, head mean
     values = [independent_qkv(model, ref, i)[2] for i in range(3)]
     assert vs.hiprune_object_layer(11) == 4 and vs.hiprune_object_layer(2) == 1  # 8/22 of the feature layer
+    assert vs.flowcut_layers(11) == tuple(range(11)) and vs.flowcut_layers(2) == (0, 1)  # the layers before it
     patches = ref.last_hidden_state[:, 1:]
     for keep in KEEPS:
         want = vision_ops.hiprune_select(maps[1], maps[2], (8, 8), keep)
@@ -164,7 +165,7 @@ def test_hiprune_and_flowcut_equal_their_kernels(vs, tiny) -> None:  # type: ign
         assert_kept(idx, 3, keep, 64)
         assert idx.tolist() == want.tolist()
         torch.testing.assert_close(feat, torch.stack([patches[b][want[b]].mean(0) for b in range(3)]))
-        want = vision_ops.flowcut_select(maps, keep, values)
+        want = vision_ops.flowcut_select(maps[:2], keep, values[:2])
         idx, feat = got["flowcut"][keep]
         assert_kept(idx, 3, keep, 64)
         assert idx.tolist() == want.tolist()
