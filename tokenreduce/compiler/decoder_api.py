@@ -34,6 +34,7 @@ without `model.language_model`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ from tokenreduce.compiler.report import Report, count_report_flops
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.methods import registry
 from tokenreduce.methods.globalcom2 import ANYRES_INPUTS, anyres_side_inputs, not_anyres
+from tokenreduce.methods.prefill import VISION_SCORES, SelectionMethod
 from tokenreduce.methods.settings import Settings
 from tokenreduce.targets import TargetOptions
 
@@ -89,8 +91,10 @@ class _EmbedsPrefill(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                vision_scores: torch.Tensor | None = None) -> torch.Tensor:
+        # vision_scores: `[B, N]` keep scores a method computed in the eager vision tower (VisionZip on Qwen2-VL);
+        # unused here, a graph input the pruning pass reads
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False, logits_to_keep=1)
         return out.logits
@@ -171,12 +175,15 @@ class ReducedDecoder:
             if hasattr(inner, "rope_deltas"):  # an mRoPE model on a text-only prompt: no vision offset
                 self._rope_deltas = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
             return {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos, **extra}
-        embeds, positions, deltas = self._embed_multimodal(input_ids, mask, extra)
+        embeds, positions, deltas, scores = self._embed_multimodal(input_ids, mask, extra)
         self._rope_deltas = deltas
-        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+        out = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+        if scores is not None:
+            out[VISION_SCORES] = scores
+        return out
 
     def _embed_multimodal(self, input_ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, torch.Tensor]
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         inner = getattr(self.model, "model", None)
         lm = getattr(inner, "language_model", None)
         if not isinstance(lm, torch.nn.Module):
@@ -196,19 +203,28 @@ class ReducedDecoder:
             seen.update(kwargs)
             raise _Stop
 
+        method = registry.decoder(self.settings.method)
+        # a method that reads the vision tower hooks it for this run (VisionZip: scores and merges there)
+        hooks = method.eager_vision(self.settings.opts, self.model, input_ids, extra) \
+            if isinstance(method, SelectionMethod) else None
         handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
+        scores_of = None
         try:
-            self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **extra)
+            with contextlib.ExitStack() as stack:
+                if hooks is not None:
+                    scores_of = stack.enter_context(hooks)
+                self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **extra)
         except _Stop:
             pass
         finally:
             handle.remove()
+        scores = scores_of() if scores_of is not None else None
         embeds, positions = seen.get("inputs_embeds"), seen.get("position_ids")
         if not isinstance(embeds, torch.Tensor) or not isinstance(positions, torch.Tensor):
             raise TokenReduceError(f"{type(self.model).__name__}: its language model was not called with input "
                                    "embeddings and position ids; cannot start the prefill graph there")
         deltas = getattr(inner, "rope_deltas", None)
-        return embeds, positions, deltas if isinstance(deltas, torch.Tensor) else None
+        return embeds, positions, deltas if isinstance(deltas, torch.Tensor) else None, scores
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 span: torch.Tensor | tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -299,6 +315,13 @@ class ReducedDecoder:
         """The rewritten prefill graph for these inputs and its flat positional inputs (ONNX export)."""
         mask, pos, span_mask, span_size = self.prepare(input_ids, attention_mask, span)
         inputs = self._graph_inputs(input_ids, mask, pos, extra)
+        if VISION_SCORES in inputs:  # selected among the vision tower's tokens: the span must be exactly those
+            vision = torch.isin(input_ids, torch.tensor(self._vision_token_ids(), device=input_ids.device))
+            if not torch.equal(span_mask, vision & mask.bool()):
+                raise TokenReduceError(f"{self.settings.method} selects among the image/video tokens the vision tower "
+                                       "produced; a span other than them (a given span, or a vision token last in "
+                                       "the prompt) is refused: pass span=None and end the prompt with text",
+                                       setting="span")
         c = self._compile(inputs, span_mask, span_size)
         if self.clipped and CLIPPED_NOTE not in c.report.notes:
             c.report.notes.append(CLIPPED_NOTE)

@@ -1,5 +1,5 @@
 """Custom ops of the decoder prefill methods (`torch.ops.tokenreduce.keep_plan`, `capped_row_scores`,
-`kcenter_scores`, `dart_scores`).
+`window_scores`, `kcenter_scores`, `dart_scores`).
 
 One named node in the graph for the plan step of FastV / PyramidDrop / GemFilter; its CPU implementation
 is `kernels.plans.keep_plan`, and the fake implementation states the static output shape. The score step
@@ -8,6 +8,9 @@ reuses `tokenreduce::query_row_scores` (row -1: the last query) when the model's
 the scale and the mask) is ranked by `capped_row_scores`, which applies the same cap, so the ranking sees
 the probabilities the model's attention computes. `capped_row_scores_reference` is its pure-torch
 implementation (also what ONNX export inlines, through the decoder methods' `references()`).
+`window_scores` is the ranking with `score_window=W > 1` (SnapKV's observation window): the attention of
+the last W query rows (the question), summed over the rows, soft-capped where the model caps; W is a
+constant, so the slice and the causal mask it builds have static shapes.
 
 The selection methods that rank by hidden states instead of attention emit one op each, whose output is a
 `[B, N]` score that `keep_plan` turns into the kept indices (selected span tokens score > 0, the rest 0):
@@ -88,6 +91,69 @@ def capped_row_scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | Non
 
 @capped_row_scores.register_fake
 def _(q, k, bias, scale, softcap, row):
+    return q.new_empty((q.shape[0], k.shape[-2]))
+
+
+def window_scores_reference(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                            softcap: float | None, window: int, causal: bool) -> torch.Tensor:
+    """Attention the last `window` query rows pay each key, summed over those rows, averaged over heads
+    (SnapKV's observation window; `window=1` is the last-query row of `query_row_scores`).
+
+    Args:
+        q: `[B, H, Nq, d]` queries; k: `[B, H|H_kv, N, d]` keys (grouped keys are repeated over the heads).
+        bias: optional mask broadcastable to `[B, H, Nq, N]`: bool (True = attend) or additive float; a bias
+            with one query row applies to every window row.
+        scale: the logit scale; softcap: c in `tanh(logits / c) * c` (Gemma 2), or None for plain logits.
+        window: how many of the last query rows score, `1 .. Nq` (a constant: static shapes).
+        causal: also hide from window row i the keys after it (for an `is_causal` attention without a mask;
+            a materialised mask already holds the causality).
+
+    Returns:
+        `[B, N]` = `sum over rows r of softmax(q[r] k^T * scale (capped) + bias[r]).mean(heads)`, in float32
+        arithmetic, cast to q's dtype. Each row's softmax is taken over the keys that row may see; a row
+        that may see none (left padding of a row shorter than the window) adds 0.
+    """
+    nq = q.shape[-2]
+    if not 1 <= window <= nq:
+        raise ValueError(f"score_window must be in 1..{nq} (the query rows present), got {window}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be > 0, got {softcap}")
+    qr = q[:, :, nq - window:, :].float()
+    kf = k.float()
+    if kf.shape[1] != qr.shape[1]:
+        kf = kf.repeat_interleave(qr.shape[1] // kf.shape[1], dim=1)
+    logits = (qr @ kf.transpose(-1, -2)) * scale  # [B, H, W, N]
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if bias is not None:
+        if bias.shape[-2] != 1:
+            bias = bias[..., bias.shape[-2] - window:, :]
+        if bias.dtype == torch.bool:
+            logits = logits.masked_fill(~bias, torch.finfo(torch.float32).min)
+        else:
+            logits = logits + bias.float()
+    if causal:
+        n = kf.shape[-2]
+        rows = torch.arange(n - window, n, device=q.device)
+        later = torch.arange(n, device=q.device)[None, :] > rows[:, None]  # [W, N]
+        logits = logits.masked_fill(later, torch.finfo(torch.float32).min)
+    probs = logits.softmax(dim=-1)
+    if window > 1:  # a row that may see no key (a left-padding row inside the window) adds nothing
+        probs = probs * (logits > torch.finfo(torch.float32).min / 2).any(-1, keepdim=True)
+    return probs.mean(dim=1).sum(dim=1).to(q.dtype)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::window_scores", mutates_args=())
+def window_scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float, softcap: float | None,
+                  window: int, causal: bool) -> torch.Tensor:
+    """`window_scores_reference` as one graph node -> `[B, N]`."""
+    return window_scores_reference(q, k, bias, scale, softcap, window, causal).contiguous()
+
+
+@window_scores.register_fake
+def _(q, k, bias, scale, softcap, window, causal):
+    if not 1 <= window <= q.shape[-2]:
+        raise ValueError(f"score_window must be in 1..{q.shape[-2]} (the query rows present), got {window}")
     return q.new_empty((q.shape[0], k.shape[-2]))
 
 
@@ -321,6 +387,7 @@ def _(feats, q, k, bias, scale, dominant, contextual):
 
 REFERENCES: dict[Any, Callable[..., Any]] = {
     torch.ops.tokenreduce.capped_row_scores.default: capped_row_scores_reference,
+    torch.ops.tokenreduce.window_scores.default: window_scores_reference,
     torch.ops.tokenreduce.kcenter_scores.default: kcenter_scores_reference,
     torch.ops.tokenreduce.dart_scores.default: dart_scores_reference,
     torch.ops.tokenreduce.visionzip_plan.default: visionzip_plan_reference}

@@ -7,9 +7,15 @@ touch tokens outside the span (system prompt, the question at the end, padding).
 ranking happens and which layers run on the kept tokens. Positions are never renumbered: a kept token
 keeps its original position id (rotary), which is what all three official implementations do.
 
-`score_pool` is an opt-in extension shared by the three, not part of their papers: SnapKV (Li et al.,
-"SnapKV: LLM Knows What You are Looking for Before Generation", 2024) max-pools the scores over
-neighbouring tokens so a selected token brings its neighbours along (multi-token facts stay whole).
+`score_pool` and `score_window` are opt-in extensions shared by the three, not part of their papers, both
+from SnapKV (Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", 2024; official
+code FasterDecoding/SnapKV, read, not copied): `score_pool` max-pools the scores over neighbouring tokens
+so a selected token brings its neighbours along (multi-token facts stay whole; SnapKV average-pools);
+`score_window=W` ranks by the attention of the last W query tokens (SnapKV's observation window: the
+question) summed over those rows, instead of the last token's alone. Each row's softmax is its own
+causal one; the scores are still averaged over heads (one kept set for all heads, where SnapKV keeps a
+set per KV head). W is a constant of the graph (`tokenreduce::window_scores`), so the prefill still
+exports with static shapes; W=1 emits exactly the papers' one-row op.
 
 The selection methods (DivPrune, DART; one file each) do not rank by last-query attention: they choose
 span tokens from the hidden states entering the first pruned block (`SelectionMethod.emit_keep`, given a
@@ -17,21 +23,25 @@ span tokens from the hidden states entering the first pruned block (`SelectionMe
 three above. SparseVLM and VisionDrop (one file each) read the whole attention map of the block before each
 stage (`SelectionSite.attention`) and merge the tokens they drop into kept ones (`SelectionSite.merged`).
 
-Refuses: layers out of order or out of range, keep counts outside `1 .. span`, an even `score_pool`.
+Refuses: layers out of order or out of range, keep counts outside `1 .. span`, an even `score_pool`,
+a `score_window` below 1 or longer than the prompt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import fx
 
 from tokenreduce.analysis.encoder import Attention
-from tokenreduce.ir.graph import Builder
+from tokenreduce.ir.graph import Builder, call
 from tokenreduce.kernels import decoder_ops
+from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce.query_row_scores)
 from tokenreduce.methods.base import (
     DecoderMethod,
     Options,
@@ -44,6 +54,8 @@ from tokenreduce.methods.base import (
     option,
 )
 
+tr = torch.ops.tokenreduce
+
 
 class PrefillMethod(DecoderMethod):
     """What the three prefill methods share beyond options: the soft-capped scoring op's reference (a
@@ -51,6 +63,28 @@ class PrefillMethod(DecoderMethod):
 
     def references(self) -> dict[Any, Callable[..., Any]]:
         return dict(decoder_ops.REFERENCES)
+
+    def score_window(self, options: Options) -> int:
+        return int(getattr(options, "score_window", 1))
+
+
+def last_query_scores(graph: fx.Graph, scorer: Attention, q: fx.Node, k: fx.Node, mask: fx.Node | None,
+                      window: int) -> fx.Node:
+    """Emit (at the graph's insert point) the `[B, N]` ranking scores of the scoring block's attention
+    `scorer`, read from `q`/`k`/`mask` (the filter pass's clones for GemFilter, the gathered mask after an
+    earlier stage): the last query row (`query_row_scores`, or `capped_row_scores` where the model
+    soft-caps its logits) for `window=1`, else the last `window` rows summed (`window_scores`)."""
+    if window == 1:
+        if scorer.softcap is None:
+            return call(graph, tr.query_row_scores.default, (q, k, mask, scorer.scale, -1), scorer.node)
+        return call(graph, tr.capped_row_scores.default, (q, k, mask, scorer.scale, scorer.softcap, -1),
+                    scorer.node)
+    rows = q.meta["val"].shape[-2]
+    if not 1 <= window <= rows:
+        raise fail("score_window", f"score_window={window} but the prompt has {rows} tokens at the scoring block; "
+                                   f"choose 1..{rows} (the question's length is the usual choice)")
+    return call(graph, tr.window_scores.default,
+                (q, k, mask, scorer.scale, scorer.softcap, window, mask is None and scorer.is_causal), scorer.node)
 
 
 @dataclass(frozen=True)
@@ -61,11 +95,14 @@ class SpanOptions(Options):
                                                   "paper's choice scaled to the depth")
     score_pool: int = option(1, "max-pool the last-query scores over this many neighbouring tokens before ranking "
                                 "(odd; 1 = the papers' ranking; SnapKV-style extension)")
+    score_window: int = option(1, "rank by the attention of the last W query tokens (the question), summed over "
+                                  "them (1 = the papers' last-query ranking; SnapKV's observation window)")
 
     def validate(self) -> None:
         if self.layers is not None:
             self.set("layers", check_int_list("layers", self.layers, lo=None))
         check_int("score_pool", self.score_pool, lo=1)
+        check_int("score_window", self.score_window, lo=1)
         if self.score_pool % 2 == 0:
             raise fail("score_pool", f"score_pool must be an odd int >= 1 (1 = off), got {self.score_pool}")
 
@@ -144,6 +181,16 @@ class VisionSite:
     attention: Attention
 
 
+# The graph input holding `[B, N]` keep scores a method computed where a VLM's vision tower ran eagerly, outside
+# the captured prefill (Qwen2-VL: `SelectionMethod.eager_vision`); the pass hands it over as the patch scores.
+VISION_SCORES = "vision_scores"
+
+
+def eager_scores_input(node: fx.Node) -> bool:
+    """Is `node` the `VISION_SCORES` graph input (scores computed where the vision tower ran eagerly)?"""
+    return node.op == "placeholder" and node.target == VISION_SCORES
+
+
 class SelectionMethod(PrefillMethod):
     """A prefill method that selects span tokens from hidden states (not last-query attention): it emits
     `[B, N]` keep scores (> 0 for the selected span tokens, exactly `keep` of them), which the pass turns
@@ -157,6 +204,14 @@ class SelectionMethod(PrefillMethod):
 
     def emit_vision(self, options: Options, site: VisionSite, keep: int) -> tuple[fx.Node, fx.Node]:
         raise NotImplementedError(f"{type(self).__name__} does not read the vision tower")
+
+    def eager_vision(self, options: Options, model: torch.nn.Module, input_ids: torch.Tensor,
+                     extra: dict[str, torch.Tensor]
+                     ) -> contextlib.AbstractContextManager[Callable[[], torch.Tensor]] | None:
+        """For a VLM whose vision tower runs eagerly before the captured prefill (Qwen2-VL): a context that
+        hooks the tower for the model's own run (`extra`: its image/video inputs) and yields a function giving
+        the `[B, N]` keep scores after it (the `VISION_SCORES` graph input). None: this method does not."""
+        return None
 
     def emit_scores(self, options: Options, site: SelectionSite) -> fx.Node:
         raise NotImplementedError(f"{type(self).__name__} must emit its selection scores")

@@ -6,6 +6,7 @@ user marked), and for every stage the method planned (`methods/fastv.py`, `pyram
 
     scores = tokenreduce.query_row_scores(q_L, k_L, mask_L, scale, -1)   # last query row, mean over heads
                                                                           # (capped_row_scores if soft-capped)
+                                                                          # (window_scores: score_window > 1)
     scores = pool_scores(scores, w)                                       # only with score_pool=w > 1
     keep   = tokenreduce.keep_plan(scores, span_now, k, S)                # ascending indices, static length
     x'     = gather(x_first_reduced_block, keep)
@@ -52,7 +53,14 @@ from tokenreduce.kernels import ops as _ops  # noqa: F401
 from tokenreduce.kernels import reference as ref
 from tokenreduce.kernels.plans import pool_scores
 from tokenreduce.methods import registry
-from tokenreduce.methods.prefill import SelectionMethod, SelectionSite, VisionSite
+from tokenreduce.methods.prefill import (
+    PrefillMethod,
+    SelectionMethod,
+    SelectionSite,
+    VisionSite,
+    eager_scores_input,
+    last_query_scores,
+)
 from tokenreduce.passes.common import DecoderContext, PassResult
 
 tr = torch.ops.tokenreduce
@@ -118,7 +126,10 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
                                  score_db.kv[0] if score_db.kv is not None else None,
                                  mask_now.get(stage.score_block, score_db.attention.mask))
             site.attention, site.embeddings, site.span, site.kept = score_db.attention, x0, span, kept
-            if method.needs_vision:
+            eager = [p for p in placeholders if eager_scores_input(p)]
+            if method.needs_vision and eager:  # scored (and merged) where the vision tower ran eagerly: Qwen2-VL
+                site.patch_scores = eager[0]
+            elif method.needs_vision:
                 vsite = vision_site(gm, h, num_droppable)
                 merged, site.patch_scores = method.emit_vision(ctx.settings.opts, vsite, stage.keep)
                 vsite.features.replace_all_uses_with(merged, delete_user_cb=vsite.builder.is_outside)
@@ -140,12 +151,9 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
             if stage.score_block >= db.index:  # GemFilter: rank with a filter pass over all tokens
                 clones = _clone_path(graph, [h], [q, k])
                 q, k = clones.get(q, q), clones.get(k, k)
-            with graph.inserting_after(k):
-                if scorer.softcap is None:
-                    scores = call(graph, tr.query_row_scores.default, (q, k, mask, scorer.scale, -1), scorer.node)
-                else:  # score with the logits the model's attention computes (Gemma 2's tanh cap)
-                    scores = call(graph, tr.capped_row_scores.default,
-                                  (q, k, mask, scorer.scale, scorer.softcap, -1), scorer.node)
+            window = method.score_window(ctx.settings.opts) if isinstance(method, PrefillMethod) else 1
+            with graph.inserting_after(k):  # capped_row_scores if soft-capped; window_scores if score_window > 1
+                scores = last_query_scores(graph, scorer, q, k, mask, window)
             if ctx.score_pool > 1:
                 with graph.inserting_after(scores):
                     scores = call(graph, pool_scores, (scores, ctx.score_pool), scorer.node)
@@ -196,8 +204,9 @@ def vision_site(gm: fx.GraphModule, x0: fx.Node, span: int) -> VisionSite:
     atts = [a for a in find_attention(gm) if not is_causal(a) and a.node in up]
     if not atts:
         raise TokenReduceError("this method reads the vision tower's attention, but no bidirectional attention in the "
-                               "captured prefill feeds the LLM's input embeddings (a VLM whose vision encoder runs "
-                               "eagerly outside the graph, such as Qwen2-VL, or a text model)", setting="method")
+                               "captured prefill feeds the LLM's input embeddings (a text model, or a VLM whose vision "
+                               "encoder runs eagerly outside the graph and that this method does not hook)",
+                               setting="method")
     att = atts[-1]
     blk = analyse_block(0, att)
     outs = [u for u in (blk.residual_add.users if blk.residual_add is not None else ())
