@@ -9,17 +9,26 @@ Two measurements, each for the full model and every method, with the same sample
 * WikiText-2 continuation perplexity: a `--ppl-context`-token context (span: all but the first 4 and last
   16 tokens) is prefilled with pruning, then the next `--ppl-continuation` tokens are scored by teacher
   forcing through the pruned KV cache (ReducedDecoder.continuation_logits).
+* With `--speed-repeats R`: the prefill latency of each setting against the same captured prefill without
+  pruning (`reduce_decoder(model, "none")`) on the first needle prompt of each length, interleaved A/B
+  rounds (`tokenreduce.bench.interleaved`), medians and the per-round ratio, the load average before and
+  after; `--threads 1` keeps a shared machine's other jobs from distorting it less.
+
+The JSON is rewritten after every finished row, so a stopped run keeps what it measured.
 
 Usage (numbers in docs/benchmarks.md):
 
     .venv/bin/python benchmarks/decoder_quality.py --lengths 1024 2048 4096 --n 20 --ppl-n 20 \
         --json docs/decoder_quality.json
+    .venv/bin/python benchmarks/decoder_quality.py --lengths 4096 --n 0 --ppl-n 0 --speed-repeats 3 --threads 1 \
+        --methods gemfilter-L7+pool+win4 --json speed.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +36,7 @@ from pathlib import Path
 import torch
 
 import tokenreduce
+from tokenreduce.bench import interleaved, paired_ratio
 from tokenreduce.evaluate import llm
 
 # name -> (method, settings). GemFilter's filter layer is where SmolLM2-135M's last query starts finding
@@ -37,6 +47,15 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     "gemfilter": ("gemfilter", dict(layers=[14], keep_tokens=512)),
     "gemfilter+pool": ("gemfilter", dict(layers=[14], keep_tokens=512, score_pool=15)),
     "gemfilter-L8": ("gemfilter", dict(layers=[8], keep_tokens=256, score_pool=15)),  # the fast setting
+    # The 4k goal grid (docs/benchmarks.md): filter layer 7 (the cheapest layer whose pooled ranking kept the
+    # number in a probe of 10 prompts), with the last-token ranking and SnapKV's observation window (the last
+    # 4 tokens: "The secret number is"; the last 24: the question and the answer prefix); layers 14 and 15
+    # (where the last query finds the needle) with the 24-token window.
+    "gemfilter-L7+pool": ("gemfilter", dict(layers=[7], keep_tokens=512, score_pool=15)),
+    "gemfilter-L7+pool+win4": ("gemfilter", dict(layers=[7], keep_tokens=512, score_pool=15, score_window=4)),
+    "gemfilter-L7+pool+win24": ("gemfilter", dict(layers=[7], keep_tokens=512, score_pool=15, score_window=24)),
+    "gemfilter+pool+win24": ("gemfilter", dict(layers=[14], keep_tokens=512, score_pool=15, score_window=24)),
+    "gemfilter-L15+pool+win24": ("gemfilter", dict(layers=[15], keep_tokens=256, score_pool=15, score_window=24)),
     "divprune": ("divprune", dict(keep_ratio=0.5)),
     "dart": ("dart", dict(layers=[2], keep_ratio=0.5)),
     "sparsevlm": ("sparsevlm", dict(layers=[2], keep_ratio=0.5)),
@@ -57,6 +76,21 @@ def nll_fn(dec: tokenreduce.ReducedDecoder):  # type: ignore[no-untyped-def]
         return float(torch.nn.functional.cross_entropy(logits[0].float(), cont[0], reduction="sum"))
 
     return nll
+
+
+def prefill_speed(model: torch.nn.Module, dec: tokenreduce.ReducedDecoder, sample: llm.NeedleSample,
+                  repeats: int) -> dict:
+    """Interleaved prefill latency of `dec` against the unpruned capture of the same prefill, on one prompt."""
+    ids, span = sample.input_ids[None], sample.span[None]
+    base = tokenreduce.reduce_decoder(model, "none")
+    load_before = os.getloadavg()
+    t = interleaved(lambda: base.prefill(ids, None, span), lambda: dec.prefill(ids, None, span), repeats=repeats)
+    full, pruned = t.median_unreduced_ms, t.median_reduced_ms
+    return {"full_ms": full, "pruned_ms": pruned, "speedup": full / pruned,
+            "paired_speedup": 1.0 / paired_ratio(t.samples_unreduced_ms, t.samples_reduced_ms),
+            "full_samples_ms": t.samples_unreduced_ms, "pruned_samples_ms": t.samples_reduced_ms,
+            "repeats": repeats, "threads": torch.get_num_threads(), "load_before": load_before,
+            "load_after": os.getloadavg(), "tokens_per_block": dec.report.tokens_per_block if dec.report else None}
 
 
 def _reused(full: dict, n_tok: int, n: int) -> dict | None:
@@ -83,16 +117,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-results", type=Path, default=None,
                     help="reuse full-model needle results from `python -m tokenreduce.evaluate.llm --json` (same "
                          "seed: its first --n samples per length are these samples)")
+    ap.add_argument("--speed-repeats", type=int, default=0,
+                    help="also time each setting's prefill against the unpruned one, this many interleaved rounds")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 on a shared machine)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     settings = {k: v[1] for k, v in SETTINGS.items()}
     model, tok = llm.load_smollm2()
-    results: dict = {"settings": settings, "needle": {}, "perplexity": {}}
+    results: dict = {"settings": settings, "needle": {}, "perplexity": {}, "speed": {}}
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=str))
+
     reuse = json.loads(args.full_results.read_text()) if args.full_results else None
     for method in args.methods:
         dec = None if method == "full" else tokenreduce.reduce_decoder(model, SETTINGS[method][0], **settings[method])
-        for n_tok in args.lengths:
+        for n_tok in args.lengths if args.speed_repeats else []:
+            if dec is None:  # the unpruned model is the baseline of every speed row
+                continue
+            sample = llm.needle_samples(tok, args.data_dir, n_tok, 1, seed=0)[0]
+            sp = prefill_speed(model, dec, sample, args.speed_repeats)
+            results["speed"].setdefault(method, {})[n_tok] = sp
+            print(f"speed  {method:12s} {n_tok:5d} tokens: full {sp['full_ms']:.0f} ms, pruned {sp['pruned_ms']:.0f} ms,"
+                  f" {sp['speedup']:.2f}x (paired {sp['paired_speedup']:.2f}x), load {sp['load_before'][0]:.1f} -> "
+                  f"{sp['load_after'][0]:.1f}, {sp['threads']} thread(s)", flush=True)
+            save()
+        for n_tok in args.lengths if args.n else []:
             if dec is None and reuse is not None:
                 prev = _reused(reuse, n_tok, args.n)
                 if prev is not None:
@@ -106,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
             acc["seconds"] = time.perf_counter() - t0
             if dec is not None and dec.report is not None:
                 acc["tokens_per_block"] = dec.report.tokens_per_block
+            acc["load_after"] = os.getloadavg()
             results["needle"].setdefault(method, {})[n_tok] = acc
             print(f"needle {method:12s} {n_tok:5d} tokens: {acc['correct']}/{acc['n']} = {acc['accuracy']:.2f} "
                   f"({acc['seconds']:.0f} s)", flush=True)
+            save()
         if args.ppl_n:
             ppl_settings = dict(settings.get(method, {}))
             if SETTINGS.get(method, ("",))[0] == "gemfilter":
@@ -123,15 +179,17 @@ def main(argv: list[str] | None = None) -> int:
                 ppl["tokens_per_block"] = dec_ppl.report.tokens_per_block
             results["perplexity"][method] = ppl
             print(f"perplexity {method:12s}: {ppl['perplexity']:.2f} over {ppl['tokens']} tokens", flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=1, default=str))
+        save()
     full = results["needle"].get("full", {})
     print("\n| method | " + " | ".join(f"needle {n}" for n in args.lengths) + " | ppl |")
     print("|---|" + "---|" * (len(args.lengths) + 1))
     for method in args.methods:
         cells = []
         for n_tok in args.lengths:
-            acc = results["needle"][method][n_tok]
+            acc = results["needle"].get(method, {}).get(n_tok)
+            if acc is None:
+                cells.append("-")
+                continue
             rel = f" ({acc['accuracy'] / full[n_tok]['accuracy']:.0%} of full)" if method != "full" and full.get(
                 n_tok, {}).get("accuracy") else ""
             cells.append(f"{acc['correct']}/{acc['n']}{rel}")
