@@ -9,6 +9,8 @@ Two measurements, each for the full model and every method, with the same sample
 * WikiText-2 continuation perplexity: a `--ppl-context`-token context (span: all but the first 4 and last
   16 tokens) is prefilled with pruning, then the next `--ppl-continuation` tokens are scored by teacher
   forcing through the pruned KV cache (ReducedDecoder.continuation_logits).
+* With `--retention-n M` (`retention`): on M prompts, one unpruned forward each, whether GemFilter's
+  ranking at each filter layer / observation window / pool / k would keep every digit of the answer.
 * With `--speed-repeats R`: the prefill latency of each setting against the same captured prefill without
   pruning (`reduce_decoder(model, "none")`) on the first needle prompt of each length, interleaved A/B
   rounds (`tokenreduce.bench.interleaved`), medians and the per-round ratio, the load average before and
@@ -22,6 +24,7 @@ Usage (numbers in docs/benchmarks.md):
         --json docs/decoder_quality.json
     .venv/bin/python benchmarks/decoder_quality.py --lengths 4096 --n 0 --ppl-n 0 --speed-repeats 3 --threads 1 \
         --methods gemfilter-L7+pool+win4 --json speed.json
+    .venv/bin/python benchmarks/decoder_quality.py --lengths 4096 --n 0 --ppl-n 0 --retention-n 10 --methods full
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 import tokenreduce
 from tokenreduce.bench import interleaved, paired_ratio
@@ -93,6 +97,54 @@ def prefill_speed(model: torch.nn.Module, dec: tokenreduce.ReducedDecoder, sampl
             "load_after": os.getloadavg(), "tokens_per_block": dec.report.tokens_per_block if dec.report else None}
 
 
+def retention(model: transformers.PreTrainedModel, tok: object, samples: list[llm.NeedleSample], layers: list[int],
+              windows: list[int], pools: list[int], keeps: list[int]) -> dict:
+    """Where GemFilter's ranking can find the needle, from one unpruned forward per prompt: for every filter
+    layer L, observation window W, max-pool P and keep k, the number of prompts whose answer digits all
+    rank among the top-k span tokens (head-mean attention of the last W query rows, summed, max-pooled
+    over P as `kernels.plans.pool_scores`; `torch.topk` breaks ties, where `keep_plan` prefers the earlier
+    token). A probe for choosing settings: it does not run the pruned model."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tokenreduce.kernels.plans import pool_scores
+
+    rows, rec = max(windows), {}
+
+    def record(module, query, key, value, attention_mask, **kw):  # type: ignore[no-untyped-def]
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+        k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1).float()
+        n = k.shape[-2]
+        logits = (query[:, :, -rows:].float() @ k.transpose(-1, -2)) * kw.get("scaling", query.shape[-1] ** -0.5)
+        later = torch.arange(n)[None, :] > torch.arange(n - rows, n)[:, None]
+        rec[module.layer_idx] = logits.masked_fill(later, float("-inf")).softmax(-1)[0].mean(0)  # [rows, N]
+        return out
+
+    AttentionInterface.register("tokenreduce_retention", record)
+    before = model.config._attn_implementation
+    model.set_attn_implementation("tokenreduce_retention")
+    hits: dict[str, int] = {}
+    try:
+        for i, s in enumerate(samples):
+            with torch.inference_mode():
+                model(s.input_ids[None], logits_to_keep=1)
+            a, b = s.needle
+            digits = [j for j in range(a, b) if tok.decode([int(s.input_ids[j])]).strip().isdigit()]  # type: ignore[attr-defined]
+            for L in layers:
+                for W in windows:
+                    for P in pools:
+                        pooled = pool_scores(rec[L][-W:].sum(0)[None], P)[0]
+                        ranked = torch.where(s.span, pooled, torch.tensor(float("-inf")))
+                        for k in keeps:
+                            top = set(ranked.topk(k).indices.tolist())
+                            key = f"L{L}_W{W}_P{P}_k{k}"
+                            hits[key] = hits.get(key, 0) + all(d in top for d in digits)
+            print(f"retention: prompt {i + 1}/{len(samples)}", flush=True)
+    finally:
+        model.set_attn_implementation(before)
+    return {"n": len(samples), "hits": hits}
+
+
 def _reused(full: dict, n_tok: int, n: int) -> dict | None:
     """The first `n` per-sample results of a full-model run at `n_tok` tokens, if it has that many."""
     for entry in ((full.get("needle") or {}).get(str(n_tok)), full.get(f"needle_{n_tok}")):
@@ -107,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096])
     ap.add_argument("--n", type=int, default=20, help="needle samples per length")
+    ap.add_argument("--first", type=int, default=0,
+                    help="start at this needle sample (of the --n; splits a long run over processes)")
     ap.add_argument("--ppl-n", type=int, default=20, help="perplexity windows (0: skip)")
     ap.add_argument("--ppl-context", type=int, default=512)
     ap.add_argument("--ppl-continuation", type=int, default=128)
@@ -117,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-results", type=Path, default=None,
                     help="reuse full-model needle results from `python -m tokenreduce.evaluate.llm --json` (same "
                          "seed: its first --n samples per length are these samples)")
+    ap.add_argument("--retention-n", type=int, default=0,
+                    help="probe where the ranking finds the needle on this many prompts per length (`retention`)")
+    ap.add_argument("--retention-layers", type=int, nargs="+", default=list(range(4, 17)))
+    ap.add_argument("--retention-windows", type=int, nargs="+", default=[1, 4, 8, 16, 24, 32])
+    ap.add_argument("--retention-pools", type=int, nargs="+", default=[1, 7, 15])
+    ap.add_argument("--retention-keeps", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--speed-repeats", type=int, default=0,
                     help="also time each setting's prefill against the unpruned one, this many interleaved rounds")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 on a shared machine)")
@@ -133,6 +193,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(results, indent=1, default=str))
 
+    for n_tok in args.lengths if args.retention_n else []:
+        samples = llm.needle_samples(tok, args.data_dir, n_tok, args.retention_n, seed=0)
+        ret = retention(model, tok, samples, args.retention_layers, args.retention_windows, args.retention_pools,
+                        args.retention_keeps)
+        results.setdefault("retention", {})[n_tok] = ret
+        save()
+        for p in args.retention_pools:
+            for k in args.retention_keeps:
+                print(f"\n{n_tok} tokens, pool {p}, k={k}: prompts (of {ret['n']}) keeping every answer digit")
+                print("| L | " + " | ".join(f"W={w}" for w in args.retention_windows) + " |")
+                print("|---|" + "---|" * len(args.retention_windows))
+                for L in args.retention_layers:
+                    print(f"| {L} | " + " | ".join(str(ret["hits"][f"L{L}_W{w}_P{p}_k{k}"])
+                                                   for w in args.retention_windows) + " |")
     reuse = json.loads(args.full_results.read_text()) if args.full_results else None
     for method in args.methods:
         dec = None if method == "full" else tokenreduce.reduce_decoder(model, SETTINGS[method][0], **settings[method])
@@ -153,10 +227,18 @@ def main(argv: list[str] | None = None) -> int:
                     results["needle"].setdefault(method, {})[n_tok] = prev
                     print(f"needle full {n_tok:5d} tokens: {prev['correct']}/{prev['n']} (reused)", flush=True)
                     continue
-            samples = llm.needle_samples(tok, args.data_dir, n_tok, args.n, seed=0)
+            samples = llm.needle_samples(tok, args.data_dir, n_tok, args.n, seed=0)[args.first:]
             t0 = time.perf_counter()
             fn = llm.hf_generate_fn(model) if dec is None else generate_fn(dec)
-            acc = llm.needle_accuracy(fn, samples, tok, max_new_tokens=args.max_new_tokens)
+            done: list[dict] = []
+            for i, sample in enumerate(samples):  # one at a time, saved after each (a stop keeps what ran)
+                row = llm.needle_accuracy(fn, [sample], tok, max_new_tokens=args.max_new_tokens, progress=False)
+                done.append(dict(row["results"][0], index=args.first + i))
+                results["needle"].setdefault(method, {})[n_tok] = {"partial": done}
+                save()
+            correct = sum(bool(r["correct"]) for r in done)
+            acc = {"accuracy": correct / max(len(done), 1), "n": len(done), "correct": correct, "results": done,
+                   "first": args.first}
             acc["seconds"] = time.perf_counter() - t0
             if dec is not None and dec.report is not None:
                 acc["tokens_per_block"] = dec.report.tokens_per_block
