@@ -29,7 +29,8 @@ keep counts are static); rows that differ are refused with the counts, never sil
 
 Refuses (TokenReduceError): models without causal self-attention, a text model without a span, spans of
 unequal size, keep counts or layers out of range, model inputs it does not know (named), a grid-input VLM
-without `model.language_model`.
+without `model.language_model`, a span other than exactly the image/video tokens for a method that scores them
+in the eager vision tower (VisionZip on Qwen2-VL).
 """
 
 from __future__ import annotations
@@ -155,7 +156,9 @@ class ReducedDecoder:
                       extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The captured prefill's inputs by name. A model whose vision token count depends on grid values
         (`GRID_INPUTS`) first runs its own multimodal embedding and position code eagerly (the vision encoder
-        is not pruned anyway); the graph then starts at the language model's embeddings and positions."""
+        is not pruned anyway; a method that reads it, VisionZip, hooks that run: `SelectionMethod.eager_vision`,
+        whose `[B, N]` scores become the `vision_scores` input); the graph then starts at the language model's
+        embeddings and positions."""
         unknown = sorted(set(extra) - set(MULTIMODAL_INPUTS))
         if unknown:
             raise TokenReduceError(f"unexpected model inputs {unknown}; reduce_decoder passes through "
@@ -406,7 +409,8 @@ def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, inner: str 
         method: a decoder method (`tokenreduce.methods.registry.names("decoder")`): "fastv", "pyramiddrop",
             "gemfilter" rank the span by the last query's attention; "divprune" (max-min diversity, before
             the LLM), "dart" (duplication around pivot tokens, at a chosen layer) and "visionzip" (dominant
-            + merged contextual image tokens from the vision tower's CLS attention; LLaVA-style models)
+            + merged contextual image tokens from the vision tower's CLS attention, LLaVA-style models, or
+            from the attention each token receives, Qwen2-VL / Qwen2.5-VL, scored in their eager tower)
             select visual tokens; "sparsevlm" (question tokens rate the visual ones inside the LLM, pruned
             ones recycled) and "visiondrop" (visual-only attention, dropped ones merged) prune them in stages
             (docs/decoders.md); "none" captures the same prefill graph without pruning
