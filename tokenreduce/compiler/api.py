@@ -15,7 +15,9 @@ from tokenreduce.compiler.report import Report, count_report_flops
 from tokenreduce.errors import TokenReduceError
 from tokenreduce.methods import registry
 from tokenreduce.methods.settings import Settings
+from tokenreduce.methods.tomesd import DrawStream, call_inputs, feed_call_inputs
 from tokenreduce.targets import TargetOptions
+from tokenreduce.util.batch import tensor_leaves
 
 MASK_INPUTS = ("attention_mask",)  # keyword inputs normalised at the module boundary (1 = token, 0 = padding)
 
@@ -28,6 +30,10 @@ class ReducedModule(torch.nn.Module):
     Calls are normalised to it: a bool, integer or float 0/1 mask is converted to the traced dtype, a missing
     mask is all ones, and a graph captured without a mask takes an all-ones mask (dropped). What cannot be
     converted (an additive float mask, padding for a graph without a mask input) is refused by name.
+
+    Inputs the reduced graph takes beyond the model's own (`call_inputs`: tomesd's `rand_stream="call"` draws,
+    `tomesd_draws`) are filled at every call by their stream unless the caller passes them; `example_kwargs`
+    holds an example of each, so `graph_module(*example_args, **example_kwargs)` runs (targets, export).
 
     Gradients: with `inner="eager"` they reach the model's own parameters. A runner that compiled a copy of
     the weights (today inductor on CPU) refuses at `backward()` when a gradient reaches such a copy, instead
@@ -43,10 +49,13 @@ class ReducedModule(torch.nn.Module):
         self.settings = settings
         self.example_args = example_args
         self.example_kwargs = example_kwargs
+        self.call_inputs: dict[str, DrawStream] = call_inputs(graph_module)
         _guard_copied_parameters(graph_module, runner, settings.inner)
         release_fake_caches(graph_module)  # compiling is over: what the fake tensors memoised is dead weight
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.call_inputs:
+            feed_call_inputs(self.call_inputs, args, kwargs)
         for name in MASK_INPUTS:
             _normalise_mask(name, self.example_args, self.example_kwargs, args, kwargs)
         return self._runner(*args, **kwargs)
@@ -158,9 +167,27 @@ def compile(  # noqa: A001 - mirrors torch.compile
         red = reduce_graph(captured.gm, cfg)
         report = make_report(red, cfg)
         gm = red.gm
+        gm_kwargs = with_call_inputs(gm, args, kwargs, report)
         if count_model_flops:
-            count_report_flops(report, (model, args, kwargs), (gm, args, kwargs))
+            count_report_flops(report, (model, args, kwargs), (gm, args, gm_kwargs))
         if captured.static_batch_reason:
             report.notes.append(captured.static_batch_reason)
-        runner = targets.get(cfg.inner).lower(gm, args, kwargs, TargetOptions(dynamic_batch=captured.dynamic_batch)).runner
-    return ReducedModule(gm, runner, report, cfg, args, kwargs, captured.dynamic_batch)
+        runner = targets.get(cfg.inner).lower(gm, args, gm_kwargs,
+                                              TargetOptions(dynamic_batch=captured.dynamic_batch)).runner
+    return ReducedModule(gm, runner, report, cfg, args, gm_kwargs, captured.dynamic_batch)
+
+
+def with_call_inputs(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     report: Report) -> dict[str, Any]:
+    """`kwargs` plus an example of each input the reduced graph takes beyond the model's (the report says what
+    to feed there)."""
+    streams = call_inputs(gm)
+    if not streams:
+        return kwargs
+    device = tensor_leaves((args, kwargs))[0].device
+    for name, stream in streams.items():
+        report.notes.append(
+            f"input {name}: int64 [{stream.size}], tomesd's random destinations of this call (per merging block, in "
+            f"block order: randint(sy * sx, (h // sy, w // sx)) from one generator; zeros for an odd batch); "
+            f"filled at every call unless passed")
+    return {**kwargs, **{name: stream.example(device) for name, stream in streams.items()}}

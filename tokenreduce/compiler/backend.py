@@ -12,6 +12,10 @@ reuses the graph of its shape instead of needing one per layout. Builds take Dyn
 (`capture.trace_lock`: torch.export and Dynamo share global tracer state), so concurrent first calls from
 several threads each get their result.
 
+Inputs the reduced graph takes beyond Dynamo's (tomesd's `rand_stream="call"` draws) are filled at every call by
+their stream (`methods/tomesd.py`, `DrawStream`); the specialisations of one Dynamo graph share one stream, as
+the patched model of the official package has one generator.
+
 Module state (parameters, buffers) is analysed as constants but read from the call's own inputs once the
 graph is built: the weights Dynamo passes at every call are used, and under grad mode the gradients reach
 them (the tokenreduce ops have autograd formulas; docs/design.md, "Autograd").
@@ -39,6 +43,7 @@ from tokenreduce.compiler.capture import from_dynamo, release_fake_caches, state
 from tokenreduce.compiler.pipeline import make_report, reduce_graph
 from tokenreduce.compiler.report import Report
 from tokenreduce.methods.settings import Settings
+from tokenreduce.methods.tomesd import DrawStream, call_inputs
 from tokenreduce.targets import TargetOptions
 
 
@@ -127,22 +132,31 @@ class _Specialised:
         self.cache: dict[tuple[Any, ...], Any] = {}
         self.reports: dict[tuple[Any, ...], Report] = {}
         self.last_report: Report | None = None
+        self.streams: dict[str, DrawStream] = {}  # per extra graph input: the stream every specialisation continues
 
     def _build(self, args: tuple[Any, ...]) -> Any:
         args = tuple(_boundary(a) for a in args)
         captured, kinds = from_dynamo(self.gm, args, dynamic=False)
         red = reduce_graph(captured.gm, self.settings)
         report = make_report(red, self.settings)
+        streams = list(call_inputs(red.gm).items())  # their placeholders follow the user inputs
+        for name, stream in streams:
+            stream.continue_from(self.streams.setdefault(name, stream))
         flat, spec = _flat(red.gm)
         state = _lift_state(flat, kinds)
         users = [i for i, k in enumerate(kinds) if k is None]
-        example = [args[i] for i in users] + [args[i] for i in state]
+        # the draws are sized by the first user tensor with a batch dimension (the latent)
+        lead = next((j for j, i in enumerate(users) if isinstance(args[i], torch.Tensor) and args[i].dim() > 0), 0)
+        example = [args[i] for i in users]
+        example += [stream.example(example[lead].device) for _, stream in streams] + [args[i] for i in state]
         compiled = targets.get(self.settings.inner).lower(
             flat, tuple(example), {}, TargetOptions(dynamic_batch=False, inside_torch_compile=True)).runner
         release_fake_caches(flat)
 
         def run(*call_args: Any) -> Any:
-            out = compiled(*[_boundary(call_args[i]) for i in users + state])
+            inputs = [_boundary(call_args[i]) for i in users]
+            draws = [stream(inputs[lead].shape[0], inputs[lead].device) for _, stream in streams]
+            out = compiled(*inputs, *draws, *[_boundary(call_args[i]) for i in state])
             return torch.utils._pytree.tree_unflatten(list(out), spec)
 
         return run, report

@@ -24,10 +24,19 @@ token's rotary position is its destination's (`emit_positions`). Flux's packed l
 the graph: `grid_h` x `grid_w` give it (refused when missing or not N; refused on a 4-D latent, whose grid is
 known). The official package does not support these models; the tests hand-write its arithmetic.
 
-Departures (docs/diffusion.md): the random destinations are drawn once, when compiling (`rand_seed`; None forks
-torch's global generator then, as tomesd forks it at its first call), so one compiled graph uses the same
-destinations at every call where tomesd draws new ones per call; `per_step=True` instead derives them in the graph
-from the timestep input (a new draw per denoising step, one graph, no random op; not tomesd's random stream).
+Where the random destinations come from (`rand_stream`, `per_step`; docs/diffusion.md):
+
+* `rand_stream="compile"` (default): drawn once, when compiling (`rand_seed`; None forks torch's global generator
+  then, as tomesd forks it at its first call) and held as buffers, so one compiled graph uses the same
+  destinations at every call where tomesd draws new ones per call;
+* `rand_stream="call"`: tomesd's own stream. The draws are a graph input (`DRAWS_INPUT`, int64 `[cells of every
+  merging block]`) that `ReducedModule` and the Dynamo backend fill at each call from a `DrawStream`: the same
+  `torch.randint(sy * sx, (h // sy, w // sx, 1), generator=g)` per merging block in block order from one
+  generator forked from torch's global one at the first call (or seeded by `rand_seed`), nothing drawn for an odd
+  batch; an ONNX file takes it as an explicit input;
+* `per_step=True`: derived in the graph from the timestep input (a new draw per denoising step, one graph, no
+  random op; not tomesd's random stream).
+
 `rand_seed`, not `seed`: the command line's `--seed` already seeds random weights and inputs. The order of merged
 tokens differs (same groups; attention sums keys in another order: float rounding); `r` larger than a block's
 sources is an error naming the largest valid ratio (tomesd clamps silently); a setting that merges no block at
@@ -45,6 +54,8 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch._guards import detect_fake_mode
+from torch.utils import _pytree as pytree
 
 from tokenreduce.analysis.denoiser import DenoiserAnalysis, DenoiserBlock
 from tokenreduce.analysis.encoder import ModelAnalysis
@@ -55,6 +66,7 @@ from tokenreduce.methods.base import (
     MergeSite,
     Options,
     check_bool,
+    check_choice,
     check_int,
     fail,
     option,
@@ -142,16 +154,144 @@ def step_choice(x: torch.Tensor, timestep: torch.Tensor, salt: int, cells: int, 
     return (v // 65_536) % per_cell * ((x.shape[0] + 1) % 2)
 
 
+def stream_choice(x: torch.Tensor, draws: torch.Tensor, offset: int, cells: int) -> torch.Tensor:
+    """A block's destinations from the per-call draws input (`rand_stream="call"`): `draws[offset:offset +
+    cells]`, top-left (zeros) for an odd batch whatever was fed (tomesd: no random destinations then)."""
+    return draws.narrow(0, offset, cells) * ((x.shape[0] + 1) % 2)
+
+
+DRAWS_INPUT = "tomesd_draws"  # the keyword input of a `rand_stream="call"` graph
+CALL_INPUTS = "tokenreduce_call_inputs"  # GraphModule.meta key: {input name: the DrawStream that fills it}
+
+
+class DrawStream:
+    """tomesd's random destinations, drawn outside the graph at every call and fed as its `DRAWS_INPUT`.
+
+    Drawn exactly as the package does (`tomesd/patch.py` `compute_merge`, `tomesd/merge.py`): one generator, made at
+    the first call by forking torch's global generator of the call's device (`init_generator`: CPU or CUDA; a
+    new fork when the device changes) or, with `seed`, seeded with it; then at every call with an even batch,
+    per merging block in block order, `torch.randint(sy * sx, size=(h // sy, w // sx, 1), generator=g)`; at an
+    odd batch nothing is drawn (zeros: top-left). The draws of a call are concatenated, cell by cell (row-major),
+    block after block: `int64 [sum of cells]`. The generator lives as long as the stream (tomesd: as long as the
+    patch); `reset()` forgets it, so the next call forks (or seeds) afresh."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = seed
+        self.blocks: list[tuple[int, int, int]] = []  # per merging block: (rows h // sy, cols w // sx, sy * sx)
+        self._state: list[torch.Generator | None] = [None]  # shared with the streams that continue this one
+
+    @property
+    def size(self) -> int:
+        return sum(hc * wc for hc, wc, _ in self.blocks)
+
+    def add_block(self, rows: int, cols: int, per_cell: int) -> int:
+        """Append a merging block's draw; returns its offset in the input."""
+        offset = self.size
+        self.blocks.append((rows, cols, per_cell))
+        return offset
+
+    def continue_from(self, other: DrawStream) -> None:
+        """Share `other`'s generator (another specialisation of the same model: one stream, as tomesd has)."""
+        self._state = other._state
+
+    def reset(self) -> None:
+        self._state[0] = None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The stream's generator for a call on `device` (tomesd's `compute_merge`: made at the first call, made
+        again when the device changes)."""
+        gen = self._state[0]
+        if gen is None or gen.device != device:
+            gen = self._state[0] = self._new_generator(device, gen)
+        return gen
+
+    def _new_generator(self, device: torch.device, fallback: torch.Generator | None) -> torch.Generator:
+        """tomesd's `init_generator`: a fork of torch's global CPU or CUDA generator; on other devices the
+        previous generator, or the CPU one. With `seed`: a generator seeded with it instead of a fork."""
+        if device.type not in ("cpu", "cuda"):
+            if fallback is not None:
+                return fallback
+            device = torch.device("cpu")
+        gen = torch.Generator(device=device)
+        if self.seed is not None:
+            return gen.manual_seed(self.seed)
+        return gen.set_state(torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device))
+
+    def __call__(self, batch: int, device: torch.device) -> torch.Tensor:
+        """The draws of one call at this batch size on this device (the generator advances, as tomesd's)."""
+        gen = self.generator(device)
+        if batch % 2:
+            return torch.zeros(self.size, dtype=torch.int64, device=device)
+        parts = [torch.randint(m, size=(hc, wc, 1), device=gen.device, generator=gen).reshape(-1)
+                 for hc, wc, m in self.blocks]
+        return torch.cat(parts).to(device)
+
+    def example(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Draws for example inputs (tracing, ONNX verification) from a generator of their own: the stream and
+        torch's global generator do not move."""
+        gen = torch.Generator().manual_seed(0)
+        parts = [torch.randint(m, size=(hc * wc,), generator=gen) for hc, wc, m in self.blocks]
+        return torch.cat(parts).to(device)
+
+
+def call_inputs(gm: torch.nn.Module) -> dict[str, DrawStream]:
+    """The inputs a reduced graph takes beyond the model's own, each with the stream that fills it per call."""
+    meta = getattr(gm, "meta", None)
+    return dict(meta.get(CALL_INPUTS, {})) if isinstance(meta, dict) else {}
+
+
+def feed_call_inputs(streams: Mapping[str, DrawStream], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Fill `kwargs` (in place) with each stream's draws for this call; an input the caller gave is kept. The
+    batch and device are those of the first tensor input with a batch dimension (the latent)."""
+    leaf = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    for name, stream in streams.items():
+        if name in kwargs:
+            continue
+        if leaf is None:
+            raise TokenReduceError(f"{name}: no tensor input with a batch dimension to size the draws by")
+        kwargs[name] = stream(int(leaf.shape[0]), leaf.device)
+
+
+def add_keyword_input(gm: fx.GraphModule, name: str, like: torch.Tensor) -> fx.Node:
+    """A new placeholder `name` after the graph's inputs, with a fake value like `like`; on an exported module
+    (pytree calling convention) it becomes a keyword input, so `gm(*args, **kwargs, name=value)` calls it."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if any(p.name == name for p in placeholders):
+        raise TokenReduceError(f"the model already has an input named {name!r}; tomesd's rand_stream='call' adds "
+                               "one of that name for its draws", setting="rand_stream")
+    with graph.inserting_after(placeholders[-1]):
+        node = graph.placeholder(name)
+    fake_mode = detect_fake_mode([p.meta.get("val") for p in placeholders])
+    assert fake_mode is not None, "captured graphs carry fake values (capture.py)"
+    with fake_mode:
+        node.meta["val"] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    codegen: Any = graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None:  # an exported module: ((args...), {kwargs...}) -> add the keyword
+        args, kwargs = pytree.tree_unflatten([0] * info.in_spec.num_leaves, info.in_spec)  # 0: any leaf
+        _, in_spec = pytree.tree_flatten((args, {**kwargs, name: like}))
+        codegen.pytree_info = info._replace(orig_args=[*info.orig_args, name], in_spec=in_spec)
+    gm.recompile()
+    return node
+
+
 @dataclass
 class TomesdPlan(BlockPlan):
-    """A block's plan: its grid, its destinations (`choices`, see `batch_choice`; or `salt` for per-step
-    destinations, see `step_choice`) and the sublayers it merges."""
+    """A block's plan: its grid, its destinations (`choices`, see `batch_choice`; `salt` for per-step
+    destinations, see `step_choice`; or its part of the per-call draws, `stream` from `draw_offset`, see
+    `stream_choice`) and the sublayers it merges."""
 
     grid: tuple[int, int] = (0, 0)
     num_dst: int = 0
     choices: torch.Tensor | None = None
     salt: int | None = None
+    stream: DrawStream | None = None
+    draw_offset: int = 0
     sublayers: tuple[str, ...] = ()
+
+
+RAND_STREAMS = ("compile", "call")
 
 
 @dataclass(frozen=True)
@@ -164,8 +304,11 @@ class TomesdOptions(Options):
     sy: int = option(2, "destination cell height in tokens")
     use_rand: bool = option(True, "pick each cell's destination at random (False: its top-left token); odd "
                                   "batches always use top-left, as tomesd")
-    rand_seed: int | None = option(None, "seed of the random destinations (drawn once when compiling); None "
-                                         "forks torch's global generator as tomesd does")
+    rand_seed: int | None = option(None, "seed of the random destinations; None forks torch's global generator "
+                                         "as tomesd does (when compiling; rand_stream='call': at the first call)")
+    rand_stream: str = option("compile", "'compile': random destinations drawn once when compiling (every call "
+                                         "uses them); 'call': tomesd's stream, new draws at every call, fed to the "
+                                         "graph as its tomesd_draws input", choices=RAND_STREAMS)
     merge_attn: bool = option(True, "merge tokens for self-attention")
     merge_crossattn: bool = option(False, "merge tokens for cross-attention")
     merge_mlp: bool = option(False, "merge tokens for the MLP")
@@ -205,6 +348,14 @@ class TomesdOptions(Options):
         if self.per_step and not self.use_rand:
             raise fail("per_step", "per_step=True draws random destinations per step; with use_rand=False they "
                                    "are always the top-left ones")
+        check_choice("rand_stream", self.rand_stream, RAND_STREAMS)
+        if self.rand_stream == "call" and not self.use_rand:
+            raise fail("rand_stream", "rand_stream='call' feeds random destinations at every call; with "
+                                      "use_rand=False they are always the top-left ones: drop rand_stream")
+        if self.rand_stream == "call" and self.per_step:
+            raise fail("rand_stream", "rand_stream='call' (tomesd's random stream, fed per call) and per_step=True "
+                                      "(destinations derived from the timestep in the graph) are two sources of "
+                                      "per-call destinations: choose one")
 
 
 class Tomesd(DenoiserMethod):
@@ -230,7 +381,10 @@ class Tomesd(DenoiserMethod):
                                    "[B, C, H, W] latent); this graph was analysed as an encoder", setting="method")
         wanted = self.sublayers(options)
         packed = self._packed_grid(options, analysis)
-        if options.rand_seed is not None:
+        stream = DrawStream(options.rand_seed) if options.rand_stream == "call" else None
+        if stream is not None:
+            gen = None  # drawn per call
+        elif options.rand_seed is not None:
             gen = torch.Generator().manual_seed(options.rand_seed)
         else:
             gen = torch.Generator().set_state(torch.get_rng_state())
@@ -257,12 +411,17 @@ class Tomesd(DenoiserMethod):
                 continue
             here = tuple(k for k in wanted if k in b.sublayers)
             missing = [k for k in wanted if k not in b.sublayers]
+            if stream is not None:  # tomesd draws in every block it would merge, even one whose sublayers it skips
+                bp.draw_offset = stream.add_block(h // options.sy, w // options.sx, options.sy * options.sx)
             if not here:
                 bp.reason = f"no {' / '.join(missing)} sublayer found"
                 continue
-            if options.per_step:
+            if stream is not None:
+                bp.stream = stream
+            elif options.per_step:
                 bp.salt = int(torch.randint(MCG_MODULUS, (1,), generator=gen))
             else:
+                assert gen is not None
                 rows = [torch.zeros(num_dst, dtype=torch.int64)]  # top-left: odd batches, or use_rand=False
                 if options.use_rand:  # tomesd's draw: randint(sy * sx, (h // sy, w // sx, 1)), block by block
                     drawn = torch.randint(options.sy * options.sx, size=(h // options.sy, w // options.sx, 1),
@@ -331,6 +490,9 @@ class Tomesd(DenoiserMethod):
                     "per_step=True derives the destinations from the timestep, but no graph input of this denoiser "
                     "reaches a sinusoidal timestep embedding (sin/cos)", setting="per_step")
             choice = b.add(step_choice, (site.x, site.timestep, bp.salt, bp.num_dst, m))
+        elif bp.stream is not None:
+            choice = b.add(stream_choice, (site.x, _draws_node(b.graph, bp.stream, site.x), bp.draw_offset,
+                                           bp.num_dst))
         else:
             assert bp.choices is not None
             gm = b.graph.owning_module
@@ -368,6 +530,22 @@ class Tomesd(DenoiserMethod):
         if values.get("ratio", 0.5) == 0:
             return "ratio=0 merges nothing: tomesd needs ratio (fraction of tokens merged), e.g. ratio=0.5"
         return None
+
+
+def _draws_node(graph: fx.Graph, stream: DrawStream, x: fx.Node) -> fx.Node:
+    """The graph's per-call draws input, added (and its stream recorded in the module's meta) by the first block
+    that reads it."""
+    for n in graph.nodes:
+        if n.op == "placeholder" and n.meta.get(CALL_INPUTS) is stream:
+            return n
+    gm = graph.owning_module
+    assert isinstance(gm, fx.GraphModule)
+    node = add_keyword_input(gm, DRAWS_INPUT, torch.zeros(stream.size, dtype=torch.int64,
+                                                          device=x.meta["val"].device))
+    node.meta[CALL_INPUTS] = stream
+    node.meta["tokenreduce"] = True
+    gm.meta.setdefault(CALL_INPUTS, {})[DRAWS_INPUT] = stream
+    return node
 
 
 def _square_hint(n: int) -> str | None:
