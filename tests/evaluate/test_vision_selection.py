@@ -133,17 +133,24 @@ def test_cache_rows_round_trip_and_report(vs, tiny, tmp_path) -> None:  # type: 
     for method, lines in vs.batch_rows(got, [0, 1, 2], [0, 1, 1]).items():
         for split in ("train", "test"):
             vs.cache_file(tmp_path, split, method).write_text("".join(line + "\n" for line in lines) + '{"torn')
-    feats, labels = vs.features(tmp_path, "test", "divprune", "7", 3)
+    feats, labels = vs.features(tmp_path, "test", "divprune", "7", [0, 1, 2])
     torch.testing.assert_close(feats, got["divprune"][7][1], atol=1e-5, rtol=0)
     assert labels.tolist() == [0, 1, 1]
-    rows = vs.report(tmp_path, ["divprune"], (7,), 3, 3)
+    rows = vs.report(tmp_path, ["divprune"], (7,), 3, [0, 1, 2])
     div = rows[-1]
     cos = torch.nn.functional.cosine_similarity(got["divprune"][7][1], got["full"]["all"], dim=-1)
     assert div["method"] == "divprune" and div["keep"] == 7
     assert div["cos_mean"] == pytest.approx(float(cos.mean()), abs=1e-4)
     assert rows[0]["full_bank"] == 100.0  # every query is its own bank feature here (same images)
     with pytest.raises(TokenReduceError, match="not cached"):
-        vs.features(tmp_path, "test", "divprune", "7", 4)
+        vs.features(tmp_path, "test", "divprune", "7", [0, 3])
+    # queries: the same count per class (class 0 has one cached image, class 1 two -> one each)
+    assert vs.balanced_queries(tmp_path, ["divprune"], torch.tensor([0, 1, 1])) == [0, 1]
+    vs.cache_file(tmp_path, "train", "divprune").unlink()  # the matched bank is said to be missing, not skipped
+    rows = vs.report(tmp_path, ["divprune"], (7,), 3, [0, 1, 2])
+    assert rows[-1]["matched_bank"] is None and rows[-1]["cos_mean"] == pytest.approx(float(cos.mean()), abs=1e-4)
+    line = next(x for x in vs.markdown(rows, 3, 3).splitlines() if x.startswith("| divprune | 7 |"))
+    assert line.split(" | ")[3] == "not run"
     vs.check_meta(tmp_path, {"keeps": [7]})
     with pytest.raises(TokenReduceError, match="another setting"):
         vs.check_meta(tmp_path, {"keeps": [8]})
