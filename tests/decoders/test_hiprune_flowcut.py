@@ -324,3 +324,22 @@ def test_layers_outside_the_tower_are_refused(llava4, llava, llava_prompt):
         tokenreduce.reduce_decoder(llava, "flowcut").prefill(ids, mask, pixel_values=px)
     one = tokenreduce.reduce_decoder(llava, "flowcut", keep_ratio=0.25, vision_layers=[0])
     assert one.prefill(ids, mask, pixel_values=px).kept[0].shape == (2, ids.shape[1] - N_IMG + 4)
+
+
+def test_a_cls_free_tower_is_refused(llava_prompt):
+    """A SigLIP tower (no CLS token; LLaVA reads all its tokens): FlowCut has no relay token (HiPrune is refused
+    by the same check of the CLS-first feature layout the vision site reads; one capture keeps the test short)."""
+    torch.manual_seed(0)
+    vc = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=32, patch_size=8)
+    tc = transformers.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG_ID, vision_feature_layer=-1,
+                                   vision_feature_select_strategy="full")
+    cfg._attn_implementation = "sdpa"
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    ids, mask, px = llava_prompt
+    with pytest.raises(TokenReduceError, match="plus a CLS token") as e:
+        tokenreduce.reduce_decoder(model, "flowcut", vision_layers=[0]).prefill(ids, mask, pixel_values=px)
+    assert e.value.setting == "method"
+
