@@ -18,6 +18,9 @@ At a block that merges `r` tokens:
    Energy-ordered matching (official `pitome_bsm`, the blocks in `bsm_layers`; by default the first half, as
    the official timm/DeiT patch): all candidates are split, and ToMe's matching merges the r most similar
    A -> B pairs (`kernels.plans.plan_from_matches`). Output order: protected, unmerged A, B.
+   Both kinds decide "most similar" on the exact squared distance of each A token's two best B tokens by
+   cosine (`best_matches`): a float32 cosine near 1 is too coarse to rank nearly parallel keys the same way in
+   torch and onnxruntime (issue 12).
 5. Size-weighted average, as ToMe.
 
 The plan is a plain torch function (`pitome_plan`) emitted as one graph node: it traces into standard ops for
@@ -178,8 +181,7 @@ def _protect_and_merge(cand: torch.Tensor, order: torch.Tensor, pos: torch.Tenso
     va = vb = None
     if vc is not None:
         va, vb = vc.gather(1, a_idx), vc.gather(1, b_idx)
-    scores = _cross_padding(_rows(cand, a_idx) @ _rows(cand, b_idx).transpose(-1, -2), va, vb)  # [B, r, r]
-    dst = scores.argmax(dim=-1)  # [B, r] best B (index into b_idx) of each A
+    _, dst = best_matches(cand, a_idx, b_idx, va, vb)  # [B, r] best B (index into b_idx) of each A
     keep_a = torch.ones(bsz, r, dtype=cand.dtype, device=cand.device)
     if va is not None and vb is not None:
         keep_a = keep_a.masked_fill(va != vb.gather(1, dst), 0.0)
@@ -204,10 +206,41 @@ def _energy_bipartite(cand: torch.Tensor, order: torch.Tensor, pos: torch.Tensor
     if vc is not None:
         v_ord = vc.gather(1, order)
         va, vb = v_ord[:, 0::2], v_ord[:, 1::2]
-    scores = _cross_padding(_rows(cand, a_idx) @ _rows(cand, b_idx).transpose(-1, -2), va, vb)  # [B, nA, nB]
-    node_max, node_idx = scores.max(dim=-1)
+    node_max, node_idx = best_matches(cand, a_idx, b_idx, va, vb)
     slot_o, rep_o, keep_o = plan_from_matches(node_max, node_idx, r, 0, v_ord, m, cand.dtype)  # in `order` space
     return slot_o.gather(1, pos), order.gather(1, rep_o), keep_o.gather(1, pos)
+
+
+REFINE_K = 2
+"""Best-B candidates per A token (by cosine) whose distance is recomputed exactly in `best_matches`."""
+
+
+def best_matches(cand: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, va: torch.Tensor | None,
+                 vb: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each A token's most similar B token: `(score, index into b_idx)`, both `[B, nA]`.
+
+    The ranking is by cosine, but not by the float32 dot product: for nearly parallel unit keys (cosines of
+    0.998-0.9994 between the tokens of a random-init ViT-B, 1 - cos ~ 1e-3) a dot product keeps only about
+    four significant digits of the dissimilarity (float32's spacing near 1 is 6e-8), and onnxruntime's and
+    torch's matmuls, summing in different orders, differ by several of those steps. Coincident values and
+    near-ties are then common, and which of two pairs merges (the edge ranking at the r boundary) was decided
+    by rounding: eager and onnxruntime took different branches (issue 12: PiToMe r=16 on ViT-B/16, an exact
+    float32 tie 0.9983498454 between two pairs whose float64 cosines differ by 1.4e-7). So the dot product
+    only preselects the `REFINE_K` best B tokens of each A, and their squared distance `|a - b|^2`
+    (= 2 - 2 cos for unit rows) is recomputed from the differences, exact to float32's relative precision of
+    the small distance itself (~1e-10 here, against runtime differences of ~1e-9 coming from the keys).
+    The score returned is `-|a - b|^2 / 4` (= (cos - 1) / 2, in [-1, 0]); cross-padding pairs keep
+    `_cross_padding`'s sentinels (-2, -3), so `plan_from_matches`' tie rule (below -1.5) still finds them.
+    Mathematically the same matching as the official argmax of cosines."""
+    a, b = _rows(cand, a_idx), _rows(cand, b_idx)  # [B, nA, d], [B, nB, d]
+    scores = _cross_padding(a @ b.transpose(-1, -2), va, vb)  # [B, nA, nB]
+    bsz, n_a, n_b = scores.shape
+    top, near = scores.topk(min(REFINE_K, n_b), dim=-1, largest=True, sorted=True)  # [B, nA, k]
+    rows = _rows(b, near.reshape(bsz, -1)).reshape(bsz, n_a, near.shape[-1], -1)  # [B, nA, k, d]
+    dist = (a[:, :, None, :] - rows).square().sum(dim=-1)  # [B, nA, k]
+    refined = torch.where(top < -1.5, top, -0.25 * dist)
+    best = refined.argmax(dim=-1, keepdim=True)  # ties: the first, i.e. the higher cosine, in torch and ONNX
+    return refined.gather(-1, best)[..., 0], near.gather(-1, best)[..., 0]
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
