@@ -373,6 +373,16 @@ def balanced_queries(out: Path, methods: Sequence[str], labels: torch.Tensor) ->
     return sorted(i for c in range(classes) for i in by_class[c][:m])
 
 
+def blocks_covered(out: Path, method: str, keep: int, test_idx: Sequence[int], side: int = 16, block: int = 4
+                   ) -> float:
+    """How spread a selection is: the mean number (over the queries) of `block x block`-patch squares of the
+    `side x side` patch grid that hold at least one kept patch (16 squares at 224 px)."""
+    rows = read_rows(cache_file(out, "test", method))
+    per = side // block
+    hit = [len({(i // side) // block * per + (i % side) // block for i in rows[q][str(keep)]["idx"]}) for q in test_idx]
+    return sum(hit) / len(hit)
+
+
 def report(out: Path, methods: Sequence[str], keeps: Sequence[int], n_train: int, test_idx: Sequence[int]
            ) -> list[dict[str, Any]]:
     """k-NN top-1 (%) under both banks and the cosine to the all-token mean, one row per (method, keep), for
@@ -391,9 +401,9 @@ def report(out: Path, methods: Sequence[str], keeps: Sequence[int], n_train: int
 
     full_pred = weighted_knn(bank_all, bank_labels, query_all, classes)
     rows = [{"method": "all 256 patches (mean)", "keep": 256, "full_bank": acc(bank_all, query_all),
-             "matched_bank": acc(bank_all, query_all), "cos_mean": 1.0, "cos_min": 1.0, "agree": 100.0},
+             "matched_bank": acc(bank_all, query_all), "cos_mean": 1.0, "cos_min": 1.0, "agree": 100.0, "blocks": 16.0},
             {"method": "CLS token", "keep": 0, "full_bank": None, "matched_bank": acc(bank_cls, query_cls),
-             "cos_mean": None, "cos_min": None, "agree": None}]
+             "cos_mean": None, "cos_min": None, "agree": None, "blocks": None}]
     for method in methods:
         for keep in keeps:
             query, _ = features(out, "test", method, str(keep), test_idx)
@@ -405,7 +415,8 @@ def report(out: Path, methods: Sequence[str], keeps: Sequence[int], n_train: int
             pred = weighted_knn(bank_all, bank_labels, query, classes)
             rows.append({"method": method, "keep": keep, "full_bank": float((pred == labels).float().mean()) * 100,
                          "matched_bank": matched, "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
-                         "agree": float((pred == full_pred).float().mean()) * 100})
+                         "agree": float((pred == full_pred).float().mean()) * 100,
+                         "blocks": blocks_covered(out, method, keep, test_idx)})
             if matched is None:
                 rows[-1]["matched_missing"] = missing
     return rows
@@ -416,13 +427,13 @@ def markdown(rows: list[dict[str, Any]], n_train: int, n_test: int) -> str:
         return "-" if x is None else f"{x:.{digits}f}"
 
     lines = ["| selection | kept of 256 | k-NN top-1, full bank (%) | k-NN top-1, matched bank (%) | cosine to "
-             "all-token mean, mean / min | same label as all tokens (%) |",
-             "|---|---|---|---|---|---|"]
+             "all-token mean, mean / min | same label as all tokens (%) | 4x4-patch squares covered (of 16) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         keep = "CLS" if r["keep"] == 0 else str(r["keep"])
         matched = "not run" if "matched_missing" in r else f(r["matched_bank"], 1)
         lines.append(f"| {r['method']} | {keep} | {f(r['full_bank'], 1)} | {matched} | "
-                     f"{f(r['cos_mean'], 4)} / {f(r['cos_min'], 4)} | {f(r['agree'], 1)} |")
+                     f"{f(r['cos_mean'], 4)} / {f(r['cos_min'], 4)} | {f(r['agree'], 1)} | {f(r['blocks'], 1)} |")
     p = rows[0]["full_bank"] / 100
     lines.append(f"\n{n_test} CIFAR-10 test queries, bank of {n_train} train images; the standard error of one "
                  f"top-1 near the all-token mean's is {100 * math.sqrt(p * (1 - p) / n_test):.1f} points.")

@@ -144,6 +144,8 @@ def test_cache_rows_round_trip_and_report(vs, tiny, tmp_path) -> None:  # type: 
     assert rows[0]["full_bank"] == 100.0  # every query is its own bank feature here (same images)
     with pytest.raises(TokenReduceError, match="not cached"):
         vs.features(tmp_path, "test", "divprune", "7", [0, 3])
+    squares = [len({(i // 8 // 4, i % 8 // 4) for i in row}) for row in got["divprune"][7][0].tolist()]
+    assert vs.blocks_covered(tmp_path, "divprune", 7, [0, 1, 2], side=8, block=4) == pytest.approx(sum(squares) / 3)
     # queries: the same count per class (class 0 has one cached image, class 1 two -> one each)
     assert vs.balanced_queries(tmp_path, ["divprune"], torch.tensor([0, 1, 1])) == [0, 1]
     vs.cache_file(tmp_path, "train", "divprune").unlink()  # the matched bank is said to be missing, not skipped
