@@ -39,3 +39,17 @@ def test_method_flags_beside_a_plan_are_refused(plan_file: Path, tmp_path: Path,
                  "-o", str(out)]) == 1
     assert "--plan fixes the method and its options; drop --r" in capfd.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("dims", "dynamic", "text"), [
+    (["batch", 16], True, "dynamic batch"),  # a batch input beside tomesd's fixed-length draws
+    (["batch", "batch"], True, "dynamic batch"),
+    ([8, 16], False, "static batch 8"),
+    ([], False, "static batch ?"),
+])
+def test_dynamic_batch_reads_the_inputs_that_carry_the_batch(dims: list[int | str], dynamic: bool, text: str) -> None:
+    from tokenreduce.cli.convert import WrittenOnnx, batch_text
+
+    written = WrittenOnnx(None, dims)
+    assert written.dynamic_batch is dynamic
+    assert batch_text(written).startswith(text)

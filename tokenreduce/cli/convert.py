@@ -200,7 +200,9 @@ class WrittenOnnx:
 
     @property
     def dynamic_batch(self) -> bool:
-        return bool(self.batch_dims) and all(isinstance(d, str) for d in self.batch_dims)
+        """True when the inputs that carry the batch have a symbolic first dimension. Inputs that do not carry it
+        keep a fixed one (tomesd's `tomesd_draws`, Flux's position ids), so one symbolic input is enough."""
+        return any(isinstance(d, str) for d in self.batch_dims)
 
 
 def batch_dims(path: Path) -> list[int | str]:
