@@ -44,9 +44,9 @@ import torch
 from torch import fx
 
 from tokenreduce.kernels import decoder_ops, vision_ops
-from tokenreduce.methods.base import Options, Stage, check_int_list, fail, option
+from tokenreduce.methods.base import Options, check_int_list, fail, option
 from tokenreduce.methods.hiprune import attention_map, vision_layers
-from tokenreduce.methods.prefill import SelectionMethod, SelectionOptions, SelectionSite, VisionSite, ratio_keep
+from tokenreduce.methods.prefill import BeforeLlmMethod, BeforeLlmOptions, SelectionSite, VisionSite
 
 tr = torch.ops.tokenreduce
 
@@ -55,7 +55,7 @@ FLOWCUT_DECAY = 0.5  # cumulative_scores = 0.5 * cumulative_scores + 0.5 * score
 
 
 @dataclass(frozen=True)
-class FlowcutOptions(SelectionOptions):
+class FlowcutOptions(BeforeLlmOptions):
     keep_ratio: float = option(FLOWCUT_KEEP_RATIO, "fraction of the image tokens kept, in (0, 1] (default: the "
                                                    "paper's 128 of 576)")
     vision_layers: tuple[int, ...] | None = option(None, "vision layers (0-based, increasing) whose scores "
@@ -75,23 +75,13 @@ class FlowcutOptions(SelectionOptions):
         if isinstance(d, bool) or not isinstance(d, int | float) or not 0.0 <= float(d) < 1.0:
             raise fail("decay", f"decay must be a number in [0, 1), got {d!r}")
         self.set("decay", float(d))
-        if self.layers is not None and tuple(self.layers) != (0,):
-            raise fail("layers", f"flowcut selects before the LLM (layer 0), got layers={list(self.layers)}")
 
 
-class Flowcut(SelectionMethod):
+class Flowcut(BeforeLlmMethod):
     name = "flowcut"
     summary = "keep the patches with the most information flow through the vision CLS token, accumulated over " \
               "vision layers, before the LLM (Tong et al., 2025)"
     options_type = FlowcutOptions
-    needs_vision = True
-
-    def default_layers(self, num_layers: int) -> tuple[int, ...]:
-        return (0,)
-
-    def stages(self, options: Options, num_layers: int, span: int) -> list[Stage]:
-        assert isinstance(options, FlowcutOptions)
-        return [Stage(score_block=0, first_reduced_block=0, keep=ratio_keep(options.keep_ratio, span))]
 
     @staticmethod
     def scored_layers(options: FlowcutOptions, feature_layer: int) -> tuple[int, ...]:

@@ -42,8 +42,8 @@ from tokenreduce.analysis.attention import Attention, find_attention
 from tokenreduce.analysis.decoder import is_causal
 from tokenreduce.ir.graph import reach
 from tokenreduce.kernels import decoder_ops, vision_ops
-from tokenreduce.methods.base import Options, Stage, check_int, fail, option
-from tokenreduce.methods.prefill import SelectionMethod, SelectionOptions, SelectionSite, VisionSite, ratio_keep
+from tokenreduce.methods.base import Options, check_int, fail, option
+from tokenreduce.methods.prefill import BeforeLlmMethod, BeforeLlmOptions, SelectionSite, VisionSite
 
 tr = torch.ops.tokenreduce
 
@@ -53,7 +53,7 @@ HIPRUNE_OBJECT_LAYER = 8 / 22  # HIPRUNE_OBJECT_LAYER=9 (1-based) of CLIP-L, who
 
 
 @dataclass(frozen=True)
-class HipruneOptions(SelectionOptions):
+class HipruneOptions(BeforeLlmOptions):
     keep_ratio: float = option(HIPRUNE_KEEP_RATIO, "fraction of the image tokens kept, in (0, 1] (default: the "
                                                    "official 192 of 576)")
     anchor_ratio: float = option(HIPRUNE_ALPHA, "the paper's alpha: anchors + their buffers ~ anchor_ratio * kept, "
@@ -70,8 +70,6 @@ class HipruneOptions(SelectionOptions):
         self.set("anchor_ratio", float(r))
         if self.object_layer is not None:
             check_int("object_layer", self.object_layer, lo=0)
-        if self.layers is not None and tuple(self.layers) != (0,):
-            raise fail("layers", f"hiprune selects before the LLM (layer 0), got layers={list(self.layers)}")
 
 
 def vision_layers(site: VisionSite) -> list[Attention]:
@@ -107,19 +105,11 @@ def attention_map(site: VisionSite, att: Attention, rows: int | None = None) -> 
     return site.builder.add(vision_ops.head_mean_attention, (q, att.k, att.mask, att.scale))
 
 
-class Hiprune(SelectionMethod):
+class Hiprune(BeforeLlmMethod):
     name = "hiprune"
     summary = "keep anchors + grid neighbours from a middle vision layer and registers from the deep one, before " \
               "the LLM (Liu et al., 2025)"
     options_type = HipruneOptions
-    needs_vision = True
-
-    def default_layers(self, num_layers: int) -> tuple[int, ...]:
-        return (0,)
-
-    def stages(self, options: Options, num_layers: int, span: int) -> list[Stage]:
-        assert isinstance(options, HipruneOptions)
-        return [Stage(score_block=0, first_reduced_block=0, keep=ratio_keep(options.keep_ratio, span))]
 
     @staticmethod
     def object_layer(options: HipruneOptions, feature_layer: int) -> int:

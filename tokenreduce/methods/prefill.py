@@ -231,3 +231,29 @@ class SelectionOptions(Options):
             if len(self.layers) != 1:
                 raise fail("layers", f"this method prunes once, at one block: give one layer, got {list(self.layers)}")
         self.set("keep_ratio", check_ratio("keep_ratio", self.keep_ratio))
+
+
+@dataclass(frozen=True)
+class BeforeLlmOptions(SelectionOptions):
+    """Options of the methods that select image tokens from the vision tower before the LLM (VisionZip, HiPrune,
+    FlowCut): the LLM is pruned at its input, so `layers` may only be `[0]`."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.layers is not None and tuple(self.layers) != (0,):
+            name = type(self).__name__.removesuffix("Options").lower()
+            raise fail("layers", f"{name} selects before the LLM (layer 0), got layers={list(self.layers)}")
+
+
+class BeforeLlmMethod(SelectionMethod):
+    """A selection read from the vision tower (`emit_vision`) whose kept image tokens enter the LLM at layer 0:
+    one stage, scored and pruned at block 0."""
+
+    needs_vision = True
+
+    def default_layers(self, num_layers: int) -> tuple[int, ...]:
+        return (0,)
+
+    def stages(self, options: Options, num_layers: int, span: int) -> list[Stage]:
+        assert isinstance(options, SelectionOptions)
+        return [Stage(score_block=0, first_reduced_block=0, keep=ratio_keep(options.keep_ratio, span))]

@@ -68,10 +68,10 @@ import torch
 from torch import fx
 
 from tokenreduce.kernels import decoder_ops
-from tokenreduce.methods.base import Options, Stage, check_ratio, fail, option
+from tokenreduce.methods.base import Options, check_ratio, fail, option
 from tokenreduce.methods.prefill import (
-    SelectionMethod,
-    SelectionOptions,
+    BeforeLlmMethod,
+    BeforeLlmOptions,
     SelectionSite,
     VisionSite,
     eager_scores_input,
@@ -85,7 +85,7 @@ VISIONZIP_CONTEXTUAL = 10 / 64  # 54 + 10, 108 + 20, 162 + 30: the contextual sh
 
 
 @dataclass(frozen=True)
-class VisionzipOptions(SelectionOptions):
+class VisionzipOptions(BeforeLlmOptions):
     keep_ratio: float = option(VISIONZIP_KEEP_RATIO, "fraction of the image tokens kept, in (0, 1] (default: the "
                                                      "paper's 64 of 576)")
     contextual_ratio: float = option(VISIONZIP_CONTEXTUAL, "share of the kept tokens that are contextual (merged) "
@@ -94,23 +94,13 @@ class VisionzipOptions(SelectionOptions):
     def validate(self) -> None:
         super().validate()
         self.set("contextual_ratio", check_ratio("contextual_ratio", self.contextual_ratio))
-        if self.layers is not None and tuple(self.layers) != (0,):
-            raise fail("layers", f"visionzip selects before the LLM (layer 0), got layers={list(self.layers)}")
 
 
-class Visionzip(SelectionMethod):
+class Visionzip(BeforeLlmMethod):
     name = "visionzip"
     summary = ("keep the tokens the vision CLS attends to most (Qwen-VL: receive most attention) and merge the rest "
                "into a few (Yang et al., CVPR 2025)")
     options_type = VisionzipOptions
-    needs_vision = True
-
-    def default_layers(self, num_layers: int) -> tuple[int, ...]:
-        return (0,)
-
-    def stages(self, options: Options, num_layers: int, span: int) -> list[Stage]:
-        assert isinstance(options, VisionzipOptions)
-        return [Stage(score_block=0, first_reduced_block=0, keep=ratio_keep(options.keep_ratio, span))]
 
     @staticmethod
     def split(options: VisionzipOptions, keep: int) -> tuple[int, int]:
