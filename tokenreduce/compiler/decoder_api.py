@@ -405,16 +405,19 @@ def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, inner: str 
     """Prune the prefill of a Hugging Face decoder LLM / VLM.
 
     Args:
-        model: a `LlamaForCausalLM`-style model (or `LlavaForConditionalGeneration`), unmodified.
+        model: a `LlamaForCausalLM`-style model, or a VLM (LLaVA, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL), unmodified.
         method: a decoder method (`tokenreduce.methods.registry.names("decoder")`): "fastv", "pyramiddrop",
             "gemfilter" rank the span by the last query's attention; "divprune" (max-min diversity, before
             the LLM), "dart" (duplication around pivot tokens, at a chosen layer) and "visionzip" (dominant
             + merged contextual image tokens from the vision tower's CLS attention, LLaVA-style models, or
             from the attention each token receives, Qwen2-VL / Qwen2.5-VL, scored in their eager tower)
-            select visual tokens; "sparsevlm" (question tokens rate the visual ones inside the LLM, pruned
-            ones recycled) and "visiondrop" (visual-only attention, dropped ones merged) prune them in stages
-            (docs/decoders.md); "none" captures the same prefill graph without pruning
-            (the baseline benchmarks compare against).
+            select visual tokens; "hiprune" (anchors + grid neighbours from a middle vision layer, registers
+            from the deep one) and "flowcut" (information flow through the vision CLS, accumulated over
+            layers) select them from the vision tower of LLaVA-style models; "globalcom2" (AnyRes models such
+            as LLaVA-NeXT: the thumbnail's CLS attention sets each crop's budget); "sparsevlm" (question tokens
+            rate the visual ones inside the LLM, pruned ones recycled) and "visiondrop" (visual-only
+            attention, dropped ones merged) prune them in stages (docs/decoders.md); "none" captures the same
+            prefill graph without pruning (the baseline benchmarks compare against).
         inner: "eager" (default: runs the rewritten graph as is) or "inductor".
         count_model_flops: count prefill FLOPs before/after for the report (on fake tensors where the
             model allows; 'FLOPs unavailable: why' in the report when counting fails).
@@ -423,8 +426,8 @@ def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, inner: str 
                 stage blocks (default 8/16/24 of 32, scaled); GemFilter: `[L]`, the filter layer (default
                 13/32 of the depth).
             keep_ratio -- FastV / PyramidDrop: fraction of the span kept at each stage (default 0.5);
-                DivPrune / DART / VisionZip: fraction kept (defaults from their papers' scripts: 0.098,
-                0.222, 64/576); SparseVLM / VisionDrop: fraction of the span left after the last stage
+                DivPrune / DART / VisionZip / HiPrune / FlowCut / GlobalCom2: fraction kept (defaults from
+                their papers' scripts: 0.098, 0.222, 64/576, 192/576, 128/576, 0.25); SparseVLM / VisionDrop: fraction of the span left after the last stage
                 (defaults 110/576, 19/48).
             pivot_image_tokens, pivot_text_tokens -- DART: pivots from the span and from the question.
             contextual_ratio -- VisionZip: share of the kept tokens that are merged contextual tokens;
@@ -435,6 +438,10 @@ def reduce_decoder(model: torch.nn.Module, method: str = "fastv", *, inner: str 
             score_pool -- max-pool the last-query scores over this many neighbouring tokens before ranking
                 (odd; 1, the default, is the papers' ranking; a SnapKV-style extension that keeps
                 multi-token facts whole).
+            score_window -- FastV / PyramidDrop / GemFilter: rank by the attention of the last W query tokens,
+                summed (SnapKV's observation window; 1, the default, is the papers' last-query ranking).
+            anchor_ratio, object_layer -- HiPrune; vision_layers, decay -- FlowCut; temperature --
+                GlobalCom2 (docs/decoders.md lists each with its range).
     """
     impl = registry.decoder(method)
     given = {k: v for k, v in options.items() if v is not None}
