@@ -17,6 +17,7 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
+from diffusion_models import sd_unet  # noqa: E402
 
 from tokenreduce.cli import main  # noqa: E402
 from tokenreduce.errors import TokenReduceError  # noqa: E402
@@ -24,11 +25,7 @@ from tokenreduce.sources import load_model, source_kind  # noqa: E402
 
 
 def _unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+    return sd_unet()
 
 
 def _dit():

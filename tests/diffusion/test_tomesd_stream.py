@@ -19,6 +19,8 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
+from diffusion_models import sd_unet  # noqa: E402
+
 tomesd = pytest.importorskip("tomesd")
 
 import tokenreduce  # noqa: E402
@@ -31,11 +33,7 @@ TIMESTEPS = (999, 500, 10)
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+    return sd_unet()
 
 
 @pytest.fixture(scope="module")
