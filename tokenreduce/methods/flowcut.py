@@ -36,17 +36,14 @@ in the captured graph or has no CLS token (the relay), and ratios outside (0, 1]
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import fx
 
-from tokenreduce.kernels import decoder_ops, vision_ops
 from tokenreduce.methods.base import Options, check_int_list, fail, option
 from tokenreduce.methods.hiprune import attention_map, vision_layers
-from tokenreduce.methods.prefill import BeforeLlmMethod, BeforeLlmOptions, SelectionSite, VisionSite
+from tokenreduce.methods.prefill import BeforeLlmMethod, BeforeLlmOptions, VisionSite
 
 tr = torch.ops.tokenreduce
 
@@ -105,13 +102,6 @@ class Flowcut(BeforeLlmMethod):
         rows = [attention_map(site, a, rows=1) for a in chosen]  # the CLS query's row: [B, 1, N]
         kept = site.builder.add(tr.flowcut_plan.default, (rows, [a.v for a in chosen], keep, options.decay, 1))
         return site.features, kept
-
-    def emit_scores(self, options: Options, site: SelectionSite) -> fx.Node:
-        assert site.patch_scores is not None
-        return site.builder.add(decoder_ops.from_span, (site.patch_scores, site.droppable))
-
-    def references(self) -> dict[Any, Callable[..., Any]]:
-        return {**super().references(), **vision_ops.REFERENCES}
 
 
 METHOD = Flowcut()

@@ -31,9 +31,7 @@ features that are not one image of `span` patches plus a CLS token per prompt, a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import fx
@@ -41,9 +39,9 @@ from torch import fx
 from tokenreduce.analysis.attention import Attention, find_attention
 from tokenreduce.analysis.decoder import is_causal
 from tokenreduce.ir.graph import reach
-from tokenreduce.kernels import decoder_ops, vision_ops
+from tokenreduce.kernels import vision_ops
 from tokenreduce.methods.base import Options, check_int, fail, option
-from tokenreduce.methods.prefill import BeforeLlmMethod, BeforeLlmOptions, SelectionSite, VisionSite
+from tokenreduce.methods.prefill import BeforeLlmMethod, BeforeLlmOptions, VisionSite
 
 tr = torch.ops.tokenreduce
 
@@ -129,13 +127,6 @@ class Hiprune(BeforeLlmMethod):
         anchors = vision_ops.hiprune_anchors(keep, options.anchor_ratio)
         kept = site.builder.add(tr.hiprune_plan.default, (mid, deep, rows, cols, keep, anchors, 1))
         return site.features, kept
-
-    def emit_scores(self, options: Options, site: SelectionSite) -> fx.Node:
-        assert site.patch_scores is not None
-        return site.builder.add(decoder_ops.from_span, (site.patch_scores, site.droppable))
-
-    def references(self) -> dict[Any, Callable[..., Any]]:
-        return {**super().references(), **vision_ops.REFERENCES}
 
 
 METHOD = Hiprune()

@@ -40,7 +40,7 @@ from torch import fx
 
 from tokenreduce.analysis.encoder import Attention
 from tokenreduce.ir.graph import Builder, call
-from tokenreduce.kernels import decoder_ops
+from tokenreduce.kernels import decoder_ops, vision_ops
 from tokenreduce.kernels import ops as _ops  # noqa: F401  (registers torch.ops.tokenreduce.query_row_scores)
 from tokenreduce.methods.base import (
     DecoderMethod,
@@ -257,3 +257,14 @@ class BeforeLlmMethod(SelectionMethod):
     def stages(self, options: Options, num_layers: int, span: int) -> list[Stage]:
         assert isinstance(options, SelectionOptions)
         return [Stage(score_block=0, first_reduced_block=0, keep=ratio_keep(options.keep_ratio, span))]
+
+    def emit_scores(self, options: Options, site: SelectionSite) -> fx.Node:
+        """The `[B, P]` patch scores of `emit_vision` placed on the span; scores that come in as the
+        `VISION_SCORES` input (computed where Qwen's tower ran eagerly) are `[B, N]` already."""
+        assert site.patch_scores is not None
+        if eager_scores_input(site.patch_scores):
+            return site.patch_scores
+        return site.builder.add(decoder_ops.from_span, (site.patch_scores, site.droppable))
+
+    def references(self) -> dict[Any, Callable[..., Any]]:
+        return {**super().references(), **vision_ops.REFERENCES}

@@ -67,14 +67,11 @@ from typing import Any
 import torch
 from torch import fx
 
-from tokenreduce.kernels import decoder_ops
 from tokenreduce.methods.base import Options, check_ratio, fail, option
 from tokenreduce.methods.prefill import (
     BeforeLlmMethod,
     BeforeLlmOptions,
-    SelectionSite,
     VisionSite,
-    eager_scores_input,
     ratio_keep,
 )
 
@@ -120,12 +117,6 @@ class Visionzip(BeforeLlmMethod):
                      extra: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager[Callable[[], torch.Tensor]]:
         assert isinstance(options, VisionzipOptions)
         return qwen_vision_hooks(options, model, input_ids, extra)
-
-    def emit_scores(self, options: Options, site: SelectionSite) -> fx.Node:
-        assert site.patch_scores is not None
-        if eager_scores_input(site.patch_scores):  # `[B, N]` already (scored where Qwen's tower ran)
-            return site.patch_scores
-        return site.builder.add(decoder_ops.from_span, (site.patch_scores, site.droppable))
 
 
 
