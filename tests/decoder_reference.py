@@ -449,12 +449,13 @@ def sharpened(model, factor: float = 8):  # type: ignore[no-untyped-def]
     return model
 
 
-def tiny_llava():  # type: ignore[no-untyped-def]
-    """A random-init LLaVA (CLIP tower 2 layers, Llama LM 4 layers, SDPA, image token `IMG_ID`), q/k sharpened x4."""
+def tiny_llava(vision_layers: int = 2):  # type: ignore[no-untyped-def]
+    """A random-init LLaVA (CLIP tower `vision_layers` layers, Llama LM 4 layers, SDPA, image token `IMG_ID`), the
+    LM's q/k sharpened x4."""
     import transformers
 
     torch.manual_seed(0)
-    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
                                        num_attention_heads=2, image_size=32, patch_size=8)
     tc = transformers.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

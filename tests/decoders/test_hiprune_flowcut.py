@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from decoder_reference import IMG_ID, N_IMG, RefDecoder, check_prefill, embeds_of, select_prefill, sharpened
+from decoder_reference import IMG_ID, N_IMG, RefDecoder, check_prefill, embeds_of, select_prefill, tiny_llava
 
 import tokenreduce
 from tokenreduce import TokenReduceError
@@ -30,15 +30,7 @@ GRID = 4  # 32 x 32 image, patch 8
 @pytest.fixture(scope="module")
 def llava4():  # type: ignore[no-untyped-def]
     """tests/decoder_reference.tiny_llava with a 4-layer CLIP tower (vision q/k sharpened too)."""
-    torch.manual_seed(0)
-    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                       num_attention_heads=2, image_size=32, patch_size=8)
-    tc = transformers.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG_ID, vision_feature_layer=-2,
-                                   vision_feature_select_strategy="default")
-    cfg._attn_implementation = "sdpa"
-    model = sharpened(transformers.LlavaForConditionalGeneration(cfg).eval(), 4)
+    model = tiny_llava(vision_layers=4)
     with torch.no_grad():
         for layer in tower_layers(model):
             layer.self_attn.q_proj.weight *= 3
