@@ -184,6 +184,25 @@ def test_a_cached_latency_beats_the_line_prediction(vit, calib, monkeypatch):
     assert plan.measured["flops_ratio"] + 0.1 > 0.75 + MARGIN  # what the anchors' line predicts: over budget
 
 
+def test_each_method_is_predicted_by_its_own_latency_line(vit, calib, monkeypatch):
+    """What MiniLM at 12 tokens showed on onnxruntime: ToMe's merging costs more than it saves (slower than the
+    full model at every r), EViT's pruning does save. The ToMe anchors' line says no FLOPs ratio meets the
+    budget; EViT, not measured yet, is predicted by its own (latency proportional to FLOPs) and measured, and
+    wins. The refusal names how many candidates the lines skipped."""
+    def measure_(self, c):
+        red = tokenreduce.compile(vit, (calib[:1],), **c.settings, inner="eager")
+        ratio = 1.13 if c.settings["method"] == "tome" else red.report.flops_ratio
+        return {"latency_ratio": ratio, "unreduced_ms": 10.0, "reduced_ms": 10 * ratio, "iqr_reduced_ms": 0.0}
+
+    monkeypatch.setattr(measure.LatencyMeter, "measure", measure_)
+    plan = tune(vit, calib, {"latency": 0.8}, "eager", methods=["tome", "evit"], families=["constant", "keep-ratio"],
+                max_measured=4)
+    assert plan.settings["method"] == "evit" and plan.measured["latency_ratio"] <= 0.8
+    with pytest.raises(TokenReduceError, match=r"\(0 new measurement\(s\) of at most 4; \d+ candidate\(s\) were not "
+                                               r"measured because their method's latency line"):
+        tune(vit, calib, {"latency": 0.8}, "eager", methods=["tome"], families=["constant"], max_measured=4)
+
+
 def test_refusals(vit, calib):
     with pytest.raises(TokenReduceError, match="latency budget is measured on a target"):
         tune(vit, calib, {"latency": 0.5})

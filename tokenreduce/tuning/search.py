@@ -11,8 +11,9 @@ The search, in order (each step only spends what the time budget leaves):
    reduction, each step adds merges to one group of consecutive blocks, the group whose step costs the least
    fidelity per FLOP removed, until the schedule reaches the budget.
 4. Choose. FLOPs budget: the highest fidelity whose counted FLOPs ratio is within it. Latency budget: walk the
-   candidates from the highest fidelity down, skip those a latency-vs-FLOPs line (fitted to two measured
-   constant-r anchors, refitted after every measurement) predicts to be far over, measure the rest on the
+   candidates from the highest fidelity down, skip those their method's latency-vs-FLOPs line (fitted to that
+   method's measured rows, refitted after every measurement; latency proportional to FLOPs for a method not yet
+   measured) predicts to be far over, measure the rest on the
    target (interleaved, medians) until one is within the budget; at most `max_measured` measurements. With a target given, the chosen plan and the Pareto front are measured too.
 
 Refuses a budget no candidate meets (the error names the smallest ratio reached and what to change), and a
@@ -315,10 +316,13 @@ def _anchor(search: Search, meter: LatencyMeter, cands: list[Candidate], limit: 
     return guess
 
 
-def _latency_line(search: Search) -> tuple[float, float]:
-    """(a, b) of `latency ratio = a + b * FLOPs ratio` fitted to the measured rows: least squares with two or
-    more distinct FLOPs ratios, else the line through (1, 1) and the measured point (before any: a=0, b=1)."""
-    pts = [(r["flops_ratio"], r["latency_ratio"]) for r in search.rows.values() if r.get("latency_ratio") is not None]
+def _latency_line(search: Search, method: str | None = None) -> tuple[float, float]:
+    """(a, b) of `latency ratio = a + b * FLOPs ratio` fitted to the measured rows (of `method` only, when given:
+    methods differ in what their reduction itself costs, so one method's line says little about another's):
+    least squares with two or more distinct FLOPs ratios, else the line through (1, 1) and the measured point
+    (before any: a=0, b=1, latency proportional to FLOPs)."""
+    pts = [(r["flops_ratio"], r["latency_ratio"]) for r in search.rows.values()
+           if r.get("latency_ratio") is not None and (method is None or r["method"] == method)]
     fs = [f for f, _ in pts]
     if len(pts) >= 2 and max(fs) - min(fs) > 0.02:
         mf, ml = sum(fs) / len(pts), sum(lat for _, lat in pts) / len(pts)
@@ -362,14 +366,15 @@ def _choose(search: Search, kind: str, limit: float, meter: LatencyMeter | None,
                 _measure(search, meter, r, say)
         return chosen
     assert meter is not None
-    measured = 0
+    measured = skipped = 0
     for r in sorted(rows, key=lambda r: (-r["fidelity"], r["flops_ratio"])):
         if measured >= max_measured:
             break
         if r.get("latency_ratio") is None:
-            a, b = _latency_line(search)
+            a, b = _latency_line(search, r["method"])
             predicted = a + b * r["flops_ratio"]
             if predicted > limit + MARGIN and not meter.cached(r["candidate"]):  # a cached value beats the line
+                skipped += 1
                 continue
             measured += _measure(search, meter, r, say)  # a cached measurement costs nothing: not counted
         if r["latency_ratio"] <= limit:
@@ -379,9 +384,12 @@ def _choose(search: Search, kind: str, limit: float, meter: LatencyMeter | None,
     where = f"; the lowest measured was {best['label']} at {best['latency_ratio']:.3f}" if best else ""
     stopped = (f"; the time budget stopped the search after {len(rows)} candidate(s), raise time_budget_s"
                if search.out_of_time else "")
+    lines = (f"; {skipped} candidate(s) were not measured because their method's latency line (fitted to its "
+             "measured rows) put them more than 0.05 over" if skipped else "")
     raise TokenReduceError(f"no measured candidate reached latency ratio <= {limit} on {meter.target} at batch "
-                           f"{meter.batch} within {max_measured} new measurements{where}{stopped}; raise the "
-                           "budget, raise max_measured, or tune for FLOPs", setting="budget")
+                           f"{meter.batch} ({measured} new measurement(s) of at most {max_measured}{lines})"
+                           f"{where}{stopped}; raise the budget, raise max_measured, or tune for FLOPs",
+                           setting="budget")
 
 
 def _plan(search: Search, chosen: dict[str, Any], kind: str, limit: float, target: str | None, batch: int,
