@@ -13,8 +13,7 @@ and the official code's arithmetic (xuyang-liu16/GlobalCom2, `llava_arch.py`):
 fed to the hand-written eager prefill of tests/decoder_reference.py that drops the same tokens. Compared:
 logits, every layer's cache and kept positions, greedy `generate()`; batch 2 with different image sizes;
 `keep_ratio=1` is the plain model; refusals (non-AnyRes models with the methods that work there, settings);
-the op through ONNX export verified in onnxruntime (the model's own prefill cannot export: see
-test_llava_next.py)."""
+the op through ONNX export verified in onnxruntime (the whole pruned prefill: test_vlm_export.py)."""
 
 from __future__ import annotations
 

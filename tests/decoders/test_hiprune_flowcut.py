@@ -263,9 +263,9 @@ def test_selection_functions_refuse_bad_inputs():
 
 
 def test_plan_ops_export_to_onnx(tmp_path):
-    """The two plans from q/k/v as the graph emits them (head-mean attention, then the op): LLaVA's whole
-    prefill fails the exporter even unpruned, so the ops are exported alone, with their references inlined,
-    and onnxruntime gives the same kept patches."""
+    """The two plans from q/k/v as the graph emits them (head-mean attention, then the op), exported alone
+    with their references inlined: onnxruntime gives the same kept patches (LLaVA's whole pruned prefill:
+    test_vlm_export.py)."""
     pytest.importorskip("onnxruntime")
     from tokenreduce.targets.onnx import export_graph
 

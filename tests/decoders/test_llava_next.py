@@ -8,9 +8,7 @@ graph is specialised on its values: batch 2 with *different* image sizes whose t
 works, each row with its own AnyRes layout; rows whose counts differ are refused with the counts. FastV,
 DivPrune and DART match the reference (logits, every layer's cache and kept positions, greedy generate());
 `keep_ratio=1` is the plain model and `model.generate`; a second call with other image sizes recompiles
-rather than reusing a graph specialised on the first. ONNX: the captured prefill keeps transformers'
-placeholder check (`torch_compilable_check` -> `aten._is_all_true`), which the exporter has no function
-for, so export is refused with that op named (as for LLaVA-1.5)."""
+rather than reusing a graph specialised on the first. ONNX export of the whole prefill: test_vlm_export.py."""
 
 from __future__ import annotations
 
@@ -179,21 +177,3 @@ def test_rows_with_different_image_token_counts_are_refused(model):
     dec = tokenreduce.reduce_decoder(model, "fastv", keep_ratio=0.5)
     with pytest.raises(TokenReduceError, match=r"same number of span tokens.*\[52, 56\]"):
         dec.prefill(ids, mask, **media)
-
-
-def test_onnx_export_is_refused_naming_the_placeholder_check(model, tmp_path):
-    """transformers' placeholder check (`n_image_tokens * C == image_features.numel()`, a
-    `torch_compilable_check`) is captured as `aten._is_all_true`, which the ONNX exporter has no function for."""
-    import types
-
-    pytest.importorskip("onnxruntime")
-    from tokenreduce.targets.onnx import export_onnx
-
-    ids, _, media = next_prompt()
-    dec = tokenreduce.reduce_decoder(model, "fastv", keep_ratio=0.5)
-    compiled, flat = dec.compiled_for(ids[:1], None, None, pixel_values=media["pixel_values"][:1],
-                                      image_sizes=media["image_sizes"][:1])
-    shim = types.SimpleNamespace(graph_module=compiled.gm, example_args=tuple(flat), example_kwargs={},
-                                 dynamic_batch=False)
-    with pytest.raises(TokenReduceError, match="_is_all_true"):
-        export_onnx(shim, tmp_path / "llava_next_fastv.onnx", verify=True, atol=1e-4)

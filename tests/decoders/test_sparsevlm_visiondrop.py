@@ -343,7 +343,7 @@ def test_stages_refuse_layer_0_and_unordered_layers(method):
 @pytest.mark.parametrize("method", ["sparsevlm", "visiondrop"])
 def test_prefill_exports_to_onnx(tmp_path, method):
     """The pruned prefill (two stages, recycling / merging included) exports and onnxruntime reproduces the eager
-    graph, on a Llama with a marked context span (LLaVA's prefill fails the exporter even unpruned)."""
+    graph, on a Llama with a marked context span (LLaVA's whole prefill: test_vlm_export.py)."""
     pytest.importorskip("onnxruntime")
     import types
 

@@ -179,7 +179,7 @@ def test_divprune_settings_are_checked():
 
 def test_divprune_prefill_exports_to_onnx(tmp_path):
     """The pruned prefill (k-center loop unrolled, constant k) exports and onnxruntime reproduces the eager
-    graph, on a Llama with a marked context span (LLaVA's prefill fails the exporter even unpruned)."""
+    graph, on a Llama with a marked context span (LLaVA's whole prefill: test_vlm_export.py)."""
     pytest.importorskip("onnxruntime")
     import types
 
@@ -354,7 +354,7 @@ def test_visionzip_refuses_a_text_model():
 
 
 def test_visionzip_plan_exports_to_onnx(tmp_path):
-    """The VisionZip plan op alone (LLaVA's prefill fails the exporter even unpruned): ONNX export inlines its
+    """The VisionZip plan op alone (LLaVA's whole prefill: test_vlm_export.py): ONNX export inlines its
     reference and onnxruntime gives the same merged features and kept patches."""
     pytest.importorskip("onnxruntime")
     from tokenreduce.targets.onnx import export_graph

@@ -16,9 +16,6 @@ PVT = ("spatial-reduction attention (256 queries over 4 keys computed from a dow
        "PVT-style); token reduction would change the keys' spatial grid")
 CAUSAL = "causal attention (decoder); encoder methods (ToMe/EViT) need bidirectional attention"
 
-QWEN_VL_ROWS = "n/a: multimodal inputs without a leading batch axis"
-QWEN_VL_PADDED = "n/a: the unpruned prefill does not export to ONNX either: ONNX verification failed: onnxruntime differs"
-
 # Models without a CLS token (SigLIP, GAP ViTs, CaiT's self-attention stage, Wav2Vec2, Whisper) work with EViT:
 # its default score="auto" ranks their tokens by the attention each receives (methods/evit.py).
 KNOWN: dict[str, dict[str, str]] = {
@@ -35,18 +32,6 @@ KNOWN: dict[str, dict[str, str]] = {
                       "onnx": "refused: ONNX verification failed: onnxruntime differs from the eager reduced model"},
     # the model's own random masking (argsort of the noise) is a TopK whose k is not a constant: not export-safe
     "hf-vit-mae": {"onnx": "refused: TopK k is not a constant"},
-    # LLaVA's prefill graph (vision tower + projector + LLM) fails the exporter's last step even unpruned: the
-    # model's placeholder check (`get_placeholder_mask`: image tokens == image features) is a data-dependent
-    # `aten._is_all_true` with no ONNX function; without the check, its `masked_scatter` of the image features
-    # still gives data-dependent shapes, which a static artefact cannot have
-    "llava": {"fastv-onnx": "n/a: the unpruned prefill does not export to ONNX either: ONNX export failed: Failed to "
-                            "convert the exported program to an ONNX model (step 3/3); cause: DispatchError: No ONNX "
-                            "function found for <OpOverload(op='aten._is_all_true'"},
-    # Qwen-VL: the flattened patches and grids cannot be split per row, so the harness exports the left-padded
-    # batch, whose padding positions' cache entries (fully masked attention rows) differ between eager and
-    # onnxruntime, unpruned as much as pruned
-    "qwen2-vl": {"fastv-batch": QWEN_VL_ROWS, "fastv-onnx": QWEN_VL_PADDED},
-    "qwen2.5-vl": {"fastv-batch": QWEN_VL_ROWS, "fastv-onnx": QWEN_VL_PADDED},
 }
 EXPECTED: dict[str, dict[str, str]] = {f: dict(KNOWN.get(f, {})) for f in FAMILIES}
 

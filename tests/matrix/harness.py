@@ -408,19 +408,41 @@ def _reference_tokens(run: DecoderRun, report: Any) -> torch.Tensor:
     return ref.decode(logits, cache, mask, GEN_STEPS)
 
 
+GRIDS = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
+"""Qwen-VL's flattened patch inputs and the grid input that says how many patch rows each image has."""
+
+
+def row_inputs(extra: dict[str, Any], b: int, i: int) -> dict[str, Any] | None:
+    """Row `i`'s multimodal inputs: batch-leading tensors sliced; Qwen-VL's flattened patches cut at the
+    boundaries their grid gives (`t * h * w` rows per image), with one image (or video) per prompt; None where
+    neither applies."""
+    out: dict[str, Any] = {}
+    for k, v in extra.items():
+        grid = extra.get(GRIDS.get(k, ""))
+        if isinstance(grid, torch.Tensor) and grid.shape[0] == b:
+            sizes = grid.prod(-1).tolist()
+            start = sum(sizes[:i])
+            out[k] = v[start:start + sizes[i]]
+        elif isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b:
+            out[k] = v[i:i + 1]
+        else:
+            return None
+    return out
+
+
 def check_decoder_batch(run: DecoderRun) -> Outcome:
     """Each prompt pruned alone (batch 1) gives the logits of its row in the batch-2 prefill: padding and the
-    per-row span never leak across rows. Multimodal inputs are split per row only when every one of them has
-    the batch as its leading axis (Qwen-VL's flattened patches and grids do not: n/a)."""
+    per-row span never leak across rows. Multimodal inputs are split per row (`row_inputs`; n/a where they
+    cannot be)."""
     c = run.case
     b = c.input_ids.shape[0]
-    if any(not isinstance(v, torch.Tensor) or v.shape[0] != b for v in c.extra.values()):
-        return Outcome("n/a", "multimodal inputs without a leading batch axis (flattened patches, grids)")
+    rows = [row_inputs(c.extra, b, i) for i in range(b)]
+    if any(r is None for r in rows):
+        return Outcome("n/a", "multimodal inputs that cannot be split per row")
     dec = run.reduce("fastv", **FASTV)
     whole = run.prefill(dec).logits
     for i in range(b):
-        row = dec.prefill(c.input_ids[i:i + 1], c.attention_mask[i:i + 1], c.span,
-                          **{k: v[i:i + 1] for k, v in c.extra.items()}).logits
+        row = dec.prefill(c.input_ids[i:i + 1], c.attention_mask[i:i + 1], c.span, **rows[i]).logits
         diff = float((row - whole[i:i + 1]).abs().max())
         if not diff <= BATCH_TOL:
             return Outcome("wrong", f"row {i} pruned alone differs from its row in the batch by {diff:.2e}")
@@ -429,20 +451,21 @@ def check_decoder_batch(run: DecoderRun) -> Outcome:
 
 def check_decoder_onnx(run: DecoderRun, tmp: Any) -> Outcome:
     """The FastV-pruned prefill graph exported by the ONNX target, which verifies it in onnxruntime (what
-    `tokenreduce convert hf:FOLDER --method fastv` does), on the unpadded prompt (row 0; the whole batch when
-    multimodal inputs cannot be split per row). With a left-padded row the verification compares the cache
-    entries of padding positions, whose attention rows are fully masked: eager and onnxruntime disagree there,
-    for the unpruned prefill as much as for the pruned one, and those entries are never attended. A failure
-    counts only when the same prefill captured without pruning (method "none") exports."""
+    `tokenreduce convert hf:FOLDER --method fastv` does), on the unpadded prompt (row 0, its multimodal inputs
+    split out by `row_inputs`; the whole batch where they cannot be). With a left-padded row the verification
+    compares the cache entries of padding positions, whose attention rows are fully masked: eager and
+    onnxruntime disagree there, for the unpruned prefill as much as for the pruned one, and those entries are
+    never attended. A failure counts only when the same prefill captured without pruning (method "none")
+    exports."""
     import types
 
     from tokenreduce.targets.onnx import export_onnx
 
     c = run.case
     b = c.input_ids.shape[0]
-    split = all(isinstance(v, torch.Tensor) and v.shape[0] == b for v in c.extra.values())
-    rows = slice(0, 1) if split else slice(0, b)
-    extra = {k: v[rows] for k, v in c.extra.items()} if split else c.extra
+    first = row_inputs(c.extra, b, 0)
+    rows = slice(0, 1) if first is not None else slice(0, b)
+    extra = first if first is not None else c.extra
 
     def export(method: str, opts: dict[str, Any]) -> Outcome:
         dec = run.reduce(method, **opts)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,7 +259,6 @@ def convert(args: argparse.Namespace, ui: UI, folder: Path) -> int:
     """Export the pruned prefill to ONNX, verified in onnxruntime; `export_onnx` writes the file atomically
     (nothing at the output until the checks pass; nothing left on an interrupt)."""
     import tokenreduce
-    from tokenreduce.targets.onnx import export_onnx
 
     if args.to != "onnx":
         raise TokenReduceError("decoder prefills convert to ONNX only (--to onnx); a TensorRT engine for the pruned "
@@ -271,11 +269,10 @@ def convert(args: argparse.Namespace, ui: UI, folder: Path) -> int:
             p = load(args, folder, args.batch or 1)
         with steps.stage(f"capturing and pruning the prefill ({args.method})"):
             dec = tokenreduce.reduce_decoder(p.model, args.method, **settings_from_args(args))
-            compiled, flat = dec.compiled_for(p.input_ids, None, p.span, **p.extra)
+            dec.compiled_for(p.input_ids, None, p.span, **p.extra)
         with steps.stage("exporting to ONNX and verifying in onnxruntime"):
-            shim = types.SimpleNamespace(graph_module=compiled.gm, example_args=tuple(flat), example_kwargs={},
-                                         dynamic_batch=False)
-            written = export_onnx(shim, args.output, verify=not args.no_verify, atol=args.atol)
+            written = dec.export_onnx(args.output, p.input_ids, p.span, verify=not args.no_verify, atol=args.atol,
+                                      **p.extra)
     payload = {"command": "convert", "model": p.description, "decoder": True, "output": str(written.path),
                "inputs": written.input_names, "outputs": written.output_names, "verified": written.verified,
                "max_abs_diff": written.max_abs_diff, **summary(dec)}

@@ -330,6 +330,27 @@ class ReducedDecoder:
             c.report.notes.append(CLIPPED_NOTE)
         return c, self._flat(c.names, inputs, span_mask)
 
+    def export_onnx(self, path: Any, input_ids: torch.Tensor, span: torch.Tensor | tuple[int, int] | None = None, *,
+                    verify: bool = True, atol: float = 1e-4, **extra: torch.Tensor) -> Any:
+        """Export the pruned prefill for these inputs (batch and lengths fixed; model inputs such as
+        `pixel_values`/`image_sizes` as for `prefill`) to ONNX, verified in onnxruntime against the eager pruned
+        graph; returns the `targets.onnx.OnnxExport` record (its `input_names` are the graph's inputs, e.g.
+        `inputs_embeds` for a grid-input VLM whose vision part runs eagerly). The file is written only after the
+        checks pass. A VLM's placeholder scatter and count check are exported in static form; a prompt whose
+        image token count does not match its image gives NaN outputs (`passes/export_static.py`).
+
+        Rows must be unpadded (no attention mask): a padded batch's cache holds values at the padding positions
+        that no query reads and that runtimes compute differently (fully masked attention rows), so verification
+        would reject it; export at batch 1 or with rows of equal length."""
+        import types
+
+        from tokenreduce.targets.onnx import export_onnx
+
+        compiled, flat = self.compiled_for(input_ids, None, span, **extra)
+        shim = types.SimpleNamespace(graph_module=compiled.gm, example_args=tuple(flat), example_kwargs={},
+                                     dynamic_batch=False)
+        return export_onnx(shim, path, verify=verify, atol=atol)
+
     # --------------------------------------------------------------------------------------------- run
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -38,6 +38,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.passes.export_static import checks_as_nan, static_masked_scatter
 from tokenreduce.passes.inline_reference_ops import inline_reference_ops
 from tokenreduce.targets.base import (
     ArtefactTarget,
@@ -331,6 +332,8 @@ def _export_program(gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str
     if isinstance(gm_inlined, torch.fx.GraphModule):
         inline_reference_ops(gm_inlined, exported_apply=plan_form == "exported")
         drop_noop_squeezes(gm_inlined)
+        static_masked_scatter(gm_inlined)  # a VLM's placeholder scatter, then its count check (passes/export_static.py)
+        checks_as_nan(gm_inlined)
     dynamic_shapes = None
     trace_args, trace_kwargs = args, kwargs
     if dynamic_batch:
