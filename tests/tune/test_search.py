@@ -203,6 +203,26 @@ def test_each_method_is_predicted_by_its_own_latency_line(vit, calib, monkeypatc
         tune(vit, calib, {"latency": 0.8}, "eager", methods=["tome"], families=["constant"], max_measured=4)
 
 
+def test_an_anchor_within_the_budget_is_chosen_when_no_measurement_is_left(vit, calib, monkeypatch):
+    """The DINOv2-S run at 0.8: the anchor ToMe r=9 measured 0.794, six higher-fidelity candidates used up
+    `max_measured` over the budget, and the search refused while holding a plan within it. With
+    max_measured=0 only the two anchors are measured; the one within the budget is the plan."""
+    calls = []
+
+    def measure_(self, c):
+        red = tokenreduce.compile(vit, (calib[:1],), **c.settings, inner="eager")
+        calls.append(c.key)
+        ratio = red.report.flops_ratio + 0.1
+        return {"latency_ratio": ratio, "unreduced_ms": 10.0, "reduced_ms": 10 * ratio, "iqr_reduced_ms": 0.0}
+
+    monkeypatch.setattr(measure.LatencyMeter, "measure", measure_)
+    plan = tune(vit, calib, {"latency": 0.75}, "eager", methods=["tome"], families=["constant", "decreasing"],
+                max_measured=0)
+    assert len(calls) == 2 and plan.measured["latency_ratio"] <= 0.75
+    timed = [r for r in plan.candidates if r.get("latency_ratio") is not None]
+    assert plan.measured["fidelity"] == max(r["fidelity"] for r in timed if r["latency_ratio"] <= 0.75)
+
+
 def test_refusals(vit, calib):
     with pytest.raises(TokenReduceError, match="latency budget is measured on a target"):
         tune(vit, calib, {"latency": 0.5})

@@ -368,8 +368,8 @@ def _choose(search: Search, kind: str, limit: float, meter: LatencyMeter | None,
     assert meter is not None
     measured = skipped = 0
     for r in sorted(rows, key=lambda r: (-r["fidelity"], r["flops_ratio"])):
-        if measured >= max_measured:
-            break
+        if r.get("latency_ratio") is None and measured >= max_measured and not meter.cached(r["candidate"]):
+            continue  # no new measurements left; a row measured already (an anchor, the cache) is still a choice
         if r.get("latency_ratio") is None:
             a, b = _latency_line(search, r["method"])
             predicted = a + b * r["flops_ratio"]
