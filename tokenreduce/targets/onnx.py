@@ -4,7 +4,8 @@ in onnxruntime.
 `OnnxTarget.lower(gm, args, kwargs, options)` is the target-interface entry (`tokenreduce.targets.get("onnx")`);
 `export_graph` does the work for a graph and its example inputs, `export_onnx` for a `ReducedModule`. Both
 inline the pure-torch references of the tokenreduce ops (so the
-exporter sees standard ops; see `passes/inline_reference_ops.py`), exports with
+exporter sees standard ops; see `passes/inline_reference_ops.py`), give a VLM's placeholder scatter and
+count check their static forms (`passes/export_static.py`), exports with
 `torch.onnx.export(..., dynamo=True)` and a dynamic batch dimension, then:
 
 1. **static check** (`check_static`): ONNX shape inference must give every intermediate value static
