@@ -117,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
             for keep in args.keep:
                 dec = tokenreduce.reduce_decoder(model, method, inner=target, count_model_flops=True,
                                                  keep_ratio=keep, **opts)
-                dec.prefill(ids, None, None, pixel_values=px)  # compile, untimed
-                base.prefill(ids, None, None, pixel_values=px)
                 load_before = os.getloadavg()
                 t = interleaved(lambda b=base: b.prefill(ids, None, None, pixel_values=px),
                                 lambda d=dec: d.prefill(ids, None, None, pixel_values=px), repeats=args.repeats)

@@ -342,14 +342,10 @@ class ReducedDecoder:
         Rows must be unpadded (no attention mask): a padded batch's cache holds values at the padding positions
         that no query reads and that runtimes compute differently (fully masked attention rows), so verification
         would reject it; export at batch 1 or with rows of equal length."""
-        import types
-
-        from tokenreduce.targets.onnx import export_onnx
+        from tokenreduce.targets.onnx import export_graph as export_onnx_graph
 
         compiled, flat = self.compiled_for(input_ids, None, span, **extra)
-        shim = types.SimpleNamespace(graph_module=compiled.gm, example_args=tuple(flat), example_kwargs={},
-                                     dynamic_batch=False)
-        return export_onnx(shim, path, verify=verify, atol=atol)
+        return export_onnx_graph(compiled.gm, tuple(flat), {}, path, verify=verify, atol=atol, dynamic_batch=False)
 
     # --------------------------------------------------------------------------------------------- run
     @torch.no_grad()

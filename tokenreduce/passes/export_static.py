@@ -79,13 +79,14 @@ def checks_as_nan(gm: fx.GraphModule) -> PassResult:
     result = PassResult("checks_as_nan", changed=False)
     graph = gm.graph
     conditions: list[fx.Node] = []
+    order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten._is_all_true.default:
             continue
         chain = _assertion_chain(node)
         if chain is None:
             continue
-        for dead in sorted(chain, key=lambda n: -list(graph.nodes).index(n)):  # users before their inputs
+        for dead in sorted(chain, key=order.__getitem__, reverse=True):  # users before their inputs
             graph.erase_node(dead)
         conditions.append(node.args[0])
         graph.erase_node(node)

@@ -368,15 +368,15 @@ def _choose(search: Search, kind: str, limit: float, meter: LatencyMeter | None,
     assert meter is not None
     measured = skipped = 0
     for r in sorted(rows, key=lambda r: (-r["fidelity"], r["flops_ratio"])):
-        if r.get("latency_ratio") is None and measured >= max_measured and not meter.cached(r["candidate"]):
-            continue  # no new measurements left; a row measured already (an anchor, the cache) is still a choice
         if r.get("latency_ratio") is None:
+            cached = meter.cached(r["candidate"])  # a cached value costs nothing and beats the line
+            if measured >= max_measured and not cached:
+                continue  # no new measurements left; a row measured already (an anchor, the cache) is still a choice
             a, b = _latency_line(search, r["method"])
-            predicted = a + b * r["flops_ratio"]
-            if predicted > limit + MARGIN and not meter.cached(r["candidate"]):  # a cached value beats the line
+            if a + b * r["flops_ratio"] > limit + MARGIN and not cached:
                 skipped += 1
                 continue
-            measured += _measure(search, meter, r, say)  # a cached measurement costs nothing: not counted
+            measured += _measure(search, meter, r, say)  # a cached measurement is not counted
         if r["latency_ratio"] <= limit:
             return r
     done = [r for r in rows if r.get("latency_ratio") is not None]
@@ -385,7 +385,7 @@ def _choose(search: Search, kind: str, limit: float, meter: LatencyMeter | None,
     stopped = (f"; the time budget stopped the search after {len(rows)} candidate(s), raise time_budget_s"
                if search.out_of_time else "")
     lines = (f"; {skipped} candidate(s) were not measured because their method's latency line (fitted to its "
-             "measured rows) put them more than 0.05 over" if skipped else "")
+             f"measured rows) put them more than {MARGIN} over" if skipped else "")
     raise TokenReduceError(f"no measured candidate reached latency ratio <= {limit} on {meter.target} at batch "
                            f"{meter.batch} ({measured} new measurement(s) of at most {max_measured}{lines})"
                            f"{where}{stopped}; raise the budget, raise max_measured, or tune for FLOPs",
