@@ -169,8 +169,9 @@ def _target(label: str) -> Target:
     return target
 
 
-def _options(dynamic_batch: bool, threads: int | None, atol: float) -> TargetOptions:
-    return TargetOptions(dynamic_batch=dynamic_batch, threads=threads or default_threads(), atol=atol)
+def _options(dynamic_batch: bool, threads: int | None, atol: float, fused_attention: bool = False) -> TargetOptions:
+    return TargetOptions(dynamic_batch=dynamic_batch, threads=threads or default_threads(), atol=atol,
+                         fused_attention=fused_attention)
 
 
 def threads_used(runner: Runner) -> int:
@@ -180,10 +181,12 @@ def threads_used(runner: Runner) -> int:
 
 
 def prepare_baseline(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], target: str, *,
-                     dynamic_batch: bool = True, threads: int | None = None, atol: float = 1e-4) -> Runner:
-    """The unreduced model on `target`, prepared with these example inputs."""
+                     dynamic_batch: bool = True, threads: int | None = None, atol: float = 1e-4,
+                     fused_attention: bool = False) -> Runner:
+    """The unreduced model on `target`, prepared with these example inputs (`fused_attention`: onnx, see
+    `TargetOptions`)."""
     tgt = _target(target)
-    options = _options(dynamic_batch, threads, atol)
+    options = _options(dynamic_batch, threads, atol, fused_attention)
     # a fresh Dynamo state (static batch: no automatic-dynamic recompile of the plain module from earlier runs)
     torch._dynamo.reset()
     if tgt.accepts_modules:

@@ -147,6 +147,30 @@ def test_convert_unet_folder(folders, tmp_path, capfd):
     assert merged == [(256, 128)] * 3  # the 16 x 16 level; the 8 x 8 mid block is coarser than max_downsample=1
 
 
+def test_convert_unet_folder_with_fused_attention(folders, tmp_path, capfd):
+    """--fused-attention: every UNet attention (self and cross, 4 blocks) becomes onnxruntime's MultiHeadAttention;
+    the file computes what the unfused file computes, on inputs built here."""
+    import onnxruntime as ort
+
+    root, _ = folders
+    paths = {}
+    for name, extra in (("plain", ()), ("fused", ("--fused-attention",))):
+        paths[name] = tmp_path / f"{name}.onnx"
+        data = _run(capfd, "convert", f"diffusers:{root / 'unet'}", "--method", "tomesd", "--ratio", "0.5",
+                    "--seq-len", "7", *extra, "-o", str(paths[name]))
+        assert data["onnx"]["verified"] and data["onnx"]["max_abs_diff"] <= 1e-4
+    assert data["onnx"]["fused_attention"] == 8 and data["onnx"]["unfused_attention"] == []
+    assert data["onnx"]["op_counts"]["MultiHeadAttention"] == 8 and "Softmax" not in data["onnx"]["op_counts"]
+    g = torch.Generator().manual_seed(4)
+    feeds = [torch.randn(2, 4, 16, 16, generator=g).numpy(), torch.tensor([3, 700]).numpy(),
+             torch.randn(2, 7, 32, generator=g).numpy()]
+    outs = []
+    for path in paths.values():
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outs.append(sess.run(None, dict(zip([i.name for i in sess.get_inputs()], feeds, strict=True)))[0])
+    assert abs(outs[0] - outs[1]).max() < 1e-4
+
+
 def test_convert_pixart_and_bench_dit(folders, tmp_path, capfd):
     root, _ = folders
     # PixArt's no-op `squeeze(1)` on [B, N, C] is dropped before the export (ONNX's Squeeze refuses it)
@@ -251,7 +275,7 @@ def _write(folder: Path, name: str, content: dict) -> Path:
     return folder
 
 
-def test_refusals(folders, tmp_path):
+def test_refusals(folders, tmp_path, capfd):
     root, _ = folders
     cases = [
         (f"diffusers:{tmp_path / 'missing'}", "no such directory"),
@@ -272,6 +296,10 @@ def test_refusals(folders, tmp_path):
     with pytest.raises(TokenReduceError, match="--image-size 9 .* not a multiple of the DiTTransformer2DModel's "
                                                "patch size 2"):
         load_model(f"diffusers:{root / 'dit'}", image_size=9)
+    capfd.readouterr()
+    assert main(["convert", f"diffusers:{root / 'unet'}", "--method", "tomesd", "--fused-attention", "--to", "tensorrt",
+                 "-o", str(tmp_path / "u.engine"), "--no-progress"]) != 0
+    assert "--fused-attention writes onnxruntime's fp32 MultiHeadAttention" in capfd.readouterr().err
     with pytest.raises(TokenReduceError, match="--model-arg applies to"):
         load_model(f"diffusers:{root / 'dit'}", model_args={"x": 1})
     cfg = json.loads((root / "unet" / "config.json").read_text())

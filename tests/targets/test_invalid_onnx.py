@@ -78,3 +78,31 @@ def test_garbage_bytes_are_reported_not_raised(tmp_path):
     path.write_bytes(b"\xff\xfe this is not protobuf \x00\x01\x02" * 8)
     static, trt = _problems(path)
     assert static and trt
+
+
+def test_shape_check_carries_no_weights():
+    """check_static's shape-inference copy holds weights as typed inputs, not bytes: a model above 2 GB cannot be
+    serialized in one protobuf, which shape inference does (the 860M-parameter SD UNet failed so). Small
+    initializers (shape constants) stay constants."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from tokenreduce.targets.onnx import PROBE_WEIGHT_ELEMENTS, _shape_probe
+
+    weight = numpy_helper.from_array(np.ones((64, 128), np.float32), "w")
+    shape = numpy_helper.from_array(np.array([-1, 4, 32], np.int64), "shape")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 32])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Reshape", ["h", "shape"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [weight, shape]),
+                              opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    assert 64 * 128 > PROBE_WEIGHT_ELEMENTS
+    probe = _shape_probe(model)
+    assert [i.name for i in probe.graph.input] == ["x", "w"] and [i.name for i in probe.graph.initializer] == ["shape"]
+    assert probe.ByteSize() < model.ByteSize() / 10
+    assert check_static(model) == []
+    # shapes still flow through the weight-as-input: a reshape that cannot hold the MatMul's 128 columns is found
+    bad_shape = numpy_helper.from_array(np.array([-1, 5, 32], np.int64), "shape")
+    bad = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [weight, bad_shape]),
+                            opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    assert check_static(bad) != []

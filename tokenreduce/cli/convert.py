@@ -45,6 +45,7 @@ examples:
   tokenreduce convert hf:./all-MiniLM-L6-v2 --method tome --r 3 --seq-len 32 --precision int8 -o minilm_int8.onnx
   tokenreduce convert timm:vit_small_patch16_224 --method tome --r 8 --precision int8 --calib imgs/ -o vit_int8.onnx
   tokenreduce convert timm:vit_small_patch16_224 --method tome --r 8 --precision fp16 -o vit_fp16.onnx
+  tokenreduce convert diffusers:./sd-pipeline --method tomesd --ratio 0.5 --fused-attention -o unet_tomesd.onnx
 
 The ONNX file has a dynamic batch dimension and every other dimension static. It is written only after
 the static check and the onnxruntime verification pass (max abs diff <= --atol); --no-verify skips the
@@ -59,6 +60,11 @@ inputs/outputs. int8 is dynamic for models with integer inputs (text) and static
 calibration images (or .npy arrays) from --calib DIR. The converted file is verified against the
 unreduced model converted the same way: the reduction may not move the output further from the unreduced
 model than in fp32 beyond a per-precision slack; the rule and the numbers are printed.
+
+--fused-attention (ONNX, fp32): each attention without mask or dropout is written as onnxruntime's fused
+com.microsoft.MultiHeadAttention instead of MatMul-Softmax-MatMul, so no [B, heads, N, N] score tensor is
+materialised (a 1024-px SD UNet's finest level: 8.6 GB per call otherwise). The file then runs only in
+onnxruntime. The attentions left unfused are listed with the reason.
 
 {SOURCES_HELP}"""
 
@@ -87,6 +93,9 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> argparse.Argument
     g.add_argument("--calib", dest="calibration", metavar="DIR", default=None,
                    help="onnx --precision int8: folder of calibration images or .npy arrays (static int8; "
                         "needed for image inputs)")
+    g.add_argument("--fused-attention", action="store_true",
+                   help="onnx, fp32: write attention as onnxruntime's fused MultiHeadAttention (no N x N score "
+                        "tensor; the file then needs onnxruntime)")
     g.add_argument("--plan", metavar="FILE", default=None,
                    help="a plan file from `tokenreduce tune` (it fixes the method and its options: give neither "
                         "--method nor the method's flags beside it)")
@@ -125,6 +134,9 @@ def run(args: argparse.Namespace, ui: UI) -> int:
         if args.precision != "fp32":
             raise TokenReduceError(f"--precision {args.precision} is not supported for decoder prefill exports; "
                                    f"convert them in fp32", setting="precision", hint="precision='fp32'")
+        if args.fused_attention:
+            raise TokenReduceError("--fused-attention is not supported for decoder prefill exports (their causal, "
+                                   "masked attention is not what it fuses)", setting="fused_attention")
         return decoder.convert(args, ui, folder)
     opts = plan_settings(args) if args.plan else None
     if opts is None:
@@ -145,7 +157,7 @@ def run(args: argparse.Namespace, ui: UI) -> int:
             with atomic_path(out) as staged:
                 exported = export_verified_onnx(red, staged, verify=not args.no_verify, atol=args.atol, steps=steps,
                                                 precision=args.precision, calibration=args.calibration,
-                                                unreduced=unreduced)
+                                                unreduced=unreduced, fused_attention=args.fused_attention)
             exported.export.path = out
             trt: dict[str, Any] | None = None
         else:
@@ -226,10 +238,14 @@ def check_precision_args(args: argparse.Namespace) -> None:
     if args.calibration is not None and args.precision != "int8":
         raise TokenReduceError("--calib DIR is the calibration data of --precision int8", setting="calibration",
                                hint="precision='int8'")
+    if args.fused_attention and (args.to != "onnx" or args.precision != "fp32"):
+        raise TokenReduceError("--fused-attention writes onnxruntime's fp32 MultiHeadAttention: it applies to --to onnx "
+                               "with --precision fp32 (TensorRT fuses attention itself)", setting="fused_attention")
 
 
 def export_verified_onnx(red: Any, staged: Path, *, verify: bool, atol: float, steps: Steps, precision: str = "fp32",
-                         calibration: str | None = None, unreduced: Any = None) -> WrittenOnnx:
+                         calibration: str | None = None, unreduced: Any = None,
+                         fused_attention: bool = False) -> WrittenOnnx:
     """Export to `staged` (a path in a scratch folder, moved into place by the caller) and verify it there.
     Export and verification are separate progress stages; `export_onnx` still runs the static check.
     fp16/int8: export, conversion and verification run as one stage (`export_onnx` does all three)."""
@@ -242,7 +258,7 @@ def export_verified_onnx(red: Any, staged: Path, *, verify: bool, atol: float, s
         steps.advance()
         return WrittenOnnx(result, batch_dims(staged))
     with steps.stage("exporting ONNX (dynamo exporter + static check)"):
-        result = export_onnx(red, staged, verify=False, atol=atol)
+        result = export_onnx(red, staged, verify=False, atol=atol, fused_attention=fused_attention)
     if verify:
         with steps.stage("verifying in onnxruntime"):
             result.max_abs_diff = verify_onnx(staged, red, red.example_args, red.example_kwargs, atol=atol)
@@ -276,6 +292,8 @@ def onnx_dict(written: WrittenOnnx, args: argparse.Namespace, kept: bool) -> dic
         "quantization": exported.quantization or None,
         "fp32_max_abs_diff": exported.fp32_max_abs_diff,
         "tolerance": exported.tolerance.describe() if exported.tolerance else None,
+        "fused_attention": exported.fused_attention,
+        "unfused_attention": exported.unfused_attention,
     }
 
 
@@ -292,6 +310,12 @@ def print_verification(ui: UI, written: WrittenOnnx, args: argparse.Namespace) -
         else:
             ui.print("verification: skipped (--no-verify)", style="yellow")
         return
+    if args.fused_attention:
+        ui.print(f"fused attention: {exported.fused_attention} attention node(s) written as onnxruntime's "
+                 f"MultiHeadAttention" + (f"; {len(exported.unfused_attention)} left unfused:" if
+                                          exported.unfused_attention else ""))
+        for why in exported.unfused_attention:
+            ui.print(f"  {why}")
     if exported.verified:
         ui.print(f"verification (onnxruntime vs reduced model): max abs diff {exported.max_abs_diff:.3g} "
                  f"<= atol {args.atol:g}: OK", style="green")

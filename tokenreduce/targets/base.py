@@ -71,6 +71,11 @@ class TargetOptions:
     fp16: tensorrt: build the engine with fp16 kernels allowed (loosen `atol` accordingly).
     profile_batch: tensorrt: the engine's (min, opt, max) batch profile when the batch is dynamic.
     workspace_gb: tensorrt: builder workspace limit.
+    fused_attention: onnx: export each attention without mask or dropout as onnxruntime's fused
+        `com.microsoft.MultiHeadAttention` (`passes/ort_attention.py`; no materialised `[B, H, N, N]` score
+        tensor, which long-sequence models such as 1024-px diffusion UNets need to fit in memory). The file then
+        runs only in onnxruntime; fp32 only; the tensorrt target refuses it; eager and inductor ignore it (they
+        run fused SDPA already).
     inside_torch_compile: the caller is a `torch.compile` backend (already inside Dynamo): inductor compiles the
         graph as it is, specialised to the example shapes, instead of wrapping it in another `torch.compile`.
     """
@@ -88,6 +93,7 @@ class TargetOptions:
     fp16: bool = False
     profile_batch: tuple[int, int, int] = (1, 8, 32)
     workspace_gb: float = 4.0
+    fused_attention: bool = False
     inside_torch_compile: bool = False
 
     def __post_init__(self) -> None:
@@ -106,6 +112,10 @@ class TargetOptions:
                                        f"precision is {self.precision!r}", setting="calibration",
                                        hint="precision='int8'")
             object.__setattr__(self, "calibration", Path(self.calibration))
+        if self.fused_attention and self.precision != "fp32":
+            raise TokenReduceError(f"fused_attention exports fp32 attention (onnxruntime's MultiHeadAttention); "
+                                   f"precision {self.precision!r} is not supported with it", setting="precision",
+                                   hint="precision='fp32' or fused_attention=False")
         if self.device is not None:
             try:
                 torch.device(self.device)

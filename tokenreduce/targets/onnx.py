@@ -39,8 +39,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 from tokenreduce.errors import TokenReduceError
+from tokenreduce.passes.common import PassResult
 from tokenreduce.passes.export_static import checks_as_nan, static_masked_scatter
 from tokenreduce.passes.inline_reference_ops import inline_reference_ops
+from tokenreduce.passes.ort_attention import ort_fused_attention
 from tokenreduce.targets.base import (
     ArtefactTarget,
     Lowered,
@@ -71,6 +73,8 @@ class OnnxExport:
     quantization: str = ""  # how the fp16/int8 file was made ("int8 dynamic (...)")
     fp32_max_abs_diff: float | None = None  # fp16/int8: the fp32 export's difference, checked before converting
     tolerance: Any = None  # fp16/int8: the `quantize.Tolerance` the file was held to
+    fused_attention: int = 0  # attention nodes exported as onnxruntime's MultiHeadAttention (`fused_attention=True`)
+    unfused_attention: list[str] = field(default_factory=list)  # the others, each with why (fused_attention=True)
 
 
 def _const_names(model: Any) -> set[str]:
@@ -123,9 +127,7 @@ def check_static(model: Any, probe_batch: int = 3) -> list[str]:
     problems = model_problems(model)
     if problems:
         return problems
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.value_info[:]
+    probe = _shape_probe(model)
     for inp in probe.graph.input:
         dims = inp.type.tensor_type.shape.dim
         if dims and dims[0].dim_param:
@@ -148,6 +150,53 @@ def check_static(model: Any, probe_batch: int = 3) -> list[str]:
             if not d.HasField("dim_value"):
                 problems.append(f"{vi.name}: dimension {i} is not static ({d.dim_param or 'unknown'})")
     return problems + check_ops(model)
+
+
+PROBE_WEIGHT_ELEMENTS = 4096  # initializers above this many elements enter the shape probe as typed inputs
+
+
+def _shape_probe(model: Any) -> Any:
+    """The copy of `model` that `check_static` runs shape inference on: its nodes, inputs, outputs and small
+    initializers (shape constants), with every larger initializer (a weight) turned into a graph input of the same
+    type and shape, so no weight bytes are copied or serialized (a model above 2 GB cannot be serialized in one
+    protobuf, which shape inference does), and no value_info (inference must find every shape itself)."""
+    import onnx
+    from onnx import helper
+
+    probe = onnx.ModelProto()
+    probe.ir_version = model.ir_version
+    probe.opset_import.extend(model.opset_import)
+    probe.functions.extend(model.functions)
+    graph = probe.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    declared = {i.name for i in model.graph.input}  # IR < 4 lists initializers among the inputs too
+    for init in model.graph.initializer:
+        numel = 1
+        for d in init.dims:
+            numel *= d
+        if numel <= PROBE_WEIGHT_ELEMENTS:
+            graph.initializer.append(init)
+        elif init.name not in declared:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    _shape_stand_ins(probe)
+    return probe
+
+
+def _shape_stand_ins(probe: Any) -> None:
+    """Replace, in the shape-checking copy `probe`, each onnxruntime contrib op that ONNX shape inference does not
+    know by a standard op with the same output shape: `com.microsoft.MultiHeadAttention` as written by
+    `fused_attention` (3-D query, key and value of one hidden size, so its output has the query's shape) by
+    `Identity(query)`. Other contrib ops stay and fail inference, naming themselves."""
+    for node in probe.graph.node:
+        if node.domain == "com.microsoft" and node.op_type == "MultiHeadAttention" and len(node.output) == 1:
+            query = node.input[0]
+            node.ClearField("input")
+            node.ClearField("attribute")
+            node.input.append(query)
+            node.op_type, node.domain = "Identity", ""
 
 
 def check_ops(model: Any) -> list[str]:
@@ -181,14 +230,16 @@ def export_onnx(
     precision: str = "fp32",
     calibration: str | os.PathLike[str] | None = None,
     unreduced: Any = None,
+    fused_attention: bool = False,
 ) -> OnnxExport:
     """Export a `ReducedModule` to ONNX, check it, verify it in onnxruntime, then write it to `path`.
-    `unreduced`: a `ReducedModule` of `method="none"` on the same inputs (fp16/int8 tolerance, see `export_graph`)."""
+    `unreduced`: a `ReducedModule` of `method="none"` on the same inputs (fp16/int8 tolerance, see `export_graph`);
+    `fused_attention`: see `export_graph`."""
     dynamic = reduced.dynamic_batch if dynamic_batch is None else dynamic_batch
     base = getattr(unreduced, "graph_module", unreduced)
     return export_graph(reduced.graph_module, reduced.example_args, reduced.example_kwargs, path, verify=verify,
                         atol=atol, dynamic_batch=dynamic, opset=opset, precision=precision, calibration=calibration,
-                        unreduced=base)
+                        unreduced=base, fused_attention=fused_attention)
 
 
 def export_graph(
@@ -205,6 +256,7 @@ def export_graph(
     calibration: str | os.PathLike[str] | None = None,
     unreduced: torch.nn.Module | None = None,
     plan_form: str = "exported",
+    fused_attention: bool = False,
 ) -> OnnxExport:
     """Export the rewritten graph `gm` for these example inputs to ONNX (tokenreduce ops inlined), run the
     static check, verify in onnxruntime against `gm` itself (unless `verify=False`), then write `path`
@@ -214,7 +266,10 @@ def export_graph(
     converted (plan subgraph kept fp32), checked again and verified against `gm` with the precision's
     tolerance; `unreduced` (the unreduced graph on the same inputs) widens it to what the precision does to
     the unreduced model. `calibration`: int8 calibration folder (static quantization). `plan_form`:
-    "exported" (the cheaper `apply_plan` forms, `passes/inline_reference_ops.py`) or "reference"."""
+    "exported" (the cheaper `apply_plan` forms, `passes/inline_reference_ops.py`) or "reference".
+    `fused_attention`: export each attention the contrib op computes exactly as onnxruntime's
+    `com.microsoft.MultiHeadAttention` (`passes/ort_attention.py`: fused, no `[B, H, N, N]` score tensor; the
+    file then needs onnxruntime); fp32 only, and an error when no attention node qualifies."""
     import onnx
 
     from tokenreduce.targets import quantize
@@ -230,7 +285,13 @@ def export_graph(
             "int8 for a model with float inputs (vision) is static quantization: it needs calibration inputs "
             "(a folder of images or .npy arrays: TargetOptions(calibration=DIR), `convert --calib DIR`); "
             "or use precision 'fp16'", setting="calibration", hint="calibration=DIR or precision='fp16'")
-    program, trace_args, trace_kwargs = _export_program(gm, args, kwargs, dynamic_batch, opset, plan_form)
+    if fused_attention and precision != "fp32":
+        raise TokenReduceError(f"fused_attention exports fp32 attention (onnxruntime's MultiHeadAttention); precision "
+                               f"{precision!r} is not supported with it", setting="precision",
+                               hint="precision='fp32' or fused_attention=False")
+    fused = PassResult("ort_fused_attention", changed=False)
+    program, trace_args, trace_kwargs = _export_program(gm, args, kwargs, dynamic_batch, opset, plan_form,
+                                                        fused if fused_attention else None)
     model = program.model_proto
     problems = check_static(model)
     weights = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
@@ -244,7 +305,8 @@ def export_graph(
         result = OnnxExport(path=path, max_abs_diff=None, verified=False, problems=problems,
                             op_counts=dict(Counter(n.op_type for n in model.graph.node)), external_data=external,
                             input_names=[i.name for i in model.graph.input],
-                            output_names=[o.name for o in model.graph.output], precision=precision)
+                            output_names=[o.name for o in model.graph.output], precision=precision,
+                            fused_attention=fused.rewrites, unfused_attention=list(fused.notes))
         if problems:
             raise TokenReduceError(f"exported ONNX is not static/export-safe: {problems[0]}"
                                    + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
@@ -326,15 +388,29 @@ def drop_noop_squeezes(gm: torch.fx.GraphModule) -> int:
 
 
 def _export_program(gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_batch: bool,
-                    opset: int | None, plan_form: str) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+                    opset: int | None, plan_form: str, fused: PassResult | None = None,
+                    ) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     """torch.onnx (dynamo) export of `gm` with the tokenreduce ops inlined; returns the program and the
-    inputs it was traced with (batch 2 when the example batch is 1 and the batch is dynamic)."""
+    inputs it was traced with (batch 2 when the example batch is 1 and the batch is dynamic). `fused`: export
+    attention as onnxruntime's fused op where it can (`passes/ort_attention.py`), recording into it what
+    was fused and what was not; an error when nothing could be."""
     gm_inlined = copy.deepcopy(gm).eval()
     if isinstance(gm_inlined, torch.fx.GraphModule):
         inline_reference_ops(gm_inlined, exported_apply=plan_form == "exported")
         drop_noop_squeezes(gm_inlined)
         static_masked_scatter(gm_inlined)  # a VLM's placeholder scatter, then its count check (passes/export_static.py)
         checks_as_nan(gm_inlined)
+    if fused is not None:
+        if not isinstance(gm_inlined, torch.fx.GraphModule):
+            raise TokenReduceError("fused_attention rewrites a captured graph (torch.fx.GraphModule); got "
+                                   f"{type(gm).__name__}", setting="fused_attention")
+        done = ort_fused_attention(gm_inlined)
+        fused.rewrites, fused.notes, fused.changed = done.rewrites, done.notes, done.changed
+        if not done.rewrites:
+            why = "; ".join(done.notes[:3]) + (f" (+{len(done.notes) - 3} more)" if len(done.notes) > 3 else "")
+            raise TokenReduceError("fused_attention: no attention in the graph can be exported as onnxruntime's "
+                                   "MultiHeadAttention: " + (why or "the graph has no scaled_dot_product_attention"),
+                                   setting="fused_attention", hint="fused_attention=False")
     dynamic_shapes = None
     trace_args, trace_kwargs = args, kwargs
     if dynamic_batch:
@@ -526,7 +602,7 @@ class OnnxTarget(ArtefactTarget):
         def export(path: Path) -> OnnxExport:
             return export_graph(gm, args, kwargs, path, verify=options.verify, atol=options.atol, dynamic_batch=dynamic,
                                 opset=options.opset, precision=options.precision, calibration=options.calibration,
-                                unreduced=options.unreduced)
+                                unreduced=options.unreduced, fused_attention=options.fused_attention)
 
         threads = options.threads or default_threads()
         if options.output is not None:

@@ -268,6 +268,10 @@ class TensorRTTarget(ArtefactTarget):
     def lower(self, gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
               options: TargetOptions) -> Lowered:
         require_fp32(options, self.name, "use fp16=True for an fp16 engine")
+        if options.fused_attention:
+            raise TokenReduceError("fused_attention writes onnxruntime's com.microsoft.MultiHeadAttention, which "
+                                   "TensorRT does not read; TensorRT fuses attention itself", setting="fused_attention",
+                                   hint="fused_attention=False")
         device = torch.device(options.device or "cuda")
         if device.type != "cuda":
             raise TokenReduceError(f"the tensorrt target runs engines on a CUDA device; device {options.device!r} "
