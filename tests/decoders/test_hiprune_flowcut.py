@@ -335,3 +335,115 @@ def test_a_cls_free_tower_is_refused(llava_prompt):
         tokenreduce.reduce_decoder(model, "flowcut", vision_layers=[0]).prefill(ids, mask, pixel_values=px)
     assert e.value.setting == "method"
 
+
+
+# ------------------------------------------------------------------------------------------- FlowCut, progressive
+def progressive_embeds(model, prompt, keep_after: dict[int, int], scored: list[int], decay: float = 0.5):  # type: ignore[no-untyped-def]
+    """The official progressive FlowCut run eagerly through hooks on the model itself (the reference): after each
+    scored vision layer its survivors are scored by hand (float64 q/k/v from the layer's normalised input), the
+    running score is `decay * c + (1 - decay) * s` over the survivors, and after each prune layer the layer's
+    output is cut to the CLS and the best `keep_after[i]` survivors (in their order), so the next layers run on
+    them. The projector's input (the feature layer's patches, fewer than the placeholders) is put back at the
+    survivors' original indices (zeros elsewhere: those tokens are dropped before the LLM). Returns the LLM's
+    input embeddings, position ids and the kept patch indices per row."""
+    ids, mask, px = prompt
+    layers, cfg = tower_layers(model), model.config
+    heads = cfg.vision_config.num_attention_heads
+    normed: dict[int, torch.Tensor] = {}
+    state: dict = {"cum": None, "origin": None}
+
+    def proj(x, lin):  # type: ignore[no-untyped-def]
+        y = x @ lin.weight.detach().double().T + lin.bias.detach().double()
+        return y.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+    def after_layer(i, out):  # type: ignore[no-untyped-def]
+        if i in scored:
+            a, x = layers[i].self_attn, normed[i].detach().double()
+            q, k, v = proj(x, a.q_proj), proj(x, a.k_proj), proj(x, a.v_proj)
+            s = [flowcut_layer_ref(probs(q, k)[r, :, 0].mean(0)[1:].tolist(), v[r]) for r in range(out.shape[0])]
+            state["cum"] = s if state["cum"] is None else [
+                [decay * c + (1 - decay) * x for c, x in zip(cr, sr)] for cr, sr in zip(state["cum"], s)]
+        if i not in keep_after:
+            return None
+        n = out.shape[1] - 1
+        if state["origin"] is None:
+            state["origin"] = [list(range(n)) for _ in range(out.shape[0])]
+        rows = [sorted(sorted(range(n), key=lambda j, c=c: -c[j])[:keep_after[i]]) for c in state["cum"]]
+        state["cum"] = [[c[j] for j in r] for c, r in zip(state["cum"], rows)]
+        state["origin"] = [[o[j] for j in r] for o, r in zip(state["origin"], rows)]
+        return torch.stack([torch.cat([out[b, :1], out[b, 1:][r]]) for b, r in enumerate(rows)])
+
+    def place(module, args):  # type: ignore[no-untyped-def]
+        feats = args[0]
+        full = feats.new_zeros(feats.shape[0], N_IMG, feats.shape[-1])
+        for b, o in enumerate(state["origin"]):
+            full[b, o] = feats[b]
+        return (full,)
+
+    hooks = [layer.layer_norm1.register_forward_hook(lambda m, a, out, i=i: normed.__setitem__(i, out))
+             for i, layer in enumerate(layers)]
+    hooks += [layer.register_forward_hook(lambda m, a, out, i=i: after_layer(i, out)) for i, layer in enumerate(layers)]
+    hooks.append(model.model.multi_modal_projector.register_forward_pre_hook(place))
+    try:
+        embeds, position_ids = embeds_of(model, ids, mask, pixel_values=px)
+    finally:
+        for h in hooks:
+            h.remove()
+    return embeds, position_ids, state["origin"]
+
+
+@pytest.mark.parametrize("opts, keep_after", [
+    (dict(), {1: 4}),  # the official prune layers of a tower read at layer 2: layer 1 only (F-1), to keep
+    (dict(prune_layers=[0, 1], prune_keep=[10, 4]), {0: 10, 1: 4}),  # two steps: layer 1 scores 10 survivors
+    (dict(prune_layers=[0, 1]), {0: 10, 1: 4}),  # the default counts fall linearly: 16 - round(12 / 2) = 10, 4
+])
+def test_flowcut_progressive_matches_the_official_loop(llava4, llava_prompt, opts, keep_after):
+    """keep 4 of 16; layers after a prune run on the survivors (the feature layer 2 on CLS + 4 patches)."""
+    ids, mask, px = llava_prompt
+    n = ids.shape[1]
+    dec = tokenreduce.reduce_decoder(llava4, "flowcut", keep_ratio=0.25, progressive=True, **opts)
+    embeds, _, origins = progressive_embeds(llava4, llava_prompt, keep_after, scored=[0, 1])
+    span = ids == IMG_ID
+
+    def choose(r, x, keys, real):  # type: ignore[no-untyped-def]
+        pos = torch.nonzero(span[r]).flatten().tolist()
+        return [pos[i] for i in origins[r]]
+
+    ref = RefDecoder(llava4)
+    ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 0, choose)
+    pre = dec.prefill(ids, mask, pixel_values=px)
+    check_prefill(dec, pre, ref_logits, ref_cache, mask)
+    out = dec.generate(ids, mask, pixel_values=px, max_new_tokens=4)
+    want = ref.decode(ref_logits, select_prefill(ref, embeds, mask, span, 0, choose)[1], mask, 4,
+                      llava4.model.language_model.embed_tokens)
+    assert torch.equal(out[:, :n], ids) and torch.equal(out[:, n:], want)
+    # the pruned tower is not the select-once one: the kept features differ (the feature layer saw 5 tokens)
+    once = tokenreduce.reduce_decoder(llava4, "flowcut", keep_ratio=0.25).prefill(ids, mask, pixel_values=px)
+    assert (once.logits - pre.logits).abs().max().item() > 1e-3
+
+
+def test_flowcut_progressive_exports_to_onnx(llava4, llava_prompt, tmp_path):
+    pytest.importorskip("onnxruntime")
+    ids, mask, px = llava_prompt
+    dec = tokenreduce.reduce_decoder(llava4, "flowcut", keep_ratio=0.25, progressive=True, prune_layers=[0, 1])
+    ex = dec.export_onnx(tmp_path / "flowcut.onnx", ids[:1, 2:], pixel_values=px[:1])
+    assert ex.verified and not ex.problems and ex.max_abs_diff < 1e-4
+
+
+@pytest.mark.parametrize("opts, setting, match", [
+    (dict(prune_layers=[1]), "prune_layers", "needs progressive=True"),
+    (dict(prune_keep=[4]), "prune_keep", "needs progressive=True"),
+    (dict(progressive=True, prune_layers=[1, 0]), "prune_layers", "strictly increasing and not empty"),
+    (dict(progressive=True, prune_layers=[2]), "prune_layers", r"prune_layers must be vision layers 0..1"),
+    (dict(progressive=True, prune_layers=[0]), "vision_layers", "vision layer 1 is scored after the last prune "
+                                                                "layer 0"),
+    (dict(progressive=True, prune_layers=[0, 1], prune_keep=[10, 5]), "prune_keep", "ending at the kept count 4"),
+    (dict(progressive=True, prune_layers=[0, 1], prune_keep=[3, 4]), "prune_keep", "non-increasing"),
+    (dict(progressive=True, prune_keep=[4, 4]), "prune_keep", r"one count per prune layer \(1: \[1\]\)"),
+    (dict(progressive="yes"), "progressive", "progressive must be"),
+])
+def test_flowcut_progressive_settings_are_checked(llava4, llava_prompt, opts, setting, match):
+    ids, mask, px = llava_prompt
+    with pytest.raises(TokenReduceError, match=match) as e:
+        tokenreduce.reduce_decoder(llava4, "flowcut", keep_ratio=0.25, **opts).prefill(ids, mask, pixel_values=px)
+    assert e.value.setting == setting

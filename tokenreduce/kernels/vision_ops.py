@@ -30,9 +30,11 @@ Departures from the official code, on purpose (each method's docstring repeats t
   "neighbour" and a patch on the top/bottom row repeats itself; here an off-grid neighbour is no buffer.
   Anchors are capped at `keep // 5` so anchors and buffers never exceed `keep` (the official code would
   ask top-k for a negative register count).
-* FlowCut here *selects once* from the cumulative score over all patches (no progressive pruning between
-  layers, which changes the tower's token count): every layer's score is normalised over all patches, not
-  over the survivors of earlier pruning steps, and no entropy-adaptive per-layer prune count exists.
+* FlowCut's `flowcut_select` / `flowcut_plan` *select once* from the cumulative score over all patches: every
+  layer's score is normalised over all patches. The progressive form (`methods/flowcut.py`,
+  `progressive=True`) prunes between tower layers with the functions below, scoring the survivors as the
+  official code does, but with a fixed per-layer count where the official count is entropy-adaptive
+  (data-dependent).
 
 Both plans are export-safe: top-k with constant k, one-hot comparisons instead of scatter, static shapes.
 They refuse (ValueError) counts outside `1 .. P`, grids that do not hold `P` patches, and a FlowCut
@@ -199,6 +201,50 @@ def flowcut_select(attns: Sequence[torch.Tensor], keep: int, values: Sequence[to
     `[B, 1, N]`) and per-head values `[B, H, N, d]` (CLS at index 0), the kept count -> `[B, keep]` ascending
     patch indices (0 = first patch). `decay` weighs the earlier layers' cumulative score (official: 0.5)."""
     return kept_indices(flowcut_plan_reference(attns, values, keep, decay, num_prefix), keep)
+
+
+# FlowCut's progressive pruning inside the tower (`methods/flowcut.py`, `progressive=True`): plain tensor functions
+# the graph rewrite emits between vision layers; static shapes (top-k with a constant k, gathers, one-hot
+# comparisons), so the pruned prefill exports.
+def flowcut_accumulate(cum: torch.Tensor, scores: torch.Tensor, decay: float) -> torch.Tensor:
+    """`decay * cum + (1 - decay) * scores`: the running FlowCut score after one more layer."""
+    return decay * cum + (1.0 - decay) * scores
+
+
+def flowcut_prune_index(cum: torch.Tensor, keep: int) -> torch.Tensor:
+    """`[B, n]` running scores of the surviving patches -> the `keep` best, ascending `[B, keep]` (the survivors
+    keep their order, as the official code's sorted top-k)."""
+    _check_keep(keep, cum.shape[-1])
+    return cum.topk(keep, dim=-1).indices.sort(dim=-1).values
+
+
+def patch_origins(hidden: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
+    """`[B, num_prefix + P, C]` tower tokens -> `[B, P]` int64: each patch's original index (0..P-1)."""
+    p = hidden.shape[1] - num_prefix
+    return torch.arange(p, device=hidden.device).unsqueeze(0).expand(hidden.shape[0], p)
+
+
+def keep_patches(hidden: torch.Tensor, index: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
+    """`[B, num_prefix + n, C]` tokens and `[B, k]` patch indices -> `[B, num_prefix + k, C]`: the prefix tokens
+    (CLS) and the indexed patches."""
+    patches = hidden[:, num_prefix:].gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return torch.cat([hidden[:, :num_prefix], patches], 1)
+
+
+def place_patches(features: torch.Tensor, origins: torch.Tensor, p: int, num_prefix: int = 1) -> torch.Tensor:
+    """`[B, num_prefix + k, C]` features of `k` surviving patches whose original indices are `origins [B, k]` ->
+    `[B, num_prefix + p, C]` with each survivor at its original index and zeros at the pruned ones (no scatter:
+    a one-hot match per original index)."""
+    hit = origins.unsqueeze(1) == torch.arange(p, device=origins.device).view(1, p, 1)  # [B, p, k]
+    slot = hit.to(torch.int64).argmax(-1)  # [B, p]: the survivor at each index (0 where none)
+    patches = features[:, num_prefix:].gather(1, slot.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+    patches = torch.where(hit.any(-1, keepdim=True), patches, torch.zeros_like(patches))
+    return torch.cat([features[:, :num_prefix], patches], 1)
+
+
+def origins_mask(origins: torch.Tensor, p: int) -> torch.Tensor:
+    """`[B, k]` original patch indices -> `[B, p]` float32 kept mask (1 at each, as the plan ops give)."""
+    return one_hot_any(origins, torch.ones_like(origins, dtype=torch.bool), p).float()
 
 
 @torch.library.custom_op(f"{NAMESPACE}::flowcut_plan", mutates_args=())
