@@ -17,6 +17,9 @@ eager = the module, inductor = `torch.compile(module)`, onnxruntime = the `metho
 verified); per ratio the reduced graph is compiled once (FLOPs counted with attention) and lowered on each
 target. Timing: `tokenreduce.bench.interleaved` (one untimed first call each, which is where inductor compiles
 and onnxruntime warms up, then `--warmup` untimed rounds and `--repeats` rounds of A, B, A, B, ...; medians).
+`--fused-attention`: both onnxruntime sides export attention as onnxruntime's fused `MultiHeadAttention`
+(`TargetOptions.fused_attention`); without it the exported attention is MatMul-Softmax-MatMul over a
+materialised score tensor (8.6 GB per call for the 1024-px UNet's finest level, which does not fit 23 GB).
 Each row holds the load average before and after its timing and is appended to `--json` (one JSON object per
 line) as soon as it is measured, so a stopped run keeps what it measured.
 
@@ -24,6 +27,7 @@ Usage:
     python benchmarks/tomesd_speed.py --model dit --side 64 --targets eager,inductor,onnxruntime --json out.jsonl
     python benchmarks/tomesd_speed.py --model unet --unet-width 160 --side 64 --repeats 3 --json out.jsonl
     python benchmarks/tomesd_speed.py --model unet --side 128 --targets eager --ratios 0.5 --repeats 3
+    python benchmarks/tomesd_speed.py --model unet --side 128 --targets onnxruntime --fused-attention --ratios 0.5
     python benchmarks/tomesd_speed.py --table out.jsonl        # the rows as the markdown table of docs/benchmarks.md
 """
 
@@ -86,7 +90,7 @@ def table(path: Path) -> str:
         tokens = ", ".join(f"{a}->{b}" for a, b in r["tokens"])
         paired = paired_ratio(r["samples_unreduced_ms"], r["samples_reduced_ms"])
         lines.append(f"| {r['model']} | {r['side']}x{r['side']} | {r['merged_blocks']} ({tokens}) | {r['ratio']} | "
-                     f"{r['target']} | {r['flops_ratio']:.3f} | {r['latency_unreduced_ms'] / 1e3:.2f} | "
+                     f"{r['target']}{' (fused attention)' if r.get('fused_attention') else ''} | {r['flops_ratio']:.3f} | {r['latency_unreduced_ms'] / 1e3:.2f} | "
                      f"{r['latency_reduced_ms'] / 1e3:.2f} | {r['latency_ratio']:.3f} | {paired:.3f} | "
                      f"{r['efficiency']:.2f} | {r['load_before'][0]:.0f} -> {r['load_after'][0]:.0f} |")
     return "\n".join(lines)
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--atol", type=float, default=1e-4,
                     help="onnxruntime verification tolerance (max abs diff to eager); fp32 attention over 16384 "
                          "tokens, unfused in the exported graph, differs from fused SDPA by ~3e-3 on the UNet")
+    ap.add_argument("--fused-attention", action="store_true",
+                    help="onnxruntime: export attention as onnxruntime's fused MultiHeadAttention on both sides")
     ap.add_argument("--json", type=Path, default=None, help="append one JSON row per measurement to this file")
     ap.add_argument("--table", type=Path, default=None, help="print the rows of this JSON file as markdown; no run")
     args = ap.parse_args(argv)
@@ -131,12 +137,14 @@ def main(argv: list[str] | None = None) -> None:
             if target not in baselines:
                 t0 = time.perf_counter()
                 baselines[target] = prepare_baseline(model, call_args, call_kwargs, target, dynamic_batch=False,
-                                                     threads=args.threads, atol=args.atol)
+                                                     threads=args.threads, atol=args.atol,
+                                                     fused_attention=args.fused_attention)
                 print(f"  {target}: unreduced prepared in {time.perf_counter() - t0:.0f} s", flush=True)
             t0 = time.perf_counter()
             lowered = bench_targets()[target].lower(red.graph_module, red.example_args, red.example_kwargs,
                                                     TargetOptions(dynamic_batch=False, threads=args.threads,
-                                                                  atol=args.atol))
+                                                                  atol=args.atol,
+                                                                  fused_attention=args.fused_attention))
             prepared_s = time.perf_counter() - t0
             load_before = os.getloadavg()
             timing = interleaved(baselines[target].bind(call_args, call_kwargs),
@@ -144,13 +152,16 @@ def main(argv: list[str] | None = None) -> None:
                                  repeats=args.repeats, warmup=args.warmup)
             load_after = os.getloadavg()
             row = make_row(f"tomesd ratio={ratio}", args.batch, target, timing, rep, threads=threads_used(lowered))
+            fused = args.fused_attention and target == "onnxruntime"
             record = {"model": args.model, "description": desc, "side": args.side, "ratio": ratio,
+                      "fused_attention": fused, "unet_width": args.unet_width if args.model == "unet" else None,
                       "merged_blocks": f"{len(merged)}/{len(rep.blocks)}",
                       "tokens": sorted({(b.tokens_in, b.tokens_out) for b in merged}),
                       "load_before": [round(x, 2) for x in load_before],
                       "load_after": [round(x, 2) for x in load_after], "reduced_prepare_s": round(prepared_s, 1),
                       **dataclasses.asdict(row)}
-            print(f"{args.model} {args.side}x{args.side} {target:11s} ratio {ratio}: FLOPs ratio "
+            print(f"{args.model} {args.side}x{args.side} {target + (' (fused attention)' if fused else ''):11s} "
+                  f"ratio {ratio}: FLOPs ratio "
                   f"{row.flops_ratio:.3f}; {row.latency_unreduced_ms:.0f} -> {row.latency_reduced_ms:.0f} ms "
                   f"(latency ratio {row.latency_ratio:.3f}, efficiency {row.efficiency:.2f}); load "
                   f"{load_before[0]:.1f} -> {load_after[0]:.1f}", flush=True)

@@ -67,8 +67,8 @@ def unfusable(node: fx.Node) -> str | None:
         return "it is causal"
     if node.kwargs.get("enable_gqa", False):
         return "it uses enable_gqa"
-    vals = [getattr(a, "meta", {}).get("val") for a in node.args[:3]]
-    if not all(isinstance(v, torch.Tensor) for v in vals):
+    vals = [val for a in node.args[:3] if isinstance(val := getattr(a, "meta", {}).get("val"), torch.Tensor)]
+    if len(vals) != 3:
         return "its q/k/v shapes are unknown"
     q, k, v = vals
     if any(t.dim() != 4 for t in vals):
