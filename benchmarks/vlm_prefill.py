@@ -15,11 +15,15 @@ settings keep 25% (144) and 11% (64) of the image tokens:
 * `visionzip`: before the LLM (dominant tokens by CLS attention plus merged contextual tokens): every LLM layer
   runs on the kept tokens;
 * `divprune`: before the LLM (max-min diversity selection);
-* `fastv`: inside the LLM after layer 2 (layers 0-1 see all 640 tokens).
+* `fastv`: inside the LLM after layer 2 (layers 0-1 see all 640 tokens);
+* `flowcut`: before the LLM (cumulative CLS-relay score over vision layers 0-21), selected once at the
+  projector's layer;
+* `flowcut-progressive`: the same score, with patches dropped inside the tower after layers 1, 3, ..., 21
+  (counts falling linearly to the kept count), so the tower's later layers run on fewer tokens.
 
-The vision tower runs in full in every setting (VisionZip reads its attention), so the ratio is bounded by
-the tower's share of the prefill; the `llm_share` column gives that share (the unpruned language model's
-FLOPs over the whole prefill's).
+The vision tower runs in full in every setting but `flowcut-progressive` (VisionZip reads its attention), so
+their ratio is bounded by the tower's share of the prefill; the `llm_share` column gives that share (the
+unpruned language model's FLOPs over the whole prefill's).
 
     .venv/bin/python benchmarks/vlm_prefill.py --targets eager inductor --repeats 3 --json docs/vlm_prefill.json
 """
@@ -44,6 +48,8 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "visionzip": ("visionzip", {}),
     "divprune": ("divprune", {}),
     "fastv": ("fastv", {"layers": [2]}),
+    "flowcut": ("flowcut", {}),
+    "flowcut-progressive": ("flowcut", {"progressive": True}),
 }
 
 
@@ -53,7 +59,7 @@ def build(tiny: bool = False) -> torch.nn.Module:
 
     torch.manual_seed(0)
     if tiny:
-        vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                            num_attention_heads=2, image_size=336, patch_size=14)
         tc = transformers.Qwen2Config(vocab_size=151936 // 64 * 64, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
