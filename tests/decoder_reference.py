@@ -31,6 +31,7 @@ pruned prefill (logits, cache, positions, tokens per block) with the reference's
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -402,9 +403,12 @@ def dart_select(feats: list[list[float]], l1: list[float], span: list[bool], rea
 
 
 def select_prefill(ref: RefDecoder, embeds: torch.Tensor, mask: torch.Tensor, span: torch.Tensor, layer: int,
-                   choose, position_ids: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
+                   choose, position_ids: torch.Tensor | None = None,
+                   fastv: Sequence[tuple[int, int]] = ()):  # type: ignore[no-untyped-def]
     """A prefill that keeps, from block `layer` on, the non-span tokens plus the span tokens `choose` picks:
     `choose(row, x_row [N, C], keys_prev_row [H_kv, N, d] or None, real_row [N])` -> kept span positions.
+    `fastv`: (block K, keep) stages after it, FastV's: block K-1's last-query attention (head mean) keeps the
+    `keep` best remaining span tokens from block K on.
     Returns last logits and per layer (k, v, original positions), like `RefDecoder.prefill`."""
     b, n, _ = embeds.shape
     if position_ids is None:
@@ -416,8 +420,12 @@ def select_prefill(ref: RefDecoder, embeds: torch.Tensor, mask: torch.Tensor, sp
         return position_ids.gather(1, idx)
 
     idx = torch.arange(n).expand(b, n)
-    x, cache, keys_prev = embeds, [], None
+    x, cache, keys_prev, last_scores = embeds, [], None, None
+    later = dict(fastv)
     for li in range(len(ref.layers)):
+        if li in later:
+            keep_idx = _select(last_scores, span.gather(1, idx), later[li])
+            x, idx = _take(x, keep_idx), idx.gather(1, keep_idx)
         if li == layer:
             rows = []
             for r in range(b):
@@ -426,7 +434,8 @@ def select_prefill(ref: RefDecoder, embeds: torch.Tensor, mask: torch.Tensor, sp
             keep_idx = torch.stack(rows)
             x, idx = _take(x, keep_idx), keep_idx
         q, k, v = ref.qkv(li, x, pos_of(idx))
-        out, _ = ref.attend(li, q, k, v, ref.allowed(li, idx, idx, mask.bool().gather(1, idx)))
+        out, p = ref.attend(li, q, k, v, ref.allowed(li, idx, idx, mask.bool().gather(1, idx)))
+        last_scores = p[:, :, -1].float().mean(1)
         cache.append([k, v, idx.clone()])
         keys_prev = k
         x = ref.finish(li, x, out)

@@ -447,3 +447,59 @@ def test_flowcut_progressive_settings_are_checked(llava4, llava_prompt, opts, se
     with pytest.raises(TokenReduceError, match=match) as e:
         tokenreduce.reduce_decoder(llava4, "flowcut", keep_ratio=0.25, **opts).prefill(ids, mask, pixel_values=px)
     assert e.value.setting == setting
+
+
+# ------------------------------------------------------------------------------------------- with FastV inside the LLM
+def test_before_the_llm_combines_with_fastv_inside(llava4, llava_prompt):
+    """FlowCut keeps 8 of 16 before the LLM, then `llm_layers=[2]`: block 1's last-query attention keeps
+    ceil(0.5 * 8) = 4 of them from block 2 on (FastV after the selection, as the VisionZip paper pairs them).
+    Reference: the same FlowCut rows, then FastV's rule in the hand-written prefill."""
+    ids, mask, px = llava_prompt
+    n = ids.shape[1]
+    dec = tokenreduce.reduce_decoder(llava4, "flowcut", keep_ratio=0.5, llm_layers=[2], llm_keep_ratio=0.5)
+    kept_rows = flowcut_rows(llava4, px, 8, [0, 1])
+    embeds, _ = embeds_of(llava4, ids, mask, pixel_values=px)
+    span = ids == IMG_ID
+
+    def choose(r, x, keys, real):  # type: ignore[no-untyped-def]
+        pos = torch.nonzero(span[r]).flatten().tolist()
+        return [pos[i] for i in kept_rows[r]]
+
+    ref = RefDecoder(llava4)
+    ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 0, choose, fastv=[(2, 4)])
+    pre = dec.prefill(ids, mask, pixel_values=px)
+    check_prefill(dec, pre, ref_logits, ref_cache, mask)
+    assert dec.report.tokens_per_block == [n - N_IMG + 8] * 2 + [n - N_IMG + 4] * 2
+    out = dec.generate(ids, mask, pixel_values=px, max_new_tokens=4)
+    want = ref.decode(ref_logits, select_prefill(ref, embeds, mask, span, 0, choose, fastv=[(2, 4)])[1], mask, 4,
+                      llava4.model.language_model.embed_tokens)
+    assert torch.equal(out[:, n:], want)
+    only = tokenreduce.reduce_decoder(llava4, "flowcut", keep_ratio=0.5).prefill(ids, mask, pixel_values=px)
+    assert (only.logits - pre.logits).abs().max().item() > 1e-4  # the LLM stage changed the prefill
+
+
+@pytest.mark.parametrize("opts, setting, match", [
+    (dict(llm_keep_ratio=0.3), "llm_keep_ratio", "give llm_layers=\\[K\\]"),
+    (dict(llm_layers=[0]), "llm_layers", "must be >= 1"),
+    (dict(llm_layers=[3, 2]), "llm_layers", "strictly increasing"),
+    (dict(llm_layers=[2], llm_keep_ratio=0.0), "llm_keep_ratio", r"llm_keep_ratio must be in \(0, 1\]"),
+    (dict(llm_layers=[9]), "llm_layers", r"layer\(s\) \[9\] out of range: the model has 4 decoder blocks"),
+    (dict(layers=[2]), "layers", "to prune inside the LLM as well, give llm_layers"),
+])
+def test_llm_layers_are_checked(llava4, llava_prompt, opts, setting, match):
+    ids, mask, px = llava_prompt
+    with pytest.raises(TokenReduceError, match=match) as e:
+        tokenreduce.reduce_decoder(llava4, "visionzip", **opts).prefill(ids, mask, pixel_values=px)
+    assert e.value.setting == setting
+
+
+def test_visionzip_with_fastv_inside_exports_to_onnx(llava4, llava_prompt, tmp_path):
+    """VisionZip before the LLM, FastV after block 1, in one graph: it exports and verifies in onnxruntime."""
+    pytest.importorskip("onnxruntime")
+    ids, mask, px = llava_prompt
+    dec = tokenreduce.reduce_decoder(llava4, "visionzip", keep_ratio=0.5, llm_layers=[2])
+    pre = dec.prefill(ids, mask, pixel_values=px)
+    assert dec.report.tokens_per_block[1:3] == [ids.shape[1] - N_IMG + 8, ids.shape[1] - N_IMG + 4]
+    assert pre.kept[3].shape[1] == ids.shape[1] - N_IMG + 4
+    ex = dec.export_onnx(tmp_path / "visionzip_fastv.onnx", ids[:1, 2:], pixel_values=px[:1])
+    assert ex.verified and not ex.problems and ex.max_abs_diff < 1e-4

@@ -176,7 +176,8 @@ OPTION_PARSERS: dict[str, Callable[[str], Any]] = {
 }
 KIND_PARSERS: dict[type, Callable[[str], Any]] = {int: int, float: float, str: str, tuple: int_list}
 OPTION_METAVARS = {"r": "R[,R...]", "layers": "I[,I...]", "keep_ratio": "K", "keep_tokens": "K",
-                   "thresholds": "T[,T...]|FILE", "mean_r": "M[,M...]"}
+                   "thresholds": "T[,T...]|FILE", "mean_r": "M[,M...]", "llm_layers": "K[,K...]",
+                   "llm_keep_ratio": "K", "prune_layers": "I[,I...]", "prune_keep": "N[,N...]"}
 
 
 def option_help(name: str) -> str:

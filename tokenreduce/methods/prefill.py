@@ -202,6 +202,11 @@ class SelectionMethod(PrefillMethod):
 
     needs_vision: ClassVar[bool] = False
 
+    def selects_at(self, stage: Stage) -> bool:
+        """Whether this method's own selection (`emit_scores`) makes `stage`, rather than the last-query ranking
+        FastV uses (`BeforeLlmMethod` with `llm_layers`: only its first stage is its own)."""
+        return True
+
     def emit_vision(self, options: Options, site: VisionSite, keep: int) -> tuple[fx.Node, fx.Node]:
         raise NotImplementedError(f"{type(self).__name__} does not read the vision tower")
 
@@ -236,13 +241,33 @@ class SelectionOptions(Options):
 @dataclass(frozen=True)
 class BeforeLlmOptions(SelectionOptions):
     """Options of the methods that select image tokens from the vision tower before the LLM (VisionZip, HiPrune,
-    FlowCut): the LLM is pruned at its input, so `layers` may only be `[0]`."""
+    FlowCut): the LLM is pruned at its input, so `layers` may only be `[0]`. `llm_layers` combines the selection
+    with FastV-style pruning inside the LLM (as the VisionZip paper pairs VisionZip with FastV): at each of these
+    LLM layers the kept image tokens are ranked by the previous layer's last-query attention and
+    `ceil(llm_keep_ratio * remaining)` of them go on."""
+
+    llm_layers: tuple[int, ...] | None = option(None, "also prune inside the LLM, FastV-style, at these decoder "
+                                                      "blocks (>= 1, increasing); default: only before the LLM")
+    llm_keep_ratio: float = option(0.5, "with llm_layers: fraction of the remaining image tokens kept at each, in "
+                                        "(0, 1] (FastV's default 0.5)")
 
     def validate(self) -> None:
         super().validate()
+        name = type(self).__name__.removesuffix("Options").lower()
         if self.layers is not None and tuple(self.layers) != (0,):
-            name = type(self).__name__.removesuffix("Options").lower()
-            raise fail("layers", f"{name} selects before the LLM (layer 0), got layers={list(self.layers)}")
+            raise fail("layers", f"{name} selects before the LLM (layer 0), got layers={list(self.layers)}; "
+                                 f"to prune inside the LLM as well, give llm_layers")
+        self.set("llm_keep_ratio", check_ratio("llm_keep_ratio", self.llm_keep_ratio))
+        if self.llm_layers is None:
+            if self.llm_keep_ratio != 0.5:
+                raise fail("llm_keep_ratio", f"llm_keep_ratio applies to the LLM layers of llm_layers, which is not "
+                                             f"set; give llm_layers=[K] to prune inside the LLM after {name}")
+            return
+        layers = check_int_list("llm_layers", self.llm_layers, lo=1)
+        if not layers or any(b <= a for a, b in zip(layers, layers[1:])):
+            raise fail("llm_layers", f"llm_layers must be strictly increasing decoder blocks >= 1 (block K-1's "
+                                     f"attention ranks for block K), got {list(layers)}")
+        self.set("llm_layers", tuple(layers))
 
 
 class BeforeLlmMethod(SelectionMethod):
@@ -255,8 +280,16 @@ class BeforeLlmMethod(SelectionMethod):
         return (0,)
 
     def stages(self, options: Options, num_layers: int, span: int) -> list[Stage]:
-        assert isinstance(options, SelectionOptions)
-        return [Stage(score_block=0, first_reduced_block=0, keep=ratio_keep(options.keep_ratio, span))]
+        assert isinstance(options, BeforeLlmOptions)
+        first = Stage(score_block=0, first_reduced_block=0, keep=ratio_keep(options.keep_ratio, span))
+        if options.llm_layers is None:
+            return [first]
+        check_layers(options.llm_layers, num_layers, "decoder blocks", setting="llm_layers")
+        return [first, *ratio_stages(self.name, options.llm_layers, first.keep, options.llm_keep_ratio)]
+
+    def selects_at(self, stage: Stage) -> bool:
+        """The first stage is this method's selection; the `llm_layers` stages rank by last-query attention."""
+        return stage.first_reduced_block == 0
 
     def emit_scores(self, options: Options, site: SelectionSite) -> fx.Node:
         """The `[B, P]` patch scores of `emit_vision` placed on the span; scores that come in as the

@@ -117,7 +117,7 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
     method = registry.decoder(ctx.settings.method)
     for db in blocks:
         stage = by_first.get(db.index)
-        if stage is not None and isinstance(method, SelectionMethod):
+        if stage is not None and isinstance(method, SelectionMethod) and method.selects_at(stage):
             h = db.block.x_in
             assert h is not None
             score_db = blocks[stage.score_block]
