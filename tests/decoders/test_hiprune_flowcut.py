@@ -503,3 +503,11 @@ def test_visionzip_with_fastv_inside_exports_to_onnx(llava4, llava_prompt, tmp_p
     assert pre.kept[3].shape[1] == ids.shape[1] - N_IMG + 4
     ex = dec.export_onnx(tmp_path / "visionzip_fastv.onnx", ids[:1, 2:], pixel_values=px[:1])
     assert ex.verified and not ex.problems and ex.max_abs_diff < 1e-4
+
+
+def test_flowcut_progressive_report_names_the_tower_steps(llava4, llava_prompt):
+    ids, mask, px = llava_prompt
+    dec = tokenreduce.reduce_decoder(llava4, "flowcut", keep_ratio=0.25, progressive=True, prune_layers=[0, 1])
+    dec.prefill(ids, mask, pixel_values=px)
+    assert ("flowcut: vision tower pruned in 2 steps, patches kept after layer 0: 10, after layer 1: 4 (of 16); "
+            "vision layers 1..2 run on the survivors") in dec.report.notes

@@ -174,6 +174,18 @@ class Flowcut(BeforeLlmMethod):
         kept = site.builder.add(tr.flowcut_plan.default, (rows, [a.v for a in chosen], keep, options.decay, 1))
         return site.features, kept
 
+    def vision_notes(self, options: Options, site: VisionSite, keep: int) -> list[str]:
+        assert isinstance(options, FlowcutOptions)
+        if not options.progressive:
+            return []
+        atts = vision_layers(site)
+        patches = int(site.features.meta["val"].shape[1]) - 1
+        schedule = self.prune_schedule(options, self.scored_layers(options, len(atts) - 1), len(atts) - 1,
+                                       patches, keep)
+        steps = ", ".join(f"after layer {i}: {n}" for i, n in schedule)
+        return [f"flowcut: vision tower pruned in {len(schedule)} steps, patches kept {steps} (of {patches}); "
+                f"vision layers {schedule[0][0] + 1}..{len(atts) - 1} run on the survivors"]
+
     def _emit_progressive(self, options: FlowcutOptions, site: VisionSite, atts: list[Attention],
                           scored: tuple[int, ...], keep: int) -> tuple[fx.Node, fx.Node]:
         """Score each scored layer on its survivors, prune after each prune layer (the layer's output is

@@ -210,6 +210,10 @@ class SelectionMethod(PrefillMethod):
     def emit_vision(self, options: Options, site: VisionSite, keep: int) -> tuple[fx.Node, fx.Node]:
         raise NotImplementedError(f"{type(self).__name__} does not read the vision tower")
 
+    def vision_notes(self, options: Options, site: VisionSite, keep: int) -> list[str]:
+        """What `emit_vision` changed inside the vision tower, for the report (nothing by default)."""
+        return []
+
     def eager_vision(self, options: Options, model: torch.nn.Module, input_ids: torch.Tensor,
                      extra: dict[str, torch.Tensor]
                      ) -> contextlib.AbstractContextManager[Callable[[], torch.Tensor]] | None:
