@@ -141,11 +141,14 @@ def flowcut_rows(model, px, keep: int, layers: list[int]) -> list[list[int]]:  #
     return out
 
 
-def check_against_reference(model, prompt, dec, kept_rows):  # type: ignore[no-untyped-def]
+def check_against_reference(model, prompt, dec, kept_rows, embeds=None, fastv=()):  # type: ignore[no-untyped-def]
+    """`dec`'s prefill and generate() against the hand-written prefill keeping `kept_rows` (patch indices per row)
+    before the LLM, from `embeds` (default: the model's own input embeddings), then FastV's `fastv` stages."""
     ids, mask, px = prompt
     n = ids.shape[1]
     pre = dec.prefill(ids, mask, pixel_values=px)
-    embeds, _ = embeds_of(model, ids, mask, pixel_values=px)
+    if embeds is None:
+        embeds, _ = embeds_of(model, ids, mask, pixel_values=px)
     span = ids == IMG_ID
 
     def choose(r, x, keys, real):  # type: ignore[no-untyped-def]
@@ -153,10 +156,10 @@ def check_against_reference(model, prompt, dec, kept_rows):  # type: ignore[no-u
         return [pos[i] for i in kept_rows[r]]
 
     ref = RefDecoder(model)
-    ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 0, choose)
+    ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 0, choose, fastv=fastv)
     check_prefill(dec, pre, ref_logits, ref_cache, mask)
     out = dec.generate(ids, mask, pixel_values=px, max_new_tokens=4)
-    _, ref_cache = select_prefill(ref, embeds, mask, span, 0, choose)
+    _, ref_cache = select_prefill(ref, embeds, mask, span, 0, choose, fastv=fastv)
     want = ref.decode(ref_logits, ref_cache, mask, 4, model.model.language_model.embed_tokens)
     assert torch.equal(out[:, :n], ids) and torch.equal(out[:, n:], want)
     return pre
@@ -400,23 +403,9 @@ def progressive_embeds(model, prompt, keep_after: dict[int, int], scored: list[i
 def test_flowcut_progressive_matches_the_official_loop(llava4, llava_prompt, opts, keep_after):
     """keep 4 of 16; layers after a prune run on the survivors (the feature layer 2 on CLS + 4 patches)."""
     ids, mask, px = llava_prompt
-    n = ids.shape[1]
     dec = tokenreduce.reduce_decoder(llava4, "flowcut", keep_ratio=0.25, progressive=True, **opts)
     embeds, _, origins = progressive_embeds(llava4, llava_prompt, keep_after, scored=[0, 1])
-    span = ids == IMG_ID
-
-    def choose(r, x, keys, real):  # type: ignore[no-untyped-def]
-        pos = torch.nonzero(span[r]).flatten().tolist()
-        return [pos[i] for i in origins[r]]
-
-    ref = RefDecoder(llava4)
-    ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 0, choose)
-    pre = dec.prefill(ids, mask, pixel_values=px)
-    check_prefill(dec, pre, ref_logits, ref_cache, mask)
-    out = dec.generate(ids, mask, pixel_values=px, max_new_tokens=4)
-    want = ref.decode(ref_logits, select_prefill(ref, embeds, mask, span, 0, choose)[1], mask, 4,
-                      llava4.model.language_model.embed_tokens)
-    assert torch.equal(out[:, :n], ids) and torch.equal(out[:, n:], want)
+    pre = check_against_reference(llava4, llava_prompt, dec, origins, embeds=embeds)
     # the pruned tower is not the select-once one: the kept features differ (the feature layer saw 5 tokens)
     once = tokenreduce.reduce_decoder(llava4, "flowcut", keep_ratio=0.25).prefill(ids, mask, pixel_values=px)
     assert (once.logits - pre.logits).abs().max().item() > 1e-3
@@ -457,23 +446,8 @@ def test_before_the_llm_combines_with_fastv_inside(llava4, llava_prompt):
     ids, mask, px = llava_prompt
     n = ids.shape[1]
     dec = tokenreduce.reduce_decoder(llava4, "flowcut", keep_ratio=0.5, llm_layers=[2], llm_keep_ratio=0.5)
-    kept_rows = flowcut_rows(llava4, px, 8, [0, 1])
-    embeds, _ = embeds_of(llava4, ids, mask, pixel_values=px)
-    span = ids == IMG_ID
-
-    def choose(r, x, keys, real):  # type: ignore[no-untyped-def]
-        pos = torch.nonzero(span[r]).flatten().tolist()
-        return [pos[i] for i in kept_rows[r]]
-
-    ref = RefDecoder(llava4)
-    ref_logits, ref_cache = select_prefill(ref, embeds, mask, span, 0, choose, fastv=[(2, 4)])
-    pre = dec.prefill(ids, mask, pixel_values=px)
-    check_prefill(dec, pre, ref_logits, ref_cache, mask)
+    pre = check_against_reference(llava4, llava_prompt, dec, flowcut_rows(llava4, px, 8, [0, 1]), fastv=[(2, 4)])
     assert dec.report.tokens_per_block == [n - N_IMG + 8] * 2 + [n - N_IMG + 4] * 2
-    out = dec.generate(ids, mask, pixel_values=px, max_new_tokens=4)
-    want = ref.decode(ref_logits, select_prefill(ref, embeds, mask, span, 0, choose, fastv=[(2, 4)])[1], mask, 4,
-                      llava4.model.language_model.embed_tokens)
-    assert torch.equal(out[:, n:], want)
     only = tokenreduce.reduce_decoder(llava4, "flowcut", keep_ratio=0.5).prefill(ids, mask, pixel_values=px)
     assert (only.logits - pre.logits).abs().max().item() > 1e-4  # the LLM stage changed the prefill
 
