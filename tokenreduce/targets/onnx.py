@@ -27,6 +27,7 @@ A model with no graph, no opset import or no graph outputs (an empty or truncate
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from collections import Counter
@@ -174,10 +175,7 @@ def _shape_probe(model: Any) -> Any:
     graph.output.extend(model.graph.output)
     declared = {i.name for i in model.graph.input}  # IR < 4 lists initializers among the inputs too
     for init in model.graph.initializer:
-        numel = 1
-        for d in init.dims:
-            numel *= d
-        if numel <= PROBE_WEIGHT_ELEMENTS:
+        if math.prod(init.dims) <= PROBE_WEIGHT_ELEMENTS:
             graph.initializer.append(init)
         elif init.name not in declared:
             graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
@@ -289,9 +287,8 @@ def export_graph(
         raise TokenReduceError(f"fused_attention exports fp32 attention (onnxruntime's MultiHeadAttention); precision "
                                f"{precision!r} is not supported with it", setting="precision",
                                hint="precision='fp32' or fused_attention=False")
-    fused = PassResult("ort_fused_attention", changed=False)
-    program, trace_args, trace_kwargs = _export_program(gm, args, kwargs, dynamic_batch, opset, plan_form,
-                                                        fused if fused_attention else None)
+    program, trace_args, trace_kwargs, fused = _export_program(gm, args, kwargs, dynamic_batch, opset, plan_form,
+                                                               fused_attention)
     model = program.model_proto
     problems = check_static(model)
     weights = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
@@ -306,7 +303,8 @@ def export_graph(
                             op_counts=dict(Counter(n.op_type for n in model.graph.node)), external_data=external,
                             input_names=[i.name for i in model.graph.input],
                             output_names=[o.name for o in model.graph.output], precision=precision,
-                            fused_attention=fused.rewrites, unfused_attention=list(fused.notes))
+                            fused_attention=fused.rewrites if fused else 0,
+                            unfused_attention=list(fused.notes) if fused else [])
         if problems:
             raise TokenReduceError(f"exported ONNX is not static/export-safe: {problems[0]}"
                                    + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
@@ -388,26 +386,25 @@ def drop_noop_squeezes(gm: torch.fx.GraphModule) -> int:
 
 
 def _export_program(gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_batch: bool,
-                    opset: int | None, plan_form: str, fused: PassResult | None = None,
-                    ) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
-    """torch.onnx (dynamo) export of `gm` with the tokenreduce ops inlined; returns the program and the
-    inputs it was traced with (batch 2 when the example batch is 1 and the batch is dynamic). `fused`: export
-    attention as onnxruntime's fused op where it can (`passes/ort_attention.py`), recording into it what
-    was fused and what was not; an error when nothing could be."""
+                    opset: int | None, plan_form: str, fused_attention: bool = False,
+                    ) -> tuple[Any, tuple[Any, ...], dict[str, Any], PassResult | None]:
+    """torch.onnx (dynamo) export of `gm` with the tokenreduce ops inlined; returns the program, the inputs it
+    was traced with (batch 2 when the example batch is 1 and the batch is dynamic) and, with `fused_attention`,
+    what `passes/ort_attention.py` fused and left (an error when it could fuse nothing)."""
     gm_inlined = copy.deepcopy(gm).eval()
     if isinstance(gm_inlined, torch.fx.GraphModule):
         inline_reference_ops(gm_inlined, exported_apply=plan_form == "exported")
         drop_noop_squeezes(gm_inlined)
         static_masked_scatter(gm_inlined)  # a VLM's placeholder scatter, then its count check (passes/export_static.py)
         checks_as_nan(gm_inlined)
-    if fused is not None:
+    fused: PassResult | None = None
+    if fused_attention:
         if not isinstance(gm_inlined, torch.fx.GraphModule):
             raise TokenReduceError("fused_attention rewrites a captured graph (torch.fx.GraphModule); got "
                                    f"{type(gm).__name__}", setting="fused_attention")
-        done = ort_fused_attention(gm_inlined)
-        fused.rewrites, fused.notes, fused.changed = done.rewrites, done.notes, done.changed
-        if not done.rewrites:
-            why = "; ".join(done.notes[:3]) + (f" (+{len(done.notes) - 3} more)" if len(done.notes) > 3 else "")
+        fused = ort_fused_attention(gm_inlined)
+        if not fused.rewrites:
+            why = "; ".join(fused.notes[:3]) + (f" (+{len(fused.notes) - 3} more)" if len(fused.notes) > 3 else "")
             raise TokenReduceError("fused_attention: no attention in the graph can be exported as onnxruntime's "
                                    "MultiHeadAttention: " + (why or "the graph has no scaled_dot_product_attention"),
                                    setting="fused_attention", hint="fused_attention=False")
@@ -435,7 +432,7 @@ def _export_program(gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str
         raise TokenReduceError(f"ONNX export failed: {export_failure(exc)}") from exc
     if program is None:
         raise TokenReduceError("ONNX export failed: torch.onnx.export returned no program")
-    return program, trace_args, trace_kwargs
+    return program, trace_args, trace_kwargs, fused
 
 
 def _convert(src: Path, dst: Path, precision: str, feeds: list[dict[str, Any]] | None) -> str:
@@ -481,7 +478,7 @@ def _judge(path: Path, gm: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[
         floats = [(g, e) for g, e in zip(got, expected) if e.dtype.is_floating_point and e.numel()]
         sqnr = quantize.sqnr_db([g.float().numpy() for g, _ in floats], [e.float().numpy() for _, e in floats])
         return quantize.tolerance(precision, scale, vs_fp32=vs_fp32, sqnr_db=sqnr)
-    program, _, _ = _export_program(unreduced, args, kwargs, dynamic_batch, opset, "reference")
+    program, _, _, _ = _export_program(unreduced, args, kwargs, dynamic_batch, opset, "reference")
     src, dst = scratch / "unreduced.onnx", scratch / f"unreduced.{precision}.onnx"
     program.save(str(src))
     _convert(src, dst, precision, feeds)
