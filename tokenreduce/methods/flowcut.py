@@ -100,15 +100,18 @@ class FlowcutOptions(BeforeLlmOptions):
         self.set("decay", float(d))
         check_bool("progressive", self.progressive)
         for name in ("prune_layers", "prune_keep"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not self.progressive:
+            if getattr(self, name) is not None and not self.progressive:
                 raise fail(name, f"{name} sets FlowCut's pruning inside the vision tower: it needs progressive=True")
-            values = check_int_list(name, value, lo=0 if name == "prune_layers" else 1)
-            if not values or (name == "prune_layers" and any(b <= a for a, b in zip(values, values[1:]))):
-                raise fail(name, f"{name} must be strictly increasing and not empty, got {list(values)}")
-            self.set(name, tuple(values))
+        if self.prune_layers is not None:
+            layers = check_int_list("prune_layers", self.prune_layers, lo=0)
+            if not layers or any(b <= a for a, b in zip(layers, layers[1:])):
+                raise fail("prune_layers", f"prune_layers must be strictly increasing and not empty, got {list(layers)}")
+            self.set("prune_layers", tuple(layers))
+        if self.prune_keep is not None:
+            counts = check_int_list("prune_keep", self.prune_keep, lo=1)
+            if not counts:
+                raise fail("prune_keep", "prune_keep must give one count per prune layer, got none")
+            self.set("prune_keep", tuple(counts))  # their order and last value are checked against the schedule
 
 
 class Flowcut(BeforeLlmMethod):
@@ -174,25 +177,17 @@ class Flowcut(BeforeLlmMethod):
         kept = site.builder.add(tr.flowcut_plan.default, (rows, [a.v for a in chosen], keep, options.decay, 1))
         return site.features, kept
 
-    def vision_notes(self, options: Options, site: VisionSite, keep: int) -> list[str]:
-        assert isinstance(options, FlowcutOptions)
-        if not options.progressive:
-            return []
-        atts = vision_layers(site)
-        patches = int(site.features.meta["val"].shape[1]) - 1
-        schedule = self.prune_schedule(options, self.scored_layers(options, len(atts) - 1), len(atts) - 1,
-                                       patches, keep)
-        steps = ", ".join(f"after layer {i}: {n}" for i, n in schedule)
-        return [f"flowcut: vision tower pruned in {len(schedule)} steps, patches kept {steps} (of {patches}); "
-                f"vision layers {schedule[0][0] + 1}..{len(atts) - 1} run on the survivors"]
-
     def _emit_progressive(self, options: FlowcutOptions, site: VisionSite, atts: list[Attention],
                           scored: tuple[int, ...], keep: int) -> tuple[fx.Node, fx.Node]:
         """Score each scored layer on its survivors, prune after each prune layer (the layer's output is
         replaced by the CLS and the kept patches, so the next layers run on them; `fix_token_shapes` rewrites
         their shapes), then place the feature layer's outputs back at their patches' original indices."""
         patches = int(site.features.meta["val"].shape[1]) - 1
-        schedule = dict(self.prune_schedule(options, scored, len(atts) - 1, patches, keep))
+        steps = self.prune_schedule(options, scored, len(atts) - 1, patches, keep)
+        schedule = dict(steps)
+        site.notes.append(f"flowcut: vision tower pruned in {len(steps)} steps, patches kept "
+                          + ", ".join(f"after layer {i}: {n}" for i, n in steps)
+                          + f" (of {patches}); vision layers {steps[0][0] + 1}..{len(atts) - 1} run on the survivors")
         graph = site.features.graph
         up = set(reach([site.features], "all_input_nodes", None))
         cum: fx.Node | None = None

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -174,11 +174,13 @@ class SelectionSite:
 class VisionSite:
     """One vision-tower layer of a VLM whose image features feed the span (LLaVA: the layer the projector
     reads). `features [B, 1 + P, C]` is the layer's output (CLS first), `attention` its attention (q, k,
-    mask, scale); the builder inserts right after `features`."""
+    mask, scale); the builder inserts right after `features`. A method that changes the tower itself (FlowCut's
+    progressive pruning) says what in `notes`, which go into the report."""
 
     builder: Builder
     features: fx.Node
     attention: Attention
+    notes: list[str] = field(default_factory=list)
 
 
 # The graph input holding `[B, N]` keep scores a method computed where a VLM's vision tower ran eagerly, outside
@@ -210,10 +212,6 @@ class SelectionMethod(PrefillMethod):
     def emit_vision(self, options: Options, site: VisionSite, keep: int) -> tuple[fx.Node, fx.Node]:
         raise NotImplementedError(f"{type(self).__name__} does not read the vision tower")
 
-    def vision_notes(self, options: Options, site: VisionSite, keep: int) -> list[str]:
-        """What `emit_vision` changed inside the vision tower, for the report (nothing by default)."""
-        return []
-
     def eager_vision(self, options: Options, model: torch.nn.Module, input_ids: torch.Tensor,
                      extra: dict[str, torch.Tensor]
                      ) -> contextlib.AbstractContextManager[Callable[[], torch.Tensor]] | None:
@@ -242,6 +240,9 @@ class SelectionOptions(Options):
         self.set("keep_ratio", check_ratio("keep_ratio", self.keep_ratio))
 
 
+LLM_KEEP_RATIO = 0.5  # FastV's default R, for the `llm_layers` stages after a selection before the LLM
+
+
 @dataclass(frozen=True)
 class BeforeLlmOptions(SelectionOptions):
     """Options of the methods that select image tokens from the vision tower before the LLM (VisionZip, HiPrune,
@@ -252,7 +253,7 @@ class BeforeLlmOptions(SelectionOptions):
 
     llm_layers: tuple[int, ...] | None = option(None, "also prune inside the LLM, FastV-style, at these decoder "
                                                       "blocks (>= 1, increasing); default: only before the LLM")
-    llm_keep_ratio: float = option(0.5, "with llm_layers: fraction of the remaining image tokens kept at each, in "
+    llm_keep_ratio: float = option(LLM_KEEP_RATIO, "with llm_layers: fraction of the remaining image tokens kept at each, in "
                                         "(0, 1] (FastV's default 0.5)")
 
     def validate(self) -> None:
@@ -263,7 +264,7 @@ class BeforeLlmOptions(SelectionOptions):
                                  f"to prune inside the LLM as well, give llm_layers")
         self.set("llm_keep_ratio", check_ratio("llm_keep_ratio", self.llm_keep_ratio))
         if self.llm_layers is None:
-            if self.llm_keep_ratio != 0.5:
+            if self.llm_keep_ratio != LLM_KEEP_RATIO:
                 raise fail("llm_keep_ratio", f"llm_keep_ratio applies to the LLM layers of llm_layers, which is not "
                                              f"set; give llm_layers=[K] to prune inside the LLM after {name}")
             return

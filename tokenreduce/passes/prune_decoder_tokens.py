@@ -132,7 +132,7 @@ def prune_decoder_tokens(gm: fx.GraphModule, ctx: DecoderContext) -> PassResult:
             elif method.needs_vision:
                 vsite = vision_site(gm, h, num_droppable)
                 merged, site.patch_scores = method.emit_vision(ctx.settings.opts, vsite, stage.keep)
-                result.notes.extend(method.vision_notes(ctx.settings.opts, vsite, stage.keep))
+                result.notes.extend(vsite.notes)
                 vsite.features.replace_all_uses_with(merged, delete_user_cb=vsite.builder.is_outside)
             scores = method.emit_scores(ctx.settings.opts, site)
             keep = b.add(tr.keep_plan.default, (scores, droppable, stage.keep, num_droppable))
